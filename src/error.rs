@@ -1,0 +1,62 @@
+//! Library errors. Every variant names what went wrong and where (file, tensor, key), so the
+//! binary can print it as is.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a usable safetensors file: {reason}")]
+    NotSafetensors { path: PathBuf, reason: String },
+    #[error("{path}: truncated: the header promises {expected} bytes but the file has {found}")]
+    Truncated {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+    #[error("{path}: tensor `{name}` is missing")]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("{path}: unexpected tensor `{name}`: not part of a torchvision Mask R-CNN of this architecture")]
+    UnexpectedTensor { path: PathBuf, name: String },
+    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected}")]
+    Shape {
+        path: PathBuf,
+        name: String,
+        expected: String,
+        found: Vec<usize>,
+    },
+    #[error("{path}: tensor `{name}` has dtype {dtype}; supported are F16, BF16 and F32")]
+    Dtype {
+        path: PathBuf,
+        name: String,
+        dtype: String,
+    },
+    #[error("{path}: tensor `{name}` holds a non-finite value ({value}) at flat index {index}")]
+    NonFinite {
+        path: PathBuf,
+        name: String,
+        index: usize,
+        value: f32,
+    },
+    #[error("{path}: metadata `{key}`: {reason}")]
+    Metadata {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+    #[error("{path}: {reason}")]
+    Architecture { path: PathBuf, reason: String },
+    #[error("image {path}: {reason}")]
+    Image { path: PathBuf, reason: String },
+    #[error("invalid setting: {0}")]
+    Config(String),
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}

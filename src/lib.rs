@@ -1,0 +1,24 @@
+//! drape: torchvision-compatible Mask R-CNN garment segmentation on candle.
+//!
+//! ```no_run
+//! # fn main() -> drape::Result<()> {
+//! let model = drape::MaskRcnn::load("weights/drape-tiny-r50.safetensors", |_| {}, &candle_core::Device::Cpu)?;
+//! let image = drape::image_io::load_rgb("tests/fixtures/images/landscape.png")?;
+//! let result = model.detect(image.as_raw(), (image.height() as usize, image.width() as usize))?;
+//! println!("{}", drape::output::to_json(&model, &result));
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+pub mod error;
+pub mod image_io;
+pub mod labels;
+pub mod model;
+pub mod output;
+pub mod overlay;
+pub mod postprocess;
+pub mod weights;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use model::{Detections, MaskRcnn};

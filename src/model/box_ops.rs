@@ -1,0 +1,205 @@
+//! Box arithmetic from torchvision's `ops/boxes.py` and `models/detection/_utils.py`
+//! (`BoxCoder`), on host `[x1, y1, x2, y2]` boxes in f32 exactly as torch computes them.
+
+pub type Box = [f32; 4];
+
+/// `BoxCoder.decode_single`: applies `(dx, dy, dw, dh)` deltas, divided by `weights`, to a
+/// reference box; `dw`/`dh` are clamped at `log(1000 / 16)` before `exp`.
+#[derive(Debug, Clone, Copy)]
+pub struct BoxCoder {
+    pub weights: [f32; 4],
+    pub clip: f32,
+}
+
+impl BoxCoder {
+    pub fn new(weights: [f32; 4]) -> Self {
+        Self {
+            weights,
+            clip: (1000.0f64 / 16.0).ln() as f32,
+        }
+    }
+
+    pub fn decode(&self, reference: &Box, deltas: &[f32]) -> Box {
+        let widths = reference[2] - reference[0];
+        let heights = reference[3] - reference[1];
+        let ctr_x = reference[0] + 0.5 * widths;
+        let ctr_y = reference[1] + 0.5 * heights;
+        let dx = deltas[0] / self.weights[0];
+        let dy = deltas[1] / self.weights[1];
+        let dw = (deltas[2] / self.weights[2]).min(self.clip);
+        let dh = (deltas[3] / self.weights[3]).min(self.clip);
+        let pred_ctr_x = dx * widths + ctr_x;
+        let pred_ctr_y = dy * heights + ctr_y;
+        let pred_w = dw.exp() * widths;
+        let pred_h = dh.exp() * heights;
+        let c_to_c_w = 0.5 * pred_w;
+        let c_to_c_h = 0.5 * pred_h;
+        [
+            pred_ctr_x - c_to_c_w,
+            pred_ctr_y - c_to_c_h,
+            pred_ctr_x + c_to_c_w,
+            pred_ctr_y + c_to_c_h,
+        ]
+    }
+}
+
+/// `clip_boxes_to_image` for an image of `(height, width)`.
+pub fn clip_to_image(b: &Box, (height, width): (usize, usize)) -> Box {
+    let (w, h) = (width as f32, height as f32);
+    [
+        b[0].clamp(0.0, w),
+        b[1].clamp(0.0, h),
+        b[2].clamp(0.0, w),
+        b[3].clamp(0.0, h),
+    ]
+}
+
+/// `remove_small_boxes`' keep condition.
+pub fn is_large_enough(b: &Box, min_size: f32) -> bool {
+    b[2] - b[0] >= min_size && b[3] - b[1] >= min_size
+}
+
+pub fn area(b: &Box) -> f32 {
+    (b[2] - b[0]) * (b[3] - b[1])
+}
+
+/// Indices of `scores` in descending order; ties keep their original order.
+pub fn argsort_desc(scores: &[f32]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    order
+}
+
+/// torchvision's CPU `nms` kernel: greedy over boxes in descending score order, suppressing
+/// any later box whose IoU with a kept one exceeds `iou_thresh`. Returns kept indices in
+/// descending score order.
+pub fn nms(boxes: &[Box], scores: &[f32], iou_thresh: f32) -> Vec<usize> {
+    let order = argsort_desc(scores);
+    let areas: Vec<f32> = boxes.iter().map(area).collect();
+    let mut suppressed = vec![false; boxes.len()];
+    let mut keep = Vec::new();
+    for (pos, &i) in order.iter().enumerate() {
+        if suppressed[i] {
+            continue;
+        }
+        keep.push(i);
+        let bi = &boxes[i];
+        for &j in &order[pos + 1..] {
+            if suppressed[j] {
+                continue;
+            }
+            let bj = &boxes[j];
+            let w = (bi[2].min(bj[2]) - bi[0].max(bj[0])).max(0.0);
+            let h = (bi[3].min(bj[3]) - bi[1].max(bj[1])).max(0.0);
+            let inter = w * h;
+            let iou = inter / (areas[i] + areas[j] - inter);
+            if iou > iou_thresh {
+                suppressed[j] = true;
+            }
+        }
+    }
+    keep
+}
+
+/// torchvision's `batched_nms`: NMS independently per `groups` value, kept indices sorted by
+/// descending score. Like torchvision on CPU, above 1000 boxes it runs one NMS per group;
+/// below, it offsets each group's boxes by `group * (max_coordinate + 1)` and runs a single NMS,
+/// which can differ from the per-group result in the last bit, so both paths are reproduced.
+pub fn batched_nms(boxes: &[Box], scores: &[f32], groups: &[usize], iou_thresh: f32) -> Vec<usize> {
+    if boxes.is_empty() {
+        return Vec::new();
+    }
+    if boxes.len() * 4 > 4000 {
+        let n_groups = groups.iter().max().map_or(0, |g| g + 1);
+        let mut keep = Vec::new();
+        for g in 0..n_groups {
+            let members: Vec<usize> = (0..boxes.len()).filter(|&i| groups[i] == g).collect();
+            let b: Vec<Box> = members.iter().map(|&i| boxes[i]).collect();
+            let s: Vec<f32> = members.iter().map(|&i| scores[i]).collect();
+            keep.extend(nms(&b, &s, iou_thresh).into_iter().map(|k| members[k]));
+        }
+        keep.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+        keep
+    } else {
+        let max_coordinate = boxes
+            .iter()
+            .flatten()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        let shifted: Vec<Box> = boxes
+            .iter()
+            .zip(groups)
+            .map(|(b, &g)| {
+                let offset = g as f32 * (max_coordinate + 1.0);
+                b.map(|v| v + offset)
+            })
+            .collect();
+        nms(&shifted, scores, iou_thresh)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nms_suppresses_overlaps_above_threshold_only() {
+        // IoU(a, b) = 50 / 150 = 1/3; IoU(a, c) = 0.
+        let boxes = [
+            [0.0, 0.0, 10.0, 10.0],
+            [5.0, 0.0, 15.0, 10.0],
+            [20.0, 20.0, 30.0, 30.0],
+        ];
+        let scores = [0.9, 0.8, 0.7];
+        assert_eq!(nms(&boxes, &scores, 0.3), vec![0, 2]);
+        assert_eq!(nms(&boxes, &scores, 0.34), vec![0, 1, 2]);
+        // Order follows the scores, not the input.
+        assert_eq!(nms(&boxes, &[0.1, 0.8, 0.7], 0.3), vec![1, 2]);
+    }
+
+    #[test]
+    fn batched_nms_keeps_overlapping_boxes_of_different_groups() {
+        let boxes = [
+            [0.0, 0.0, 10.0, 10.0],
+            [1.0, 0.0, 11.0, 10.0],
+            [0.0, 1.0, 10.0, 11.0],
+        ];
+        let scores = [0.9, 0.8, 0.95];
+        assert_eq!(batched_nms(&boxes, &scores, &[0, 1, 0], 0.5), vec![2, 1]);
+        // The same over 1000 boxes, where the per-group path runs.
+        let mut many = boxes.to_vec();
+        let mut many_scores = scores.to_vec();
+        let mut many_groups = vec![0, 1, 0];
+        for i in 0..1100 {
+            let x = 100.0 + 20.0 * i as f32;
+            many.push([x, 0.0, x + 10.0, 10.0]);
+            many_scores.push(0.01);
+            many_groups.push(2);
+        }
+        let keep = batched_nms(&many, &many_scores, &many_groups, 0.5);
+        assert_eq!(&keep[..2], &[2, 1]);
+        assert_eq!(keep.len(), 2 + 1100);
+    }
+
+    #[test]
+    fn decode_matches_torchvision_box_coder() {
+        // BoxCoder((10, 10, 5, 5)) on box (10, 20, 50, 80): w=40, h=60, centre (30, 50);
+        // deltas (1, 2, 3, 4) scale to dx=0.1, dy=0.2, dw=0.6, dh=0.8.
+        let coder = BoxCoder::new([10.0, 10.0, 5.0, 5.0]);
+        let b = coder.decode(&[10.0, 20.0, 50.0, 80.0], &[1.0, 2.0, 3.0, 4.0]);
+        let pw = 0.6f32.exp() * 40.0;
+        let ph = 0.8f32.exp() * 60.0;
+        let want = [
+            34.0 - pw / 2.0,
+            62.0 - ph / 2.0,
+            34.0 + pw / 2.0,
+            62.0 + ph / 2.0,
+        ];
+        for (a, b) in b.iter().zip(want) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+        // dw above log(1000/16) is clamped.
+        let big = BoxCoder::new([1.0; 4]).decode(&[0.0, 0.0, 16.0, 16.0], &[0.0, 0.0, 100.0, 0.0]);
+        assert!((big[2] - big[0] - 1000.0).abs() < 1e-2);
+    }
+}

@@ -1,0 +1,172 @@
+//! The two parametrised blocks every stage is made of, loaded from torchvision key paths.
+//! BatchNorm never reaches the hot path: it is folded into the preceding conv at load time.
+
+use candle_core::{Device, Tensor};
+
+use crate::error::Result;
+use crate::weights::Weights;
+
+/// A conv with bias (folded BatchNorm or its own), stored as candle wants it.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    /// `[1, out, 1, 1]`, ready to broadcast.
+    bias: Tensor,
+    stride: usize,
+    padding: usize,
+    out_channels: usize,
+}
+
+/// How a conv is laid out; the output width comes from the weights.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvSpec {
+    pub in_channels: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl ConvSpec {
+    pub const fn new(in_channels: usize, kernel: usize, stride: usize, padding: usize) -> Self {
+        Self {
+            in_channels,
+            kernel,
+            stride,
+            padding,
+        }
+    }
+}
+
+fn out_channels(w: &Weights, name: &str) -> Result<usize> {
+    let shape = w.shape(name)?;
+    shape
+        .first()
+        .copied()
+        .filter(|_| shape.len() == 4)
+        .ok_or_else(|| crate::error::Error::Shape {
+            path: w.path().to_path_buf(),
+            name: name.to_string(),
+            expected: "a 4-d conv weight [out, in, k, k]".into(),
+            found: shape.to_vec(),
+        })
+}
+
+impl Conv2d {
+    /// `{prefix}.weight` and `{prefix}.bias`.
+    pub fn load(w: &Weights, prefix: &str, spec: ConvSpec, device: &Device) -> Result<Self> {
+        let wname = format!("{prefix}.weight");
+        let out = out_channels(w, &wname)?;
+        let weight = w.tensor(&wname, &[out, spec.in_channels, spec.kernel, spec.kernel])?;
+        let bias = w.tensor(&format!("{prefix}.bias"), &[out])?;
+        Self::from_host(weight, bias, out, spec, device)
+    }
+
+    /// A bias-free conv `{conv}.weight` followed by BatchNorm `{bn}.*` in eval mode, folded:
+    /// `w' = w * g / sqrt(v + eps)`, `b' = beta - mean * g / sqrt(v + eps)`.
+    pub fn load_bn(
+        w: &Weights,
+        conv: &str,
+        bn: &str,
+        spec: ConvSpec,
+        eps: f32,
+        device: &Device,
+    ) -> Result<Self> {
+        let wname = format!("{conv}.weight");
+        let out = out_channels(w, &wname)?;
+        let mut weight = w.tensor(&wname, &[out, spec.in_channels, spec.kernel, spec.kernel])?;
+        let gamma = w.tensor(&format!("{bn}.weight"), &[out])?;
+        let beta = w.tensor(&format!("{bn}.bias"), &[out])?;
+        let mean = w.tensor(&format!("{bn}.running_mean"), &[out])?;
+        let var = w.tensor(&format!("{bn}.running_var"), &[out])?;
+        let per_out = weight.len() / out;
+        let mut bias = Vec::with_capacity(out);
+        for o in 0..out {
+            let scale = gamma[o] / (var[o] + eps).sqrt();
+            if !scale.is_finite() {
+                return Err(w.architecture_error(format!(
+                    "BatchNorm `{bn}` channel {o}: running_var {} with bn_eps {eps} gives an \
+                     infinite scale (is the `bn_eps` metadata right?)",
+                    var[o]
+                )));
+            }
+            weight[o * per_out..(o + 1) * per_out]
+                .iter_mut()
+                .for_each(|v| *v *= scale);
+            bias.push(beta[o] - mean[o] * scale);
+        }
+        Self::from_host(weight, bias, out, spec, device)
+    }
+
+    fn from_host(
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        out: usize,
+        spec: ConvSpec,
+        device: &Device,
+    ) -> Result<Self> {
+        let k = spec.kernel;
+        Ok(Self {
+            weight: Tensor::from_vec(weight, (out, spec.in_channels, k, k), device)?,
+            bias: Tensor::from_vec(bias, (1, out, 1, 1), device)?,
+            stride: spec.stride,
+            padding: spec.padding,
+            out_channels: out,
+        })
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        Ok(y.broadcast_add(&self.bias)?)
+    }
+
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward(x)?.relu()?)
+    }
+}
+
+/// A fully connected layer, weight kept transposed (`[in, out]`) so the forward is one matmul.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight_t: Tensor,
+    bias: Tensor,
+    out_features: usize,
+}
+
+impl Linear {
+    pub fn load(w: &Weights, prefix: &str, in_features: usize, device: &Device) -> Result<Self> {
+        let wname = format!("{prefix}.weight");
+        let out = match w.shape(&wname)? {
+            [out, _] => *out,
+            other => {
+                return Err(crate::error::Error::Shape {
+                    path: w.path().to_path_buf(),
+                    name: wname,
+                    expected: format!("[out, {in_features}]"),
+                    found: other.to_vec(),
+                })
+            }
+        };
+        let weight = w.tensor(&wname, &[out, in_features])?;
+        let bias = w.tensor(&format!("{prefix}.bias"), &[out])?;
+        Ok(Self {
+            weight_t: Tensor::from_vec(weight, (out, in_features), device)?
+                .t()?
+                .contiguous()?,
+            bias: Tensor::from_vec(bias, (1, out), device)?,
+            out_features: out,
+        })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// `[N, in] -> [N, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.weight_t)?.broadcast_add(&self.bias)?)
+    }
+}

@@ -1,0 +1,217 @@
+//! RoIAlign (`torchvision.ops.roi_align`) as a candle `CustomOp2` over `(features, rois)`.
+//!
+//! The CPU kernel follows torchvision's `roi_align_kernel.cpp` step for step (bin grid, the
+//! `-1 < y < height` validity rule, edge clamping, average over the sampling points) so results
+//! agree to float rounding. Boxes are a tensor, not host data, so device kernels (CUDA, Metal)
+//! can be added as `cuda_fwd` / `metal_fwd` beside this one without changing callers.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+#[derive(Debug, Clone, Copy)]
+pub struct RoiAlign {
+    pub output_size: (usize, usize),
+    pub spatial_scale: f32,
+    /// Sampling points per bin side; <= 0 means adaptive (`ceil(roi_size / output_size)`).
+    pub sampling_ratio: i32,
+    /// `aligned=True` shifts boxes by half a pixel; Mask R-CNN v1 uses `false`.
+    pub aligned: bool,
+}
+
+impl RoiAlign {
+    /// `features`: `[N, C, H, W]` f32; `rois`: `[K, 5]` f32 rows of `(batch_index, x1, y1, x2,
+    /// y2)` in input-image coordinates. Returns `[K, C, out_h, out_w]`.
+    pub fn apply(&self, features: &Tensor, rois: &Tensor) -> candle_core::Result<Tensor> {
+        features.apply_op2_no_bwd(rois, self)
+    }
+}
+
+/// Bilinear sampling position and its four corner weights, or `None` when the point lies
+/// outside the feature map (torchvision's `y < -1 || y > height` rule).
+fn bilinear_corners(y: f32, x: f32, height: usize, width: usize) -> Option<([usize; 4], [f32; 4])> {
+    if y < -1.0 || y > height as f32 || x < -1.0 || x > width as f32 {
+        return None;
+    }
+    let y = y.max(0.0);
+    let x = x.max(0.0);
+    let (mut y_low, mut x_low) = (y as usize, x as usize);
+    let (y_high, x_high);
+    let (mut y, mut x) = (y, x);
+    if y_low >= height - 1 {
+        y_low = height - 1;
+        y_high = y_low;
+        y = y_low as f32;
+    } else {
+        y_high = y_low + 1;
+    }
+    if x_low >= width - 1 {
+        x_low = width - 1;
+        x_high = x_low;
+        x = x_low as f32;
+    } else {
+        x_high = x_low + 1;
+    }
+    let ly = y - y_low as f32;
+    let lx = x - x_low as f32;
+    let (hy, hx) = (1.0 - ly, 1.0 - lx);
+    Some((
+        [
+            y_low * width + x_low,
+            y_low * width + x_high,
+            y_high * width + x_low,
+            y_high * width + x_high,
+        ],
+        [hy * hx, hy * lx, ly * hx, ly * lx],
+    ))
+}
+
+impl CustomOp2 for RoiAlign {
+    fn name(&self) -> &'static str {
+        "roi_align"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(features), CpuStorage::F32(rois)) = (s1, s2) else {
+            candle_core::bail!("roi_align: features and rois must be f32 on CPU");
+        };
+        let (Some((f0, f1)), Some((r0, r1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("roi_align: features and rois must be contiguous");
+        };
+        let (n, channels, height, width) = l1.shape().dims4()?;
+        let (k, five) = l2.shape().dims2()?;
+        if five != 5 {
+            candle_core::bail!("roi_align: rois must be [K, 5], got {:?}", l2.shape());
+        }
+        let features = &features[f0..f1];
+        let rois = &rois[r0..r1];
+        let (ph, pw) = self.output_size;
+        let per_roi = channels * ph * pw;
+        let mut out = vec![0f32; k * per_roi];
+        let offset = if self.aligned { 0.5 } else { 0.0 };
+        out.par_chunks_mut(per_roi.max(1))
+            .zip(rois.par_chunks(5))
+            .try_for_each(|(out, roi)| {
+                let b = roi[0] as usize;
+                if roi[0] < 0.0 || b >= n {
+                    candle_core::bail!("roi_align: batch index {} out of range", roi[0]);
+                }
+                let start_w = roi[1] * self.spatial_scale - offset;
+                let start_h = roi[2] * self.spatial_scale - offset;
+                let end_w = roi[3] * self.spatial_scale - offset;
+                let end_h = roi[4] * self.spatial_scale - offset;
+                let (mut roi_w, mut roi_h) = (end_w - start_w, end_h - start_h);
+                if !self.aligned {
+                    // Malformed boxes are forced to 1×1.
+                    roi_w = roi_w.max(1.0);
+                    roi_h = roi_h.max(1.0);
+                }
+                let bin_h = roi_h / ph as f32;
+                let bin_w = roi_w / pw as f32;
+                let grid_h = if self.sampling_ratio > 0 {
+                    self.sampling_ratio as usize
+                } else {
+                    (roi_h / ph as f32).ceil() as usize
+                };
+                let grid_w = if self.sampling_ratio > 0 {
+                    self.sampling_ratio as usize
+                } else {
+                    (roi_w / pw as f32).ceil() as usize
+                };
+                let count = (grid_h * grid_w).max(1) as f32;
+                // Corner indices and weights are the same for every channel: compute once.
+                let mut samples = Vec::with_capacity(ph * pw * grid_h * grid_w);
+                for py in 0..ph {
+                    for px in 0..pw {
+                        for iy in 0..grid_h {
+                            let y = start_h
+                                + py as f32 * bin_h
+                                + (iy as f32 + 0.5) * bin_h / grid_h as f32;
+                            for ix in 0..grid_w {
+                                let x = start_w
+                                    + px as f32 * bin_w
+                                    + (ix as f32 + 0.5) * bin_w / grid_w as f32;
+                                samples.push(bilinear_corners(y, x, height, width));
+                            }
+                        }
+                    }
+                }
+                let per_bin = grid_h * grid_w;
+                for c in 0..channels {
+                    let plane = &features[(b * channels + c) * height * width..][..height * width];
+                    let out = &mut out[c * ph * pw..(c + 1) * ph * pw];
+                    for (bin, o) in out.iter_mut().enumerate() {
+                        let mut sum = 0f32;
+                        for (idx, w) in samples[bin * per_bin..(bin + 1) * per_bin].iter().flatten()
+                        {
+                            sum += w[0] * plane[idx[0]]
+                                + w[1] * plane[idx[1]]
+                                + w[2] * plane[idx[2]]
+                                + w[3] * plane[idx[3]];
+                        }
+                        *o = sum / count;
+                    }
+                }
+                Ok(())
+            })?;
+        Ok((CpuStorage::F32(out), Shape::from((k, channels, ph, pw))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn averages_bilinear_samples_like_torchvision() {
+        // A 4×4 ramp f(y, x) = 4y + x is linear, so every in-bounds bilinear sample is exact
+        // and a bin's average is f at the bin centre.
+        let data: Vec<f32> = (0..16).map(|v| v as f32).collect();
+        let features = Tensor::from_vec(data, (1, 1, 4, 4), &Device::Cpu).unwrap();
+        let rois = Tensor::from_vec(vec![0f32, 0.0, 0.0, 2.0, 2.0], (1, 5), &Device::Cpu).unwrap();
+        let op = RoiAlign {
+            output_size: (2, 2),
+            spatial_scale: 1.0,
+            sampling_ratio: 2,
+            aligned: false,
+        };
+        let out: Vec<f32> = op
+            .apply(&features, &rois)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // Bin centres (0.5, 0.5), (0.5, 1.5), (1.5, 0.5), (1.5, 1.5).
+        assert_eq!(out, vec![2.5, 3.5, 6.5, 7.5]);
+    }
+
+    #[test]
+    fn samples_outside_the_map_count_as_zero() {
+        let features = Tensor::ones((1, 1, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        // Box far right of the map: every sample has x > width.
+        let rois =
+            Tensor::from_vec(vec![0f32, 10.0, 0.0, 12.0, 2.0], (1, 5), &Device::Cpu).unwrap();
+        let op = RoiAlign {
+            output_size: (1, 1),
+            spatial_scale: 1.0,
+            sampling_ratio: 2,
+            aligned: false,
+        };
+        let out: Vec<f32> = op
+            .apply(&features, &rois)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(out, vec![0.0]);
+    }
+}

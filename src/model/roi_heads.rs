@@ -1,0 +1,344 @@
+//! torchvision's `RoIHeads` at inference (`models/detection/roi_heads.py`) for Mask R-CNN v1:
+//! 7×7 RoIAlign → `TwoMLPHead` (fc6, fc7) → `FastRCNNPredictor` → `postprocess_detections`;
+//! then 14×14 RoIAlign on the kept boxes → `MaskRCNNHeads` (3×3 convs) →
+//! `MaskRCNNPredictor` (2×2/2 transposed conv, 1×1 logits) → sigmoid of the predicted class.
+
+use candle_core::{Device, Tensor};
+
+use super::box_ops::{self, Box, BoxCoder};
+use super::layers::{Conv2d, ConvSpec, Linear};
+use super::poolers::MultiScaleRoIAlign;
+use super::sigmoid;
+use crate::config::{Config, BOX_MIN_SIZE};
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+
+/// `RoIHeads`' box coder weights.
+const BOX_CODER_WEIGHTS: [f32; 4] = [10.0, 10.0, 5.0, 5.0];
+const BOX_POOL_SIZE: usize = 7;
+const MASK_POOL_SIZE: usize = 14;
+/// Side of the predicted masks: the mask pool upsampled ×2 by `conv5_mask`.
+pub const MASK_SIZE: usize = 2 * MASK_POOL_SIZE;
+
+/// A detection before masks, in resized-image coordinates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Detection {
+    pub bbox: Box,
+    pub score: f32,
+    /// torchvision's label: 1..num_classes-1 (0 is background).
+    pub label: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoiHeads {
+    box_roi_pool: MultiScaleRoIAlign,
+    mask_roi_pool: MultiScaleRoIAlign,
+    fc6: Linear,
+    fc7: Linear,
+    cls_score: Linear,
+    bbox_pred: Linear,
+    mask_convs: Vec<Conv2d>,
+    /// `conv5_mask` as a matmul: `[in, out * 2 * 2]`. Stride equals kernel, so output pixels
+    /// never overlap and the transposed conv is exactly one GEMM plus a permutation.
+    deconv_weight: Tensor,
+    /// `[1, out, 1]`, broadcast over `[N, out, 4]`.
+    deconv_bias: Tensor,
+    deconv_out: usize,
+    /// `mask_fcn_logits` weight `[K, C]` and bias, indexed by the predicted class so only
+    /// that class's logits are computed.
+    mask_logits_weight: Tensor,
+    mask_logits_bias: Vec<f32>,
+    num_classes: usize,
+    coder: BoxCoder,
+    score_thresh: f32,
+    nms_thresh: f32,
+    detections_per_img: usize,
+}
+
+impl RoiHeads {
+    pub fn load(w: &Weights, channels: usize, cfg: &Config, device: &Device) -> Result<Self> {
+        let pooled = channels * BOX_POOL_SIZE * BOX_POOL_SIZE;
+        let fc6 = Linear::load(w, "roi_heads.box_head.fc6", pooled, device)?;
+        let fc7 = Linear::load(w, "roi_heads.box_head.fc7", fc6.out_features(), device)?;
+        let cls_score = Linear::load(
+            w,
+            "roi_heads.box_predictor.cls_score",
+            fc7.out_features(),
+            device,
+        )?;
+        let num_classes = cls_score.out_features();
+        if num_classes < 2 {
+            return Err(w.architecture_error(format!(
+                "roi_heads.box_predictor.cls_score has {num_classes} classes; at least background \
+                 and one class are needed"
+            )));
+        }
+        let bbox_pred = Linear::load(
+            w,
+            "roi_heads.box_predictor.bbox_pred",
+            fc7.out_features(),
+            device,
+        )?;
+        if bbox_pred.out_features() != 4 * num_classes {
+            return Err(Error::Shape {
+                path: w.path().to_path_buf(),
+                name: "roi_heads.box_predictor.bbox_pred.weight".into(),
+                expected: format!("[{}, {}]", 4 * num_classes, fc7.out_features()),
+                found: w
+                    .shape("roi_heads.box_predictor.bbox_pred.weight")?
+                    .to_vec(),
+            });
+        }
+
+        let mut mask_convs = Vec::new();
+        let mut c = channels;
+        while w.contains(&format!(
+            "roi_heads.mask_head.{}.0.weight",
+            mask_convs.len()
+        )) {
+            let conv = Conv2d::load(
+                w,
+                &format!("roi_heads.mask_head.{}.0", mask_convs.len()),
+                ConvSpec::new(c, 3, 1, 1),
+                device,
+            )?;
+            c = conv.out_channels();
+            mask_convs.push(conv);
+        }
+        if mask_convs.is_empty() {
+            w.shape("roi_heads.mask_head.0.0.weight")?;
+        }
+
+        let deconv_name = "roi_heads.mask_predictor.conv5_mask.weight";
+        let deconv_out = match w.shape(deconv_name)? {
+            [_, out, 2, 2] => *out,
+            other => {
+                return Err(Error::Shape {
+                    path: w.path().to_path_buf(),
+                    name: deconv_name.into(),
+                    expected: format!("[{c}, out, 2, 2]"),
+                    found: other.to_vec(),
+                })
+            }
+        };
+        let deconv_weight = w.tensor(deconv_name, &[c, deconv_out, 2, 2])?;
+        let deconv_bias = w.tensor("roi_heads.mask_predictor.conv5_mask.bias", &[deconv_out])?;
+        let logits_weight = w.tensor(
+            "roi_heads.mask_predictor.mask_fcn_logits.weight",
+            &[num_classes, deconv_out, 1, 1],
+        )?;
+        let mask_logits_bias = w.tensor(
+            "roi_heads.mask_predictor.mask_fcn_logits.bias",
+            &[num_classes],
+        )?;
+
+        Ok(Self {
+            box_roi_pool: MultiScaleRoIAlign::new(BOX_POOL_SIZE),
+            mask_roi_pool: MultiScaleRoIAlign::new(MASK_POOL_SIZE),
+            fc6,
+            fc7,
+            cls_score,
+            bbox_pred,
+            mask_convs,
+            deconv_weight: Tensor::from_vec(deconv_weight, (c, deconv_out * 4), device)?,
+            deconv_bias: Tensor::from_vec(deconv_bias, (1, deconv_out, 1), device)?,
+            deconv_out,
+            mask_logits_weight: Tensor::from_vec(logits_weight, (num_classes, deconv_out), device)?,
+            mask_logits_bias,
+            num_classes,
+            coder: BoxCoder::new(BOX_CODER_WEIGHTS),
+            score_thresh: cfg.box_score_thresh,
+            nms_thresh: cfg.box_nms_thresh,
+            detections_per_img: cfg.detections_per_img,
+        })
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    pub fn representation_size(&self) -> usize {
+        self.fc7.out_features()
+    }
+
+    pub fn mask_layers(&self) -> Vec<usize> {
+        self.mask_convs.iter().map(Conv2d::out_channels).collect()
+    }
+
+    /// `box_roi_pool`: `[P, C, 7, 7]`.
+    pub fn box_roi_pool(
+        &self,
+        features: &[Tensor],
+        proposals: &[Box],
+        image_size: (usize, usize),
+    ) -> Result<Tensor> {
+        self.box_roi_pool
+            .forward(features, proposals, image_size, features[0].device())
+    }
+
+    /// `TwoMLPHead`: `[P, C, 7, 7]` → `[P, R]`.
+    pub fn box_head(&self, pooled: &Tensor) -> Result<Tensor> {
+        let x = pooled.flatten_from(1)?;
+        let x = self.fc6.forward(&x)?.relu()?;
+        Ok(self.fc7.forward(&x)?.relu()?)
+    }
+
+    /// `FastRCNNPredictor`: class logits `[P, K]` and box regression `[P, 4K]`.
+    pub fn box_predictor(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((self.cls_score.forward(x)?, self.bbox_pred.forward(x)?))
+    }
+
+    /// `postprocess_detections` for one image: softmax, per-class decode and clip, drop
+    /// background, score threshold, tiny boxes, per-class NMS, keep the best.
+    pub fn postprocess_detections(
+        &self,
+        class_logits: &[f32],
+        box_regression: &[f32],
+        proposals: &[Box],
+        image_size: (usize, usize),
+    ) -> Vec<Detection> {
+        let k = self.num_classes;
+        let mut boxes = Vec::new();
+        let mut scores = Vec::new();
+        let mut labels = Vec::new();
+        let mut probs = vec![0f32; k];
+        for (p, proposal) in proposals.iter().enumerate() {
+            softmax(&class_logits[p * k..(p + 1) * k], &mut probs);
+            for (label, &score) in probs.iter().enumerate().skip(1) {
+                if score <= self.score_thresh {
+                    continue;
+                }
+                let deltas = &box_regression[(p * k + label) * 4..][..4];
+                let b = box_ops::clip_to_image(&self.coder.decode(proposal, deltas), image_size);
+                if box_ops::is_large_enough(&b, BOX_MIN_SIZE) {
+                    boxes.push(b);
+                    scores.push(score);
+                    labels.push(label);
+                }
+            }
+        }
+        box_ops::batched_nms(&boxes, &scores, &labels, self.nms_thresh)
+            .into_iter()
+            .take(self.detections_per_img)
+            .map(|i| Detection {
+                bbox: boxes[i],
+                score: scores[i],
+                label: labels[i],
+            })
+            .collect()
+    }
+
+    /// The box branch end to end: proposals → detections (resized-image coordinates).
+    pub fn detect(
+        &self,
+        features: &[Tensor],
+        proposals: &[Box],
+        image_size: (usize, usize),
+    ) -> Result<Vec<Detection>> {
+        if proposals.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pooled = self.box_roi_pool(features, proposals, image_size)?;
+        let x = self.box_head(&pooled)?;
+        let (logits, regression) = self.box_predictor(&x)?;
+        Ok(self.postprocess_detections(
+            &logits.flatten_all()?.to_vec1()?,
+            &regression.flatten_all()?.to_vec1()?,
+            proposals,
+            image_size,
+        ))
+    }
+
+    /// `mask_roi_pool`: `[D, C, 14, 14]`.
+    pub fn mask_roi_pool(
+        &self,
+        features: &[Tensor],
+        boxes: &[Box],
+        image_size: (usize, usize),
+    ) -> Result<Tensor> {
+        self.mask_roi_pool
+            .forward(features, boxes, image_size, features[0].device())
+    }
+
+    /// Mask head and predictor on pooled features, then `maskrcnn_inference`: the sigmoid of
+    /// each detection's own class. Returns `D` row-major 28×28 probability maps, concatenated.
+    pub fn mask_probs_from_pooled(&self, pooled: &Tensor, labels: &[usize]) -> Result<Vec<f32>> {
+        let d = labels.len();
+        if d == 0 {
+            return Ok(Vec::new());
+        }
+        let mut x = pooled.clone();
+        for conv in &self.mask_convs {
+            x = conv.forward_relu(&x)?;
+        }
+        let (_, c, h, w) = x.dims4()?;
+        // [D, C, h, w] -> [D*h*w, C] x [C, out*4] -> [D*h*w, out, 4] (+bias, relu).
+        let y = x
+            .permute((0, 2, 3, 1))?
+            .reshape((d * h * w, c))?
+            .matmul(&self.deconv_weight)?
+            .reshape((d * h * w, self.deconv_out, 4))?
+            .broadcast_add(&self.deconv_bias)?
+            .relu()?;
+        // Logits of each detection's class only: [D, h*w*4, out] x [D, out, 1] -> [D, h*w*4].
+        let labels_t = Tensor::from_vec(
+            labels.iter().map(|&l| l as u32).collect::<Vec<_>>(),
+            d,
+            pooled.device(),
+        )?;
+        let selected = self
+            .mask_logits_weight
+            .index_select(&labels_t, 0)?
+            .unsqueeze(2)?;
+        let logits: Vec<f32> = y
+            .reshape((d, h * w, self.deconv_out, 4))?
+            .permute((0, 1, 3, 2))?
+            .reshape((d, h * w * 4, self.deconv_out))?
+            .matmul(&selected)?
+            .flatten_all()?
+            .to_vec1()?;
+        // Index (i*w + j)*4 + a*2 + b holds output pixel (2i + a, 2j + b).
+        let (oh, ow) = (2 * h, 2 * w);
+        let mut probs = vec![0f32; d * oh * ow];
+        for (det, (src, dst)) in logits
+            .chunks_exact(h * w * 4)
+            .zip(probs.chunks_exact_mut(oh * ow))
+            .enumerate()
+        {
+            let bias = self.mask_logits_bias[labels[det]];
+            for (idx, &v) in src.iter().enumerate() {
+                let (ij, ab) = (idx / 4, idx % 4);
+                let (i, j, a, b) = (ij / w, ij % w, ab / 2, ab % 2);
+                dst[(2 * i + a) * ow + 2 * j + b] = sigmoid(v + bias);
+            }
+        }
+        Ok(probs)
+    }
+
+    /// The mask branch end to end: detections → 28×28 probability maps.
+    pub fn mask_probs(
+        &self,
+        features: &[Tensor],
+        detections: &[Detection],
+        image_size: (usize, usize),
+    ) -> Result<Vec<f32>> {
+        if detections.is_empty() {
+            return Ok(Vec::new());
+        }
+        let boxes: Vec<Box> = detections.iter().map(|d| d.bbox).collect();
+        let labels: Vec<usize> = detections.iter().map(|d| d.label).collect();
+        let pooled = self.mask_roi_pool(features, &boxes, image_size)?;
+        self.mask_probs_from_pooled(&pooled, &labels)
+    }
+}
+
+/// `F.softmax` over one row.
+fn softmax(logits: &[f32], out: &mut [f32]) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for (o, &l) in out.iter_mut().zip(logits) {
+        *o = (l - max).exp();
+        sum += *o;
+    }
+    out.iter_mut().for_each(|o| *o /= sum);
+}

@@ -1,0 +1,157 @@
+//! torchvision's `RegionProposalNetwork` at inference (`models/detection/rpn.py`): the shared
+//! `RPNHead` over every FPN level, then `filter_proposals` — top-n per level on the objectness
+//! logits, decode, clip, drop tiny boxes, NMS per level, keep the best overall.
+
+use candle_core::{Device, Tensor};
+
+use super::anchors::grid_anchors;
+use super::box_ops::{self, Box, BoxCoder};
+use super::layers::{Conv2d, ConvSpec};
+use super::sigmoid;
+use crate::config::{Config, RPN_MIN_SIZE};
+use crate::error::Result;
+use crate::weights::Weights;
+
+/// `RegionProposalNetwork`'s box coder weights.
+const RPN_BOX_WEIGHTS: [f32; 4] = [1.0, 1.0, 1.0, 1.0];
+
+#[derive(Debug, Clone)]
+pub struct Rpn {
+    conv: Conv2d,
+    cls_logits: Conv2d,
+    bbox_pred: Conv2d,
+    num_anchors: usize,
+    coder: BoxCoder,
+    pre_nms_top_n: usize,
+    post_nms_top_n: usize,
+    nms_thresh: f32,
+    score_thresh: f32,
+}
+
+impl Rpn {
+    pub fn load(w: &Weights, channels: usize, cfg: &Config, device: &Device) -> Result<Self> {
+        let conv = Conv2d::load(
+            w,
+            "rpn.head.conv.0.0",
+            ConvSpec::new(channels, 3, 1, 1),
+            device,
+        )?;
+        let cls_logits = Conv2d::load(
+            w,
+            "rpn.head.cls_logits",
+            ConvSpec::new(conv.out_channels(), 1, 1, 0),
+            device,
+        )?;
+        let num_anchors = cls_logits.out_channels();
+        if num_anchors != super::anchors::ASPECT_RATIOS.len() {
+            return Err(w.architecture_error(format!(
+                "rpn.head.cls_logits predicts {num_anchors} anchors per location; the anchor \
+                 generator has {} aspect ratios",
+                super::anchors::ASPECT_RATIOS.len()
+            )));
+        }
+        let bbox_pred = Conv2d::load(
+            w,
+            "rpn.head.bbox_pred",
+            ConvSpec::new(conv.out_channels(), 1, 1, 0),
+            device,
+        )?;
+        if bbox_pred.out_channels() != 4 * num_anchors {
+            return Err(w.architecture_error(format!(
+                "rpn.head.bbox_pred has {} outputs, expected {}",
+                bbox_pred.out_channels(),
+                4 * num_anchors
+            )));
+        }
+        Ok(Self {
+            conv,
+            cls_logits,
+            bbox_pred,
+            num_anchors,
+            coder: BoxCoder::new(RPN_BOX_WEIGHTS),
+            pre_nms_top_n: cfg.rpn_pre_nms_top_n,
+            post_nms_top_n: cfg.rpn_post_nms_top_n,
+            nms_thresh: cfg.rpn_nms_thresh,
+            score_thresh: cfg.rpn_score_thresh,
+        })
+    }
+
+    /// Proposals in resized-image coordinates, best first. `image_size` is the resized image
+    /// (height, width) that boxes are clipped to; `padded` the batch tensor's size, which sets
+    /// the anchor strides.
+    pub fn forward(
+        &self,
+        features: &[Tensor],
+        image_size: (usize, usize),
+        padded: (usize, usize),
+    ) -> Result<Vec<Box>> {
+        let grids = features
+            .iter()
+            .map(|f| Ok((f.dim(2)?, f.dim(3)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let anchors = grid_anchors(&grids, padded);
+        let mut boxes = Vec::new();
+        let mut scores = Vec::new();
+        let mut levels = Vec::new();
+        for (level, (feature, anchors)) in features.iter().zip(&anchors).enumerate() {
+            let t = self.conv.forward_relu(feature)?;
+            // [1, A, H, W] -> [H, W, A], the anchors' order.
+            let logits: Vec<f32> = self
+                .cls_logits
+                .forward(&t)?
+                .permute((0, 2, 3, 1))?
+                .flatten_all()?
+                .to_vec1()?;
+            // [1, 4A, H, W] -> [1, A, 4, H, W] -> [H, W, A, 4].
+            let (_, _, h, w) = t.dims4()?;
+            let deltas: Vec<f32> = self
+                .bbox_pred
+                .forward(&t)?
+                .reshape((1, self.num_anchors, 4, h, w))?
+                .permute((0, 3, 4, 1, 2))?
+                .flatten_all()?
+                .to_vec1()?;
+            for i in top_n(&logits, self.pre_nms_top_n) {
+                let b = self.coder.decode(&anchors[i], &deltas[4 * i..4 * i + 4]);
+                let b = box_ops::clip_to_image(&b, image_size);
+                let score = sigmoid(logits[i]);
+                if box_ops::is_large_enough(&b, RPN_MIN_SIZE) && score >= self.score_thresh {
+                    boxes.push(b);
+                    scores.push(score);
+                    levels.push(level);
+                }
+            }
+        }
+        let keep = box_ops::batched_nms(&boxes, &scores, &levels, self.nms_thresh);
+        Ok(keep
+            .into_iter()
+            .take(self.post_nms_top_n)
+            .map(|i| boxes[i])
+            .collect())
+    }
+}
+
+/// Indices of the `n` largest values, largest first (`torch.topk(..., sorted=True)`).
+fn top_n(values: &[f32], n: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    let cmp = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
+    if n < idx.len() {
+        idx.select_nth_unstable_by(n, cmp);
+        idx.truncate(n);
+    }
+    idx.sort_unstable_by(cmp);
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_n;
+
+    #[test]
+    fn top_n_is_sorted_and_bounded() {
+        let v = [0.5, 3.0, -1.0, 2.0, 3.0];
+        assert_eq!(top_n(&v, 3), vec![1, 4, 3]);
+        assert_eq!(top_n(&v, 10), vec![1, 4, 3, 0, 2]);
+        assert!(top_n(&[], 5).is_empty());
+    }
+}

@@ -1,0 +1,165 @@
+//! torchvision's `GeneralizedRCNNTransform` at inference (`models/detection/transform.py`):
+//! scale to [0, 1], normalise, bilinear resize (`align_corners=False`) by
+//! `min(min_size / short, max_size / long)`, zero-pad to a multiple of 32.
+
+use candle_core::{Device, Tensor};
+
+use crate::config::{Config, SIZE_DIVISIBLE};
+use crate::error::{Error, Result};
+
+/// A preprocessed image: the padded batch tensor and the sizes needed to map results back.
+#[derive(Debug, Clone)]
+pub struct ImageBatch {
+    /// `[1, 3, padded.0, padded.1]`.
+    pub tensor: Tensor,
+    /// (height, width) after resizing, before padding: boxes are clipped to it.
+    pub image_size: (usize, usize),
+    /// (height, width) of the batch tensor.
+    pub padded: (usize, usize),
+    /// (height, width) of the input image.
+    pub original: (usize, usize),
+}
+
+#[derive(Debug, Clone)]
+pub struct Transform {
+    pub min_size: usize,
+    pub max_size: usize,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Transform {
+    pub fn new(cfg: &Config) -> Self {
+        Self {
+            min_size: cfg.min_size,
+            max_size: cfg.max_size,
+            mean: cfg.image_mean,
+            std: cfg.image_std,
+        }
+    }
+
+    /// The resized (height, width) torchvision produces: the scale is computed in double
+    /// precision and `interpolate(recompute_scale_factor=True)` floors `size * scale`.
+    pub fn resized_size(&self, (h, w): (usize, usize)) -> (usize, usize) {
+        let short = h.min(w) as f64;
+        let long = h.max(w) as f64;
+        let scale = (self.min_size as f64 / short).min(self.max_size as f64 / long);
+        let out = |s: usize| ((s as f64 * scale).floor() as usize).max(1);
+        (out(h), out(w))
+    }
+
+    /// Preprocesses an interleaved 8-bit RGB image of `(height, width)`.
+    pub fn apply(
+        &self,
+        rgb: &[u8],
+        (height, width): (usize, usize),
+        device: &Device,
+    ) -> Result<ImageBatch> {
+        if height == 0 || width == 0 || rgb.len() != height * width * 3 {
+            return Err(Error::Config(format!(
+                "image buffer of {} bytes does not hold a {width}x{height} RGB image",
+                rgb.len()
+            )));
+        }
+        let (rh, rw) = self.resized_size((height, width));
+        let pad = |s: usize| s.div_ceil(SIZE_DIVISIBLE) * SIZE_DIVISIBLE;
+        let (ph, pw) = (pad(rh), pad(rw));
+        let mut plane = vec![0f32; height * width];
+        let mut out = vec![0f32; 3 * ph * pw];
+        for c in 0..3 {
+            for (p, px) in plane.iter_mut().zip(rgb.chunks_exact(3)) {
+                *p = (px[c] as f32 / 255.0 - self.mean[c]) / self.std[c];
+            }
+            resize_bilinear(
+                &plane,
+                (height, width),
+                &mut out[c * ph * pw..(c + 1) * ph * pw],
+                pw,
+                (rh, rw),
+            );
+        }
+        Ok(ImageBatch {
+            tensor: Tensor::from_vec(out, (1, 3, ph, pw), device)?,
+            image_size: (rh, rw),
+            padded: (ph, pw),
+            original: (height, width),
+        })
+    }
+}
+
+/// One axis of torch's `upsample_bilinear2d(align_corners=False)` with no explicit scale:
+/// source index `max((dst + 0.5) * in / out - 0.5, 0)`, its floor, the next index (clamped)
+/// and the weight of that next index.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LinearTap {
+    pub i0: usize,
+    pub i1: usize,
+    pub l1: f32,
+}
+
+pub(crate) fn linear_taps(input: usize, output: usize) -> impl Iterator<Item = LinearTap> {
+    let scale = input as f32 / output as f32;
+    (0..output).map(move |d| {
+        let src = (scale * (d as f32 + 0.5) - 0.5).max(0.0);
+        let i0 = src as usize;
+        let i1 = if i0 < input - 1 { i0 + 1 } else { i0 };
+        LinearTap {
+            i0,
+            i1,
+            l1: (src - i0 as f32).clamp(0.0, 1.0),
+        }
+    })
+}
+
+/// Bilinear resize of a row-major `src` plane into the top-left `dst_size` corner of `dst`,
+/// whose rows are `dst_stride` apart, with torch's weights and evaluation order.
+pub(crate) fn resize_bilinear(
+    src: &[f32],
+    (sh, sw): (usize, usize),
+    dst: &mut [f32],
+    dst_stride: usize,
+    (dh, dw): (usize, usize),
+) {
+    let cols: Vec<LinearTap> = linear_taps(sw, dw).collect();
+    for (y, row_tap) in linear_taps(sh, dh).enumerate() {
+        let r0 = &src[row_tap.i0 * sw..][..sw];
+        let r1 = &src[row_tap.i1 * sw..][..sw];
+        let (h1, h0) = (row_tap.l1, 1.0 - row_tap.l1);
+        for (o, t) in dst[y * dst_stride..][..dw].iter_mut().zip(&cols) {
+            let (w1, w0) = (t.l1, 1.0 - t.l1);
+            *o = h0 * (w0 * r0[t.i0] + w1 * r0[t.i1]) + h1 * (w0 * r1[t.i0] + w1 * r1[t.i1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transform(min_size: usize, max_size: usize) -> Transform {
+        Transform::new(&Config {
+            min_size,
+            max_size,
+            ..Config::default()
+        })
+    }
+
+    #[test]
+    fn resized_size_follows_torchvision_rule() {
+        // The cases the issue states (w×h): 640×480 → 1066×800, 1280×720 → 1333×749.
+        assert_eq!(transform(800, 1333).resized_size((480, 640)), (800, 1066));
+        assert_eq!(transform(800, 1333).resized_size((720, 1280)), (749, 1333));
+    }
+
+    #[test]
+    fn resize_is_identity_at_same_size_and_exact_on_ramps() {
+        let src: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let mut dst = vec![0f32; 12];
+        resize_bilinear(&src, (3, 4), &mut dst, 4, (3, 4));
+        assert_eq!(dst, src);
+        // Upsampling a 1×2 row [0, 1] to 1×4: sources -0.25→0, 0.25, 0.75, 1.25→clamped.
+        let mut up = vec![0f32; 4];
+        resize_bilinear(&[0.0, 1.0], (1, 2), &mut up, 4, (1, 4));
+        assert_eq!(up, vec![0.0, 0.25, 0.75, 1.0]);
+    }
+}

@@ -1,0 +1,108 @@
+//! Draws instances over the image: class-coloured translucent masks, boxes, and
+//! "label score" captions in an 8×8 bitmap font (font8x8, public domain).
+
+use font8x8::UnicodeFonts;
+use image::{Rgb, RgbImage};
+
+use crate::postprocess::Instance;
+
+/// Mask tint opacity.
+const MASK_ALPHA: f32 = 0.45;
+const BOX_THICKNESS: i64 = 2;
+/// Distinct, saturated colours (Tableau 20 subset), picked by class id.
+const PALETTE: [[u8; 3]; 12] = [
+    [31, 119, 180],
+    [255, 127, 14],
+    [44, 160, 44],
+    [214, 39, 40],
+    [148, 103, 189],
+    [140, 86, 75],
+    [227, 119, 194],
+    [127, 127, 127],
+    [188, 189, 34],
+    [23, 190, 207],
+    [174, 199, 232],
+    [255, 187, 120],
+];
+
+pub fn class_colour(class_id: usize) -> [u8; 3] {
+    PALETTE[class_id % PALETTE.len()]
+}
+
+/// Draws `instances` onto `image`, lowest score first so the best ends on top.
+pub fn draw<'a>(image: &mut RgbImage, instances: &[Instance], label: impl Fn(usize) -> &'a str) {
+    for inst in instances.iter().rev() {
+        let colour = class_colour(inst.class_id);
+        inst.mask.for_each_foreground(|y, x| {
+            if let Some(p) = image.get_pixel_mut_checked(x as u32, y as u32) {
+                for (c, &k) in p.0.iter_mut().zip(&colour) {
+                    *c = (*c as f32 * (1.0 - MASK_ALPHA) + k as f32 * MASK_ALPHA).round() as u8;
+                }
+            }
+        });
+    }
+    for inst in instances.iter().rev() {
+        let colour = class_colour(inst.class_id);
+        let [x1, y1, x2, y2] = inst.bbox.map(|v| v.round() as i64);
+        for t in 0..BOX_THICKNESS {
+            hline(image, x1, x2, y1 + t, colour);
+            hline(image, x1, x2, y2 - t, colour);
+            vline(image, x1 + t, y1, y2, colour);
+            vline(image, x2 - t, y1, y2, colour);
+        }
+        let caption = format!("{} {:.2}", label(inst.class_id), inst.score);
+        let text_y = if y1 >= 10 {
+            y1 - 10
+        } else {
+            y1 + BOX_THICKNESS
+        };
+        text(image, x1, text_y, &caption, colour);
+    }
+}
+
+fn put(image: &mut RgbImage, x: i64, y: i64, colour: [u8; 3]) {
+    if x >= 0 && y >= 0 {
+        if let Some(p) = image.get_pixel_mut_checked(x as u32, y as u32) {
+            *p = Rgb(colour);
+        }
+    }
+}
+
+fn hline(image: &mut RgbImage, x1: i64, x2: i64, y: i64, colour: [u8; 3]) {
+    let w = image.width() as i64;
+    for x in x1.max(0)..=x2.min(w - 1) {
+        put(image, x, y, colour);
+    }
+}
+
+fn vline(image: &mut RgbImage, x: i64, y1: i64, y2: i64, colour: [u8; 3]) {
+    let h = image.height() as i64;
+    for y in y1.max(0)..=y2.min(h - 1) {
+        put(image, x, y, colour);
+    }
+}
+
+/// White 8×8 glyphs on a bar of `background`, clipped to the image.
+fn text(image: &mut RgbImage, x: i64, y: i64, s: &str, background: [u8; 3]) {
+    let glyphs: Vec<[u8; 8]> = s
+        .chars()
+        .map(|c| font8x8::BASIC_FONTS.get(c).unwrap_or([0; 8]))
+        .collect();
+    for dy in -1..9 {
+        hline(image, x, x + 8 * glyphs.len() as i64, y + dy, background);
+    }
+    for (i, glyph) in glyphs.iter().enumerate() {
+        for (row, bits) in glyph.iter().enumerate() {
+            for col in 0..8 {
+                if bits >> col & 1 == 1 {
+                    put(
+                        image,
+                        x + 8 * i as i64 + col,
+                        y + row as i64,
+                        [255, 255, 255],
+                    );
+                }
+            }
+        }
+    }
+}

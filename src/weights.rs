@@ -1,0 +1,358 @@
+//! Memory-mapped safetensors weights with torchvision `state_dict` key names.
+//!
+//! The file is mapped, never read into a second heap copy: each tensor is converted straight
+//! from the mapping into the f32 buffer the model keeps. Every way a file can be wrong ends in a
+//! named [`Error`]: the path, and where it applies the tensor, the expected and found shape.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+/// Older torchvision releases spelled some keys differently. Each row maps an old prefix to
+/// today's; `{}` stands for a block index, shifted by the row's offset, and a row applies only
+/// when what follows the prefix is a leaf name (`weight`, `bias`).
+const KEY_REMAP: &[(&str, &str, i64)] = &[
+    // torchvision < 0.13: FPN blocks were bare convs, now Conv2dNormActivation wrappers.
+    (
+        "backbone.fpn.inner_blocks.{}.",
+        "backbone.fpn.inner_blocks.{}.0.",
+        0,
+    ),
+    (
+        "backbone.fpn.layer_blocks.{}.",
+        "backbone.fpn.layer_blocks.{}.0.",
+        0,
+    ),
+    // torchvision < 0.13: the RPN head's shared conv was a bare conv.
+    ("rpn.head.conv.", "rpn.head.conv.0.0.", 0),
+    // torchvision < 0.13: mask head convs were named mask_fcn1..mask_fcnN (1-based).
+    (
+        "roi_heads.mask_head.mask_fcn{}.",
+        "roi_heads.mask_head.{}.0.",
+        -1,
+    ),
+];
+
+/// Keys that training checkpoints carry but inference never reads.
+const IGNORED_SUFFIXES: &[&str] = &[".num_batches_tracked"];
+
+fn remap_key(name: &str) -> String {
+    for &(old, new, shift) in KEY_REMAP {
+        let (old_head, old_tail) = old.split_once("{}").unwrap_or((old, ""));
+        let Some(rest) = name.strip_prefix(old_head) else {
+            continue;
+        };
+        let (index, rest) = if old.contains("{}") {
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            let Ok(index) = rest[..digits].parse::<i64>() else {
+                continue;
+            };
+            (Some(index + shift), &rest[digits..])
+        } else {
+            (None, rest)
+        };
+        let Some(leaf) = rest.strip_prefix(old_tail) else {
+            continue;
+        };
+        if leaf.is_empty() || leaf.contains('.') {
+            continue;
+        }
+        let new = match index {
+            Some(i) => new.replacen("{}", &i.to_string(), 1),
+            None => new.to_string(),
+        };
+        return format!("{new}{leaf}");
+    }
+    name.to_string()
+}
+
+struct Entry {
+    file_name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte range of the tensor's data inside the mapping.
+    start: usize,
+    end: usize,
+}
+
+/// An opened weights file: the mapping, its tensors under their canonical (today's torchvision)
+/// names, and its `__metadata__`.
+pub struct Weights {
+    path: PathBuf,
+    mmap: Mmap,
+    tensors: HashMap<String, Entry>,
+    metadata: HashMap<String, String>,
+    used: RefCell<HashSet<String>>,
+}
+
+impl Weights {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = File::open(&path).map_err(io)?;
+        // SAFETY: the mapping is read-only; a file truncated underneath us by another process
+        // is outside what any mmap-based loader can defend against.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let (tensors, metadata) = parse_header(&path, &mmap)?;
+        Ok(Self {
+            path,
+            mmap,
+            tensors,
+            metadata,
+            used: RefCell::new(HashSet::new()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Canonical tensor names, in no particular order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        self.entry(name).map(|e| e.shape.as_slice())
+    }
+
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
+    }
+
+    /// Dtype of the stored weights (that of the first tensor: files are written in one dtype).
+    pub fn dtype(&self) -> Option<String> {
+        self.tensors
+            .values()
+            .next()
+            .map(|e| format!("{:?}", e.dtype))
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            name: name.to_string(),
+        })
+    }
+
+    /// The tensor `name` as f32, after checking its shape, dtype and that every value is finite.
+    pub fn tensor(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let entry = self.entry(name)?;
+        if entry.shape != expected {
+            return Err(Error::Shape {
+                path: self.path.clone(),
+                name: entry.file_name.clone(),
+                expected: format!("{expected:?}"),
+                found: entry.shape.clone(),
+            });
+        }
+        let bytes = &self.mmap[entry.start..entry.end];
+        let values: Vec<f32> = match entry.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::Dtype {
+                    path: self.path.clone(),
+                    name: entry.file_name.clone(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                path: self.path.clone(),
+                name: entry.file_name.clone(),
+                index,
+                value,
+            });
+        }
+        self.used.borrow_mut().insert(name.to_string());
+        Ok(values)
+    }
+
+    /// Fails on the first tensor that no part of the model read: a file for another
+    /// architecture must not load with parts of it silently ignored.
+    pub fn check_all_used(&self) -> Result<()> {
+        let used = self.used.borrow();
+        let mut unused: Vec<&Entry> = self
+            .tensors
+            .iter()
+            .filter(|(name, _)| !used.contains(*name))
+            .map(|(_, e)| e)
+            .collect();
+        unused.sort_by(|a, b| a.file_name.cmp(&b.file_name));
+        match unused.first() {
+            Some(e) => Err(Error::UnexpectedTensor {
+                path: self.path.clone(),
+                name: e.file_name.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn architecture_error(&self, reason: impl Into<String>) -> Error {
+        Error::Architecture {
+            path: self.path.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn metadata_error(&self, key: &str, reason: impl Into<String>) -> Error {
+        Error::Metadata {
+            path: self.path.clone(),
+            key: key.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Parses metadata `key` with `parse`, naming the key and the raw value when it fails.
+    pub fn parse_metadata<T>(
+        &self,
+        key: &str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<Option<T>> {
+        match self.metadata(key) {
+            None => Ok(None),
+            Some(raw) => parse(raw)
+                .map(Some)
+                .ok_or_else(|| self.metadata_error(key, format!("cannot parse {raw:?}"))),
+        }
+    }
+}
+
+type Header = (HashMap<String, Entry>, HashMap<String, String>);
+
+fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
+    let not_st = |reason: String| Error::NotSafetensors {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file_len = bytes.len() as u64;
+    let Some(len_bytes) = bytes.get(..8) else {
+        return Err(not_st(format!(
+            "{file_len} bytes is shorter than the 8-byte header length"
+        )));
+    };
+    let header_len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes"));
+    if header_len.saturating_add(8) > file_len {
+        // A header longer than the file is either truncation or not a safetensors file at
+        // all; a JSON-looking start tells the two apart.
+        if bytes.get(8) == Some(&b'{') {
+            return Err(Error::Truncated {
+                path: path.to_path_buf(),
+                expected: header_len.saturating_add(8),
+                found: file_len,
+            });
+        }
+        return Err(not_st(format!(
+            "header length {header_len} exceeds the file size {file_len}"
+        )));
+    }
+    let data_start = 8 + header_len as usize;
+    // The data end promised by the header, computed before the library's own validation so a
+    // truncated file is reported as such rather than as a generic inconsistency.
+    if let Ok(header) = serde_json::from_slice::<serde_json::Value>(&bytes[8..data_start]) {
+        let promised = header
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
+            .max()
+            .unwrap_or(0);
+        if data_start as u64 + promised > file_len {
+            return Err(Error::Truncated {
+                path: path.to_path_buf(),
+                expected: data_start as u64 + promised,
+                found: file_len,
+            });
+        }
+    }
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| not_st(e.to_string()))?;
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    let mut tensors = HashMap::new();
+    for (file_name, info) in meta.tensors() {
+        if IGNORED_SUFFIXES.iter().any(|s| file_name.ends_with(s)) {
+            continue;
+        }
+        let canonical = remap_key(&file_name);
+        let entry = Entry {
+            file_name: file_name.clone(),
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            start: data_start + info.data_offsets.0,
+            end: data_start + info.data_offsets.1,
+        };
+        if let Some(previous) = tensors.insert(canonical.clone(), entry) {
+            return Err(not_st(format!(
+                "`{}` and `{file_name}` are two spellings of the same tensor `{canonical}`",
+                previous.file_name
+            )));
+        }
+    }
+    Ok((tensors, metadata))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::remap_key;
+
+    #[test]
+    fn remaps_old_torchvision_spellings() {
+        let cases = [
+            (
+                "backbone.fpn.inner_blocks.2.weight",
+                "backbone.fpn.inner_blocks.2.0.weight",
+            ),
+            (
+                "backbone.fpn.layer_blocks.0.bias",
+                "backbone.fpn.layer_blocks.0.0.bias",
+            ),
+            ("rpn.head.conv.weight", "rpn.head.conv.0.0.weight"),
+            (
+                "roi_heads.mask_head.mask_fcn1.weight",
+                "roi_heads.mask_head.0.0.weight",
+            ),
+            (
+                "roi_heads.mask_head.mask_fcn4.bias",
+                "roi_heads.mask_head.3.0.bias",
+            ),
+            // Already current: untouched.
+            (
+                "backbone.fpn.inner_blocks.2.0.weight",
+                "backbone.fpn.inner_blocks.2.0.weight",
+            ),
+            ("rpn.head.conv.0.0.weight", "rpn.head.conv.0.0.weight"),
+            (
+                "roi_heads.mask_head.0.0.weight",
+                "roi_heads.mask_head.0.0.weight",
+            ),
+            ("backbone.body.conv1.weight", "backbone.body.conv1.weight"),
+        ];
+        for (old, new) in cases {
+            assert_eq!(remap_key(old), new, "{old}");
+        }
+    }
+}
