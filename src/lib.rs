@@ -9,6 +9,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod alloc;
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod image_io;
@@ -17,6 +19,7 @@ pub mod model;
 pub mod output;
 pub mod overlay;
 pub mod postprocess;
+pub mod synthetic;
 pub mod weights;
 
 pub use config::Config;

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::model::{Detections, MaskRcnn, Timings};
+use crate::model::{Detections, MaskRcnn, StageSummary};
 use crate::postprocess::CocoRle;
 
 #[derive(Serialize)]
@@ -19,7 +19,7 @@ struct InstanceJson<'a> {
 struct DetectionsJson<'a> {
     width: usize,
     height: usize,
-    timings_ms: Timings,
+    timings_ms: StageSummary,
     instances: Vec<InstanceJson<'a>>,
 }
 
@@ -29,7 +29,7 @@ pub fn to_json(model: &MaskRcnn, d: &Detections) -> serde_json::Value {
     let json = DetectionsJson {
         width: d.width,
         height: d.height,
-        timings_ms: d.timings,
+        timings_ms: d.timings.summary(),
         instances: d
             .instances
             .iter()

@@ -2,6 +2,8 @@
 //! torchvision's `transform.postprocess` (`resize_boxes`, `paste_masks_in_image`) followed by
 //! thresholding and COCO run-length encoding, as `pycocotools.mask.encode` writes it.
 
+use std::time::{Duration, Instant};
+
 use serde::Serialize;
 
 use crate::model::box_ops::Box;
@@ -108,6 +110,9 @@ pub struct Paster {
     /// Full-image binary mask, reused across instances.
     canvas: Vec<u8>,
     padded: Vec<f32>,
+    /// Milliseconds spent pasting and encoding in the last call.
+    paste_ms: f64,
+    rle_ms: f64,
 }
 
 impl Default for Paster {
@@ -122,7 +127,14 @@ impl Paster {
         Self {
             canvas: Vec::new(),
             padded: vec![0.0; side * side],
+            paste_ms: 0.0,
+            rle_ms: 0.0,
         }
+    }
+
+    /// (paste, RLE) milliseconds of the last [`Self::paste`].
+    pub fn last_timings(&self) -> (f64, f64) {
+        (self.paste_ms, self.rle_ms)
     }
 
     pub fn paste(
@@ -139,10 +151,12 @@ impl Paster {
         let ratio_w = ow as f32 / resized.1 as f32;
         let side = MASK_SIZE + 2 * PASTE_PADDING;
         let mut out = Vec::with_capacity(detections.len());
+        let (mut paste, mut rle) = (Duration::ZERO, Duration::ZERO);
         for (det, probs) in detections
             .iter()
             .zip(mask_probs.chunks_exact(MASK_SIZE * MASK_SIZE))
         {
+            let started = Instant::now();
             let b = det.bbox;
             let bbox = [
                 b[0] * ratio_w,
@@ -166,13 +180,19 @@ impl Paster {
                 original,
                 mask_thresh,
             );
+            let pasted = Instant::now();
             out.push(Instance {
                 class_id: det.label,
                 score: det.score,
                 bbox,
                 mask: Rle::encode(&self.canvas, oh, ow),
             });
+            let encoded = Instant::now();
+            paste += pasted - started;
+            rle += encoded - pasted;
         }
+        self.paste_ms = paste.as_secs_f64() * 1e3;
+        self.rle_ms = rle.as_secs_f64() * 1e3;
         out
     }
 }

@@ -98,16 +98,15 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = self.conv1.forward_relu(x)?;
-        y = match &self.conv3 {
-            Some(conv3) => conv3.forward(&self.conv2.forward_relu(&y)?)?,
-            None => self.conv2.forward(&y)?,
-        };
         let identity = match &self.downsample {
             Some(ds) => ds.forward(x)?,
             None => x.clone(),
         };
-        Ok((y + identity)?.relu()?)
+        let y = self.conv1.forward_relu(x)?;
+        match &self.conv3 {
+            Some(conv3) => conv3.forward_add_relu(&self.conv2.forward_relu(&y)?, &identity),
+            None => self.conv2.forward_add_relu(&y, &identity),
+        }
     }
 }
 
@@ -188,6 +187,28 @@ impl ResNet {
                 self.blocks_per_stage()
             ),
         }
+    }
+
+    /// Multiply-accumulates of one forward over an `h × w` input, for throughput reports.
+    pub fn macs(&self, h: usize, w: usize) -> u64 {
+        let mut total = self.stem.macs(h, w);
+        let (mut h, mut w) = (h.div_ceil(2).div_ceil(2), w.div_ceil(2).div_ceil(2));
+        for (s, stage) in self.stages.iter().enumerate() {
+            for (b, block) in stage.iter().enumerate() {
+                let stride = if s > 0 && b == 0 { 2 } else { 1 };
+                let (oh, ow) = (h.div_ceil(stride), w.div_ceil(stride));
+                // conv1 of a Bottleneck runs before the stride, every other conv after it.
+                total += match block.conv3 {
+                    Some(ref c3) => {
+                        block.conv1.macs(h, w) + block.conv2.macs(h, w) + c3.macs(oh, ow)
+                    }
+                    None => block.conv1.macs(h, w) + block.conv2.macs(oh, ow),
+                };
+                total += block.downsample.as_ref().map_or(0, |d| d.macs(h, w));
+                (h, w) = (oh, ow);
+            }
+        }
+        total
     }
 
     /// `[1, 3, H, W]` → C2..C5 at strides 4, 8, 16, 32.

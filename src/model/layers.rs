@@ -1,20 +1,33 @@
 //! The two parametrised blocks every stage is made of, loaded from torchvision key paths.
 //! BatchNorm never reaches the hot path: it is folded into the preceding conv at load time.
 
+use std::sync::Arc;
+
 use candle_core::{Device, Tensor};
+
+use super::conv::FusedConv;
 
 use crate::error::Result;
 use crate::weights::Weights;
 
-/// A conv with bias (folded BatchNorm or its own), stored as candle wants it.
+/// A conv with bias (folded BatchNorm or its own). On CPU it runs through [`FusedConv`]; on
+/// other devices through candle's `conv2d`.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    weight: Tensor,
-    /// `[1, out, 1, 1]`, ready to broadcast.
-    bias: Tensor,
-    stride: usize,
-    padding: usize,
+    kernel: Kernel,
     out_channels: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Kernel {
+    Cpu(FusedConv),
+    Device {
+        weight: Tensor,
+        /// `[1, out, 1, 1]`, ready to broadcast.
+        bias: Tensor,
+        stride: usize,
+        padding: usize,
+    },
 }
 
 /// How a conv is laid out; the output width comes from the weights.
@@ -105,11 +118,27 @@ impl Conv2d {
         device: &Device,
     ) -> Result<Self> {
         let k = spec.kernel;
+        let kernel = if device.is_cpu() {
+            Kernel::Cpu(FusedConv {
+                weight: Arc::new(weight),
+                bias: Arc::new(bias),
+                in_channels: spec.in_channels,
+                out_channels: out,
+                kernel: k,
+                stride: spec.stride,
+                padding: spec.padding,
+                relu: false,
+            })
+        } else {
+            Kernel::Device {
+                weight: Tensor::from_vec(weight, (out, spec.in_channels, k, k), device)?,
+                bias: Tensor::from_vec(bias, (1, out, 1, 1), device)?,
+                stride: spec.stride,
+                padding: spec.padding,
+            }
+        };
         Ok(Self {
-            weight: Tensor::from_vec(weight, (out, spec.in_channels, k, k), device)?,
-            bias: Tensor::from_vec(bias, (1, out, 1, 1), device)?,
-            stride: spec.stride,
-            padding: spec.padding,
+            kernel,
             out_channels: out,
         })
     }
@@ -118,13 +147,62 @@ impl Conv2d {
         self.out_channels
     }
 
+    /// Multiply-accumulates of one forward over an `h × w` input.
+    pub fn macs(&self, h: usize, w: usize) -> u64 {
+        match &self.kernel {
+            Kernel::Cpu(op) => op.macs(h, w),
+            Kernel::Device {
+                weight,
+                stride,
+                padding,
+                ..
+            } => {
+                let (o, c, k, _) = weight.dims4().unwrap_or((0, 0, 0, 0));
+                let oh = (h + 2 * padding - k) / stride + 1;
+                let ow = (w + 2 * padding - k) / stride + 1;
+                (o * c * k * k * oh * ow) as u64
+            }
+        }
+    }
+
+    fn run(&self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+        match &self.kernel {
+            Kernel::Cpu(op) => {
+                let op = FusedConv { relu, ..op.clone() };
+                let x = x.contiguous()?;
+                Ok(match residual {
+                    Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op)?,
+                    None => x.apply_op1_no_bwd(&op)?,
+                })
+            }
+            Kernel::Device {
+                weight,
+                bias,
+                stride,
+                padding,
+            } => {
+                let mut y = x
+                    .conv2d(weight, *padding, *stride, 1, 1)?
+                    .broadcast_add(bias)?;
+                if let Some(r) = residual {
+                    y = (y + r)?;
+                }
+                Ok(if relu { y.relu()? } else { y })
+            }
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        Ok(y.broadcast_add(&self.bias)?)
+        self.run(x, None, false)
     }
 
     pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.forward(x)?.relu()?)
+        self.run(x, None, true)
+    }
+
+    /// `relu(conv(x) + residual)`, the end of a ResNet block.
+    pub fn forward_add_relu(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.run(x, Some(residual), true)
     }
 }
 

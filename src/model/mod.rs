@@ -5,6 +5,7 @@
 pub mod anchors;
 pub mod backbone;
 pub mod box_ops;
+pub mod conv;
 pub mod fpn;
 pub mod layers;
 pub mod poolers;
@@ -53,10 +54,57 @@ pub struct Architecture {
 pub struct Timings {
     pub preprocess: f64,
     pub backbone: f64,
+    pub fpn: f64,
+    pub rpn: f64,
+    /// Both poolers: 7×7 for the box head, 14×14 for the mask head.
+    pub roi_align: f64,
+    /// Box head, predictor and `postprocess_detections`.
+    pub box_head: f64,
+    pub mask_head: f64,
+    pub paste: f64,
+    pub rle: f64,
+    pub total: f64,
+}
+
+/// The coarse split `drape detect` reports.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StageSummary {
+    pub preprocess: f64,
+    pub backbone: f64,
     pub rpn: f64,
     pub roi_heads: f64,
     pub masks: f64,
     pub total: f64,
+}
+
+impl Timings {
+    /// Names and values in pipeline order, for tables and JSON.
+    pub fn stages(&self) -> [(&'static str, f64); 10] {
+        [
+            ("preprocess", self.preprocess),
+            ("backbone", self.backbone),
+            ("fpn", self.fpn),
+            ("rpn", self.rpn),
+            ("roi_align", self.roi_align),
+            ("box_head", self.box_head),
+            ("mask_head", self.mask_head),
+            ("paste", self.paste),
+            ("rle", self.rle),
+            ("total", self.total),
+        ]
+    }
+
+    pub fn summary(&self) -> StageSummary {
+        StageSummary {
+            preprocess: self.preprocess,
+            backbone: self.backbone + self.fpn,
+            rpn: self.rpn,
+            // The box branch's share of pooling is not split out; attribute it to roi_heads.
+            roi_heads: self.roi_align + self.box_head,
+            masks: self.mask_head + self.paste + self.rle,
+            total: self.total,
+        }
+    }
 }
 
 /// The result of one image.
@@ -124,20 +172,21 @@ impl MaskRcnn {
         w.check_all_used()?;
 
         let num_classes = roi_heads.num_classes();
-        let labels = match w
-            .parse_metadata("labels", |s| serde_json::from_str::<Vec<String>>(s).ok())?
-        {
-            Some(l) if l.len() == num_classes - 1 => l,
-            Some(l) => return Err(w.metadata_error(
-                "labels",
-                format!(
+        let labels =
+            match w.parse_metadata("labels", |s| serde_json::from_str::<Vec<String>>(s).ok())? {
+                Some(l) if l.len() == num_classes - 1 => l,
+                Some(l) => {
+                    return Err(w.metadata_error(
+                        "labels",
+                        format!(
                     "{} names for {} foreground classes (index 0 is the first foreground class)",
                     l.len(),
                     num_classes - 1
                 ),
-            )),
-            None => default_labels(num_classes),
-        };
+                    ))
+                }
+                None => default_labels(num_classes),
+            };
         let architecture = Architecture {
             backbone: backbone.depth_name(),
             block: match backbone.block_kind() {
@@ -218,37 +267,70 @@ impl MaskRcnn {
         size: (usize, usize),
         paster: &mut Paster,
     ) -> Result<Detections> {
-        let mut timings = Timings::default();
+        let mut t = Timings::default();
         let start = Instant::now();
-        let mut lap = start;
-        let mut tick = |slot: &mut f64| {
-            let now = Instant::now();
-            *slot = (now - lap).as_secs_f64() * 1e3;
-            lap = now;
-        };
+        let mut clock = Lap(start);
+
         let batch = self.preprocess(rgb, size)?;
-        tick(&mut timings.preprocess);
-        let features = self.features(&batch.tensor)?;
-        tick(&mut timings.backbone);
+        t.preprocess = clock.lap();
+        let c = {
+            let _span = tracing::debug_span!("backbone").entered();
+            self.backbone.forward(&batch.tensor)?
+        };
+        t.backbone = clock.lap();
+        let features = {
+            let _span = tracing::debug_span!("fpn").entered();
+            self.fpn.forward(&c)?
+        };
+        drop(c);
+        t.fpn = clock.lap();
         let proposals = {
             let _span = tracing::debug_span!("rpn").entered();
             self.rpn
                 .forward(&features, batch.image_size, batch.padded)?
         };
-        tick(&mut timings.rpn);
+        t.rpn = clock.lap();
+
         // MultiScaleRoIAlign pools from P2..P5 only.
         let pyramid = &features[..4];
-        let detections = {
-            let _span = tracing::debug_span!("roi_heads").entered();
-            self.roi_heads
-                .detect(pyramid, &proposals, batch.image_size)?
+        let heads = &self.roi_heads;
+        let detections = if proposals.is_empty() {
+            Vec::new()
+        } else {
+            let pooled = {
+                let _span = tracing::debug_span!("roi_align", rois = proposals.len()).entered();
+                heads.box_roi_pool(pyramid, &proposals, batch.image_size)?
+            };
+            t.roi_align = clock.lap();
+            let _span = tracing::debug_span!("box_head").entered();
+            let (logits, regression) = heads.box_predictor(&heads.box_head(&pooled)?)?;
+            let dets = heads.postprocess_detections(
+                &logits.flatten_all()?.to_vec1()?,
+                &regression.flatten_all()?.to_vec1()?,
+                &proposals,
+                batch.image_size,
+            );
+            t.box_head = clock.lap();
+            dets
         };
-        tick(&mut timings.roi_heads);
+
+        let probs = if detections.is_empty() {
+            Vec::new()
+        } else {
+            let boxes: Vec<_> = detections.iter().map(|d| d.bbox).collect();
+            let labels: Vec<_> = detections.iter().map(|d| d.label).collect();
+            let pooled = {
+                let _span = tracing::debug_span!("roi_align", rois = boxes.len()).entered();
+                heads.mask_roi_pool(pyramid, &boxes, batch.image_size)?
+            };
+            t.roi_align += clock.lap();
+            let _span = tracing::debug_span!("mask_head").entered();
+            let probs = heads.mask_probs_from_pooled(&pooled, &labels)?;
+            t.mask_head = clock.lap();
+            probs
+        };
         let instances = {
-            let _span = tracing::debug_span!("masks").entered();
-            let probs = self
-                .roi_heads
-                .mask_probs(pyramid, &detections, batch.image_size)?;
+            let _span = tracing::debug_span!("paste").entered();
             paster.paste(
                 &detections,
                 &probs,
@@ -257,14 +339,27 @@ impl MaskRcnn {
                 self.config.mask_thresh,
             )
         };
-        tick(&mut timings.masks);
-        timings.total = start.elapsed().as_secs_f64() * 1e3;
+        clock.lap();
+        (t.paste, t.rle) = paster.last_timings();
+        t.total = start.elapsed().as_secs_f64() * 1e3;
         Ok(Detections {
             width: size.1,
             height: size.0,
             instances,
-            timings,
+            timings: t,
         })
+    }
+}
+
+/// Milliseconds since the previous lap.
+struct Lap(Instant);
+
+impl Lap {
+    fn lap(&mut self) -> f64 {
+        let now = Instant::now();
+        let ms = (now - self.0).as_secs_f64() * 1e3;
+        self.0 = now;
+        ms
     }
 }
 

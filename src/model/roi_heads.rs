@@ -228,27 +228,6 @@ impl RoiHeads {
             .collect()
     }
 
-    /// The box branch end to end: proposals → detections (resized-image coordinates).
-    pub fn detect(
-        &self,
-        features: &[Tensor],
-        proposals: &[Box],
-        image_size: (usize, usize),
-    ) -> Result<Vec<Detection>> {
-        if proposals.is_empty() {
-            return Ok(Vec::new());
-        }
-        let pooled = self.box_roi_pool(features, proposals, image_size)?;
-        let x = self.box_head(&pooled)?;
-        let (logits, regression) = self.box_predictor(&x)?;
-        Ok(self.postprocess_detections(
-            &logits.flatten_all()?.to_vec1()?,
-            &regression.flatten_all()?.to_vec1()?,
-            proposals,
-            image_size,
-        ))
-    }
-
     /// `mask_roi_pool`: `[D, C, 14, 14]`.
     pub fn mask_roi_pool(
         &self,
@@ -313,22 +292,6 @@ impl RoiHeads {
             }
         }
         Ok(probs)
-    }
-
-    /// The mask branch end to end: detections → 28×28 probability maps.
-    pub fn mask_probs(
-        &self,
-        features: &[Tensor],
-        detections: &[Detection],
-        image_size: (usize, usize),
-    ) -> Result<Vec<f32>> {
-        if detections.is_empty() {
-            return Ok(Vec::new());
-        }
-        let boxes: Vec<Box> = detections.iter().map(|d| d.bbox).collect();
-        let labels: Vec<usize> = detections.iter().map(|d| d.label).collect();
-        let pooled = self.mask_roi_pool(features, &boxes, image_size)?;
-        self.mask_probs_from_pooled(&pooled, &labels)
     }
 }
 

@@ -1,0 +1,125 @@
+//! `drape bench`: repeated runs of the whole model on one image, with per-stage median and
+//! p99, model heap allocations per frame, peak RSS and backbone throughput.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::model::{MaskRcnn, Timings};
+use crate::postprocess::Paster;
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StageStats {
+    pub median_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub stages: BTreeMap<&'static str, StageStats>,
+    /// Heap allocations during one `detect`, averaged over the timed runs (0 when the binary
+    /// does not count allocations).
+    pub model_allocs_per_frame: f64,
+    pub peak_rss_mb: Option<f64>,
+    pub load_ms: f64,
+    /// Process start to the end of the first result.
+    pub cold_start_ms: f64,
+    pub backbone_gflops: f64,
+    /// [w, h] of the resized image the model ran on.
+    pub input_size: [usize; 2],
+    pub instances: usize,
+    pub iters: usize,
+    pub threads: usize,
+}
+
+/// Nearest-rank percentile of sorted `v`.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+pub fn stage_stats(samples: &[Timings]) -> BTreeMap<&'static str, StageStats> {
+    let mut by_stage: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    for t in samples {
+        for (name, ms) in t.stages() {
+            by_stage.entry(name).or_default().push(ms);
+        }
+    }
+    by_stage
+        .into_iter()
+        .map(|(name, mut v)| {
+            v.sort_by(f64::total_cmp);
+            let stats = StageStats {
+                median_ms: percentile(&v, 50.0),
+                p99_ms: percentile(&v, 99.0),
+            };
+            (name, stats)
+        })
+        .collect()
+}
+
+/// Times `iters` runs after `warmup` untimed ones; `progress` is called after every run.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    model: &MaskRcnn,
+    rgb: &[u8],
+    size: (usize, usize),
+    warmup: usize,
+    iters: usize,
+    load_ms: f64,
+    process_start: std::time::Instant,
+    mut progress: impl FnMut(),
+) -> Result<BenchReport> {
+    let mut paster = Paster::new();
+    let first = model.detect_with(rgb, size, &mut paster)?;
+    let cold_start_ms = process_start.elapsed().as_secs_f64() * 1e3;
+    progress();
+    for _ in 1..warmup {
+        model.detect_with(rgb, size, &mut paster)?;
+        progress();
+    }
+    let mut samples = Vec::with_capacity(iters);
+    let mut allocs = 0;
+    for _ in 0..iters {
+        let before = crate::alloc::counts().0;
+        let result = model.detect_with(rgb, size, &mut paster)?;
+        allocs += crate::alloc::counts().0 - before;
+        samples.push(result.timings);
+        progress();
+    }
+    let stages = stage_stats(&samples);
+    let (rh, rw) = model.transform().resized_size(size);
+    let pad = |s: usize| s.div_ceil(crate::config::SIZE_DIVISIBLE) * crate::config::SIZE_DIVISIBLE;
+    let macs = model.backbone.macs(pad(rh), pad(rw));
+    let backbone_ms = stages.get("backbone").map_or(f64::NAN, |s| s.median_ms);
+    Ok(BenchReport {
+        stages,
+        model_allocs_per_frame: allocs as f64 / iters.max(1) as f64,
+        peak_rss_mb: crate::alloc::peak_rss_mb(),
+        load_ms,
+        cold_start_ms,
+        backbone_gflops: 2.0 * macs as f64 / (backbone_ms * 1e-3) / 1e9,
+        input_size: [rw, rh],
+        instances: first.instances.len(),
+        iters,
+        threads: rayon::current_num_threads(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&[3.0], 99.0), 3.0);
+        assert_eq!(percentile(&[1.0, 2.0, 3.0], 50.0), 2.0);
+    }
+}
