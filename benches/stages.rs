@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion};
-use drape::postprocess::Paster;
+use drape::model::{Detections, Workspace};
 use drape::synthetic::{write_random_weights, SyntheticSpec};
 use drape::MaskRcnn;
 
@@ -110,9 +110,14 @@ fn stages(c: &mut Criterion) {
         group.bench_function("mask_head", |b| {
             b.iter(|| heads.mask_probs_from_pooled(&mask_pooled, &labels).unwrap())
         });
-        let mut paster = Paster::new();
+        let (mut ws, mut out) = (Workspace::default(), Detections::default());
+        let settings = model.default_settings();
         group.bench_function("end_to_end", |b| {
-            b.iter(|| model.detect_with(&rgb, (512, 512), &mut paster).unwrap())
+            b.iter(|| {
+                model
+                    .detect_into(&rgb, (512, 512), settings, &mut ws, &mut out)
+                    .unwrap()
+            })
         });
         group.finish();
     }

@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::model::{MaskRcnn, Timings};
-use crate::postprocess::Paster;
+use crate::model::{Detections, MaskRcnn, Timings, Workspace};
 
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct StageStats {
@@ -74,25 +73,31 @@ pub fn run(
     process_start: std::time::Instant,
     mut progress: impl FnMut(),
 ) -> Result<BenchReport> {
-    let mut paster = Paster::new();
-    let first = model.detect_with(rgb, size, &mut paster)?;
+    let settings = model.default_settings();
+    let mut ws = Workspace::default();
+    let mut result = Detections::default();
+    model.detect_into(rgb, size, settings, &mut ws, &mut result)?;
+    let instances = result.instances.len();
     let cold_start_ms = process_start.elapsed().as_secs_f64() * 1e3;
     progress();
     for _ in 1..warmup {
-        model.detect_with(rgb, size, &mut paster)?;
+        model.detect_into(rgb, size, settings, &mut ws, &mut result)?;
         progress();
     }
     let mut samples = Vec::with_capacity(iters);
     let mut allocs = 0;
     for _ in 0..iters {
         let before = crate::alloc::counts().0;
-        let result = model.detect_with(rgb, size, &mut paster)?;
+        model.detect_into(rgb, size, settings, &mut ws, &mut result)?;
         allocs += crate::alloc::counts().0 - before;
         samples.push(result.timings);
         progress();
     }
     let stages = stage_stats(&samples);
-    let (rh, rw) = model.transform().resized_size(size);
+    let (rh, rw) = crate::model::transform::Transform::resized_size(
+        size,
+        (settings.min_size, settings.max_size),
+    );
     let pad = |s: usize| s.div_ceil(crate::config::SIZE_DIVISIBLE) * crate::config::SIZE_DIVISIBLE;
     let macs = model.backbone.macs(pad(rh), pad(rw));
     let backbone_ms = stages.get("backbone").map_or(f64::NAN, |s| s.median_ms);
@@ -104,7 +109,7 @@ pub fn run(
         cold_start_ms,
         backbone_gflops: 2.0 * macs as f64 / (backbone_ms * 1e-3) / 1e9,
         input_size: [rw, rh],
-        instances: first.instances.len(),
+        instances,
         iters,
         threads: rayon::current_num_threads(),
     })

@@ -12,7 +12,7 @@ struct InstanceJson<'a> {
     score: f32,
     #[serde(rename = "box")]
     bbox: [f32; 4],
-    mask: CocoRle,
+    mask: Option<CocoRle>,
 }
 
 #[derive(Serialize)]
@@ -38,7 +38,7 @@ pub fn to_json(model: &MaskRcnn, d: &Detections) -> serde_json::Value {
                 label: model.label(i.class_id),
                 score: i.score,
                 bbox: i.bbox,
-                mask: CocoRle::from(&i.mask),
+                mask: i.mask.as_ref().map(CocoRle::from),
             })
             .collect(),
     };

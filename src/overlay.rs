@@ -33,7 +33,8 @@ pub fn class_colour(class_id: usize) -> [u8; 3] {
 pub fn draw<'a>(image: &mut RgbImage, instances: &[Instance], label: impl Fn(usize) -> &'a str) {
     for inst in instances.iter().rev() {
         let colour = class_colour(inst.class_id);
-        inst.mask.for_each_foreground(|y, x| {
+        let Some(mask) = &inst.mask else { continue };
+        mask.for_each_foreground(|y, x| {
             if let Some(p) = image.get_pixel_mut_checked(x as u32, y as u32) {
                 for (c, &k) in p.0.iter_mut().zip(&colour) {
                     *c = (*c as f32 * (1.0 - MASK_ALPHA) + k as f32 * MASK_ALPHA).round() as u8;

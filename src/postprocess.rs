@@ -25,26 +25,35 @@ pub struct Rle {
 impl Rle {
     /// Encodes a row-major `0/1` mask.
     pub fn encode(mask: &[u8], height: usize, width: usize) -> Self {
-        let mut counts = Vec::new();
+        let mut rle = Self {
+            height,
+            width,
+            counts: Vec::new(),
+        };
+        rle.encode_into(mask, height, width);
+        rle
+    }
+
+    /// [`Self::encode`] reusing this value's buffer: no allocation once it has held a mask
+    /// with as many runs.
+    pub fn encode_into(&mut self, mask: &[u8], height: usize, width: usize) {
+        self.height = height;
+        self.width = width;
+        self.counts.clear();
         let mut current = 0u8;
         let mut run = 0u32;
         for x in 0..width {
             for y in 0..height {
                 let v = mask[y * width + x];
                 if v != current {
-                    counts.push(run);
+                    self.counts.push(run);
                     run = 0;
                     current = v;
                 }
                 run += 1;
             }
         }
-        counts.push(run);
-        Self {
-            height,
-            width,
-            counts,
-        }
+        self.counts.push(run);
     }
 
     /// Calls `f(y, x)` for every foreground pixel.
@@ -101,15 +110,19 @@ pub struct Instance {
     pub class_id: usize,
     pub score: f32,
     pub bbox: Box,
-    pub mask: Rle,
+    /// `None` when a latency budget capped the mask head before this detection.
+    pub mask: Option<Rle>,
 }
 
 /// Maps detections (and their 28×28 probability maps, concatenated) from the resized image
-/// back to the original: scaled boxes, pasted masks thresholded at `mask_thresh`.
+/// back to the original: scaled boxes, pasted masks thresholded at `mask_thresh`. Owns every
+/// buffer it needs, so a stream of frames allocates nothing once the buffers have grown.
 pub struct Paster {
     /// Full-image binary mask, reused across instances.
     canvas: Vec<u8>,
     padded: Vec<f32>,
+    /// Masks of instances from earlier frames, kept for their buffers.
+    spare: Vec<Rle>,
     /// Milliseconds spent pasting and encoding in the last call.
     paste_ms: f64,
     rle_ms: f64,
@@ -127,36 +140,36 @@ impl Paster {
         Self {
             canvas: Vec::new(),
             padded: vec![0.0; side * side],
+            spare: Vec::new(),
             paste_ms: 0.0,
             rle_ms: 0.0,
         }
     }
 
-    /// (paste, RLE) milliseconds of the last [`Self::paste`].
+    /// (paste, RLE) milliseconds of the last [`Self::paste_into`].
     pub fn last_timings(&self) -> (f64, f64) {
         (self.paste_ms, self.rle_ms)
     }
 
-    pub fn paste(
+    /// Replaces `out` with one instance per detection; the first `mask_probs.len() / 784`
+    /// detections get masks (the rest were beyond the mask cap).
+    pub fn paste_into(
         &mut self,
         detections: &[Detection],
         mask_probs: &[f32],
-        resized: (usize, usize),
-        original: (usize, usize),
+        (resized, original): ((usize, usize), (usize, usize)),
         mask_thresh: f32,
-    ) -> Vec<Instance> {
+        out: &mut Vec<Instance>,
+    ) {
+        self.spare.extend(out.drain(..).filter_map(|i| i.mask));
         let (oh, ow) = original;
         // `resize_boxes`: ratios in f32, original / resized.
         let ratio_h = oh as f32 / resized.0 as f32;
         let ratio_w = ow as f32 / resized.1 as f32;
         let side = MASK_SIZE + 2 * PASTE_PADDING;
-        let mut out = Vec::with_capacity(detections.len());
+        let mut masks = mask_probs.chunks_exact(MASK_SIZE * MASK_SIZE);
         let (mut paste, mut rle) = (Duration::ZERO, Duration::ZERO);
-        for (det, probs) in detections
-            .iter()
-            .zip(mask_probs.chunks_exact(MASK_SIZE * MASK_SIZE))
-        {
-            let started = Instant::now();
+        for det in detections {
             let b = det.bbox;
             let bbox = [
                 b[0] * ratio_w,
@@ -164,36 +177,44 @@ impl Paster {
                 b[2] * ratio_w,
                 b[3] * ratio_h,
             ];
-            for (dst, src) in self.padded[PASTE_PADDING * side..]
-                .chunks_exact_mut(side)
-                .zip(probs.chunks_exact(MASK_SIZE))
-            {
-                dst[PASTE_PADDING..PASTE_PADDING + MASK_SIZE].copy_from_slice(src);
-            }
-            self.canvas.clear();
-            self.canvas.resize(oh * ow, 0);
-            paste_one(
-                &self.padded,
-                side,
-                &bbox,
-                &mut self.canvas,
-                original,
-                mask_thresh,
-            );
-            let pasted = Instant::now();
+            let mask = masks.next().map(|probs| {
+                let started = Instant::now();
+                for (dst, src) in self.padded[PASTE_PADDING * side..]
+                    .chunks_exact_mut(side)
+                    .zip(probs.chunks_exact(MASK_SIZE))
+                {
+                    dst[PASTE_PADDING..PASTE_PADDING + MASK_SIZE].copy_from_slice(src);
+                }
+                self.canvas.clear();
+                self.canvas.resize(oh * ow, 0);
+                paste_one(
+                    &self.padded,
+                    side,
+                    &bbox,
+                    &mut self.canvas,
+                    original,
+                    mask_thresh,
+                );
+                let pasted = Instant::now();
+                let mut encoded = self.spare.pop().unwrap_or(Rle {
+                    height: 0,
+                    width: 0,
+                    counts: Vec::new(),
+                });
+                encoded.encode_into(&self.canvas, oh, ow);
+                paste += pasted - started;
+                rle += pasted.elapsed();
+                encoded
+            });
             out.push(Instance {
                 class_id: det.label,
                 score: det.score,
                 bbox,
-                mask: Rle::encode(&self.canvas, oh, ow),
+                mask,
             });
-            let encoded = Instant::now();
-            paste += pasted - started;
-            rle += encoded - pasted;
         }
         self.paste_ms = paste.as_secs_f64() * 1e3;
         self.rle_ms = rle.as_secs_f64() * 1e3;
-        out
     }
 }
 

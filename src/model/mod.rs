@@ -108,12 +108,34 @@ impl Timings {
 }
 
 /// The result of one image.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Detections {
     pub width: usize,
     pub height: usize,
     pub instances: Vec<Instance>,
     pub timings: Timings,
+    /// (width, height) of the resized image the model ran on.
+    pub input_size: (usize, usize),
+    /// How many instances got a mask (the rest were beyond the frame's mask cap).
+    pub masked: usize,
+}
+
+/// Per-frame knobs a latency budget turns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameSettings {
+    pub min_size: usize,
+    pub max_size: usize,
+    /// Detections beyond this many (by score) get no mask.
+    pub max_masks: usize,
+}
+
+/// Buffers one caller reuses across frames: the host side of a frame allocates nothing once
+/// they have grown to the stream's size.
+#[derive(Default)]
+pub struct Workspace {
+    plane: Vec<f32>,
+    input: Vec<f32>,
+    pub paster: Paster,
 }
 
 pub struct MaskRcnn {
@@ -240,10 +262,20 @@ impl MaskRcnn {
         &self.transform
     }
 
+    /// The configured input size, every mask: torchvision's behaviour.
+    pub fn default_settings(&self) -> FrameSettings {
+        FrameSettings {
+            min_size: self.config.min_size,
+            max_size: self.config.max_size,
+            max_masks: self.config.detections_per_img,
+        }
+    }
+
     /// `GeneralizedRCNNTransform` on an interleaved RGB image of `(height, width)`.
     pub fn preprocess(&self, rgb: &[u8], size: (usize, usize)) -> Result<ImageBatch> {
         let _span = tracing::debug_span!("preprocess").entered();
-        self.transform.apply(rgb, size, &self.device)
+        let sizes = (self.config.min_size, self.config.max_size);
+        self.transform.apply(rgb, size, sizes, &self.device)
     }
 
     /// Backbone body and FPN: P2..P6.
@@ -256,22 +288,46 @@ impl MaskRcnn {
 
     /// Runs the whole model on one interleaved 8-bit RGB image of `(height, width)`.
     pub fn detect(&self, rgb: &[u8], size: (usize, usize)) -> Result<Detections> {
-        let mut paster = Paster::new();
-        self.detect_with(rgb, size, &mut paster)
+        let mut out = Detections::default();
+        self.detect_into(
+            rgb,
+            size,
+            self.default_settings(),
+            &mut Workspace::default(),
+            &mut out,
+        )?;
+        Ok(out)
     }
 
-    /// [`Self::detect`] with a caller-owned paste buffer, reused across frames.
-    pub fn detect_with(
+    /// [`Self::detect`] with per-frame settings, into caller-owned buffers reused across
+    /// frames.
+    pub fn detect_into(
         &self,
         rgb: &[u8],
         size: (usize, usize),
-        paster: &mut Paster,
-    ) -> Result<Detections> {
+        settings: FrameSettings,
+        ws: &mut Workspace,
+        out: &mut Detections,
+    ) -> Result<()> {
         let mut t = Timings::default();
         let start = Instant::now();
         let mut clock = Lap(start);
 
-        let batch = self.preprocess(rgb, size)?;
+        let batch = {
+            let _span = tracing::debug_span!("preprocess").entered();
+            let sizes = (settings.min_size, settings.max_size);
+            let g = self
+                .transform
+                .apply_into(rgb, size, sizes, &mut ws.plane, &mut ws.input)?;
+            let tensor =
+                Tensor::from_slice(&ws.input, (1, 3, g.padded.0, g.padded.1), &self.device)?;
+            ImageBatch {
+                tensor,
+                image_size: g.image_size,
+                padded: g.padded,
+                original: g.original,
+            }
+        };
         t.preprocess = clock.lap();
         let c = {
             let _span = tracing::debug_span!("backbone").entered();
@@ -314,11 +370,12 @@ impl MaskRcnn {
             dets
         };
 
-        let probs = if detections.is_empty() {
+        let masked = detections.len().min(settings.max_masks);
+        let probs = if masked == 0 {
             Vec::new()
         } else {
-            let boxes: Vec<_> = detections.iter().map(|d| d.bbox).collect();
-            let labels: Vec<_> = detections.iter().map(|d| d.label).collect();
+            let boxes: Vec<_> = detections[..masked].iter().map(|d| d.bbox).collect();
+            let labels: Vec<_> = detections[..masked].iter().map(|d| d.label).collect();
             let pooled = {
                 let _span = tracing::debug_span!("roi_align", rois = boxes.len()).entered();
                 heads.mask_roi_pool(pyramid, &boxes, batch.image_size)?
@@ -329,25 +386,25 @@ impl MaskRcnn {
             t.mask_head = clock.lap();
             probs
         };
-        let instances = {
+        {
             let _span = tracing::debug_span!("paste").entered();
-            paster.paste(
+            ws.paster.paste_into(
                 &detections,
                 &probs,
-                batch.image_size,
-                batch.original,
+                (batch.image_size, batch.original),
                 self.config.mask_thresh,
-            )
-        };
+                &mut out.instances,
+            );
+        }
         clock.lap();
-        (t.paste, t.rle) = paster.last_timings();
+        (t.paste, t.rle) = ws.paster.last_timings();
         t.total = start.elapsed().as_secs_f64() * 1e3;
-        Ok(Detections {
-            width: size.1,
-            height: size.0,
-            instances,
-            timings: t,
-        })
+        out.width = size.1;
+        out.height = size.0;
+        out.timings = t;
+        out.input_size = (batch.image_size.1, batch.image_size.0);
+        out.masked = masked;
+        Ok(())
     }
 }
 

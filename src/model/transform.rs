@@ -7,11 +7,9 @@ use candle_core::{Device, Tensor};
 use crate::config::{Config, SIZE_DIVISIBLE};
 use crate::error::{Error, Result};
 
-/// A preprocessed image: the padded batch tensor and the sizes needed to map results back.
-#[derive(Debug, Clone)]
-pub struct ImageBatch {
-    /// `[1, 3, padded.0, padded.1]`.
-    pub tensor: Tensor,
+/// Where a preprocessed image sits: the sizes needed to map results back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
     /// (height, width) after resizing, before padding: boxes are clipped to it.
     pub image_size: (usize, usize),
     /// (height, width) of the batch tensor.
@@ -20,10 +18,20 @@ pub struct ImageBatch {
     pub original: (usize, usize),
 }
 
+/// A preprocessed image: the padded batch tensor and its geometry.
+#[derive(Debug, Clone)]
+pub struct ImageBatch {
+    /// `[1, 3, padded.0, padded.1]`.
+    pub tensor: Tensor,
+    pub image_size: (usize, usize),
+    pub padded: (usize, usize),
+    pub original: (usize, usize),
+}
+
+/// Normalisation statistics; the resize target is given per call so a pipeline can step the
+/// input size down under load.
 #[derive(Debug, Clone)]
 pub struct Transform {
-    pub min_size: usize,
-    pub max_size: usize,
     pub mean: [f32; 3],
     pub std: [f32; 3],
 }
@@ -31,58 +39,82 @@ pub struct Transform {
 impl Transform {
     pub fn new(cfg: &Config) -> Self {
         Self {
-            min_size: cfg.min_size,
-            max_size: cfg.max_size,
             mean: cfg.image_mean,
             std: cfg.image_std,
         }
     }
 
-    /// The resized (height, width) torchvision produces: the scale is computed in double
-    /// precision and `interpolate(recompute_scale_factor=True)` floors `size * scale`.
-    pub fn resized_size(&self, (h, w): (usize, usize)) -> (usize, usize) {
+    /// The resized (height, width) torchvision produces for `min_size`/`max_size`: the scale is
+    /// computed in double precision and `interpolate(recompute_scale_factor=True)` floors
+    /// `size * scale`.
+    pub fn resized_size(
+        (h, w): (usize, usize),
+        (min_size, max_size): (usize, usize),
+    ) -> (usize, usize) {
         let short = h.min(w) as f64;
         let long = h.max(w) as f64;
-        let scale = (self.min_size as f64 / short).min(self.max_size as f64 / long);
+        let scale = (min_size as f64 / short).min(max_size as f64 / long);
         let out = |s: usize| ((s as f64 * scale).floor() as usize).max(1);
         (out(h), out(w))
     }
 
-    /// Preprocesses an interleaved 8-bit RGB image of `(height, width)`.
-    pub fn apply(
+    /// Preprocesses an interleaved 8-bit RGB image of `(height, width)` into `out`
+    /// (`[3, padded.0, padded.1]`), using `plane` as scratch. Both only grow, so a stream of
+    /// same-sized frames allocates nothing after the first.
+    pub fn apply_into(
         &self,
         rgb: &[u8],
         (height, width): (usize, usize),
-        device: &Device,
-    ) -> Result<ImageBatch> {
+        sizes: (usize, usize),
+        plane: &mut Vec<f32>,
+        out: &mut Vec<f32>,
+    ) -> Result<Geometry> {
         if height == 0 || width == 0 || rgb.len() != height * width * 3 {
             return Err(Error::Config(format!(
                 "image buffer of {} bytes does not hold a {width}x{height} RGB image",
                 rgb.len()
             )));
         }
-        let (rh, rw) = self.resized_size((height, width));
+        let (rh, rw) = Self::resized_size((height, width), sizes);
         let pad = |s: usize| s.div_ceil(SIZE_DIVISIBLE) * SIZE_DIVISIBLE;
         let (ph, pw) = (pad(rh), pad(rw));
-        let mut plane = vec![0f32; height * width];
-        let mut out = vec![0f32; 3 * ph * pw];
+        plane.resize(height * width, 0.0);
+        out.clear();
+        out.resize(3 * ph * pw, 0.0);
         for c in 0..3 {
             for (p, px) in plane.iter_mut().zip(rgb.chunks_exact(3)) {
                 *p = (px[c] as f32 / 255.0 - self.mean[c]) / self.std[c];
             }
             resize_bilinear(
-                &plane,
+                plane,
                 (height, width),
                 &mut out[c * ph * pw..(c + 1) * ph * pw],
                 pw,
                 (rh, rw),
             );
         }
-        Ok(ImageBatch {
-            tensor: Tensor::from_vec(out, (1, 3, ph, pw), device)?,
+        Ok(Geometry {
             image_size: (rh, rw),
             padded: (ph, pw),
             original: (height, width),
+        })
+    }
+
+    /// [`Self::apply_into`] with fresh buffers, as a batch tensor on `device`.
+    pub fn apply(
+        &self,
+        rgb: &[u8],
+        size: (usize, usize),
+        sizes: (usize, usize),
+        device: &Device,
+    ) -> Result<ImageBatch> {
+        let (mut plane, mut out) = (Vec::new(), Vec::new());
+        let g = self.apply_into(rgb, size, sizes, &mut plane, &mut out)?;
+        Ok(ImageBatch {
+            tensor: Tensor::from_vec(out, (1, 3, g.padded.0, g.padded.1), device)?,
+            image_size: g.image_size,
+            padded: g.padded,
+            original: g.original,
         })
     }
 }
@@ -136,19 +168,17 @@ pub(crate) fn resize_bilinear(
 mod tests {
     use super::*;
 
-    fn transform(min_size: usize, max_size: usize) -> Transform {
-        Transform::new(&Config {
-            min_size,
-            max_size,
-            ..Config::default()
-        })
-    }
-
     #[test]
     fn resized_size_follows_torchvision_rule() {
         // The cases the issue states (w×h): 640×480 → 1066×800, 1280×720 → 1333×749.
-        assert_eq!(transform(800, 1333).resized_size((480, 640)), (800, 1066));
-        assert_eq!(transform(800, 1333).resized_size((720, 1280)), (749, 1333));
+        assert_eq!(
+            Transform::resized_size((480, 640), (800, 1333)),
+            (800, 1066)
+        );
+        assert_eq!(
+            Transform::resized_size((720, 1280), (800, 1333)),
+            (749, 1333)
+        );
     }
 
     #[test]

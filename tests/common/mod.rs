@@ -1,0 +1,261 @@
+//! Shared test helpers: fixture loading, an independent COCO RLE decoder, and the detection
+//! matcher the parity tests use.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use safetensors::SafeTensors;
+use serde::Deserialize;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Reference tensors torchvision wrote for one model and image (`calibration/make_fixtures.py`).
+pub struct Reference {
+    pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub metadata: HashMap<String, String>,
+}
+
+impl Reference {
+    pub fn load(path: &Path) -> Self {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let st = SafeTensors::deserialize(&bytes).expect("fixture is safetensors");
+        let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+        let tensors = st
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| {
+                let data: Vec<f32> = match view.dtype() {
+                    safetensors::Dtype::F32 => view
+                        .data()
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                        .collect(),
+                    safetensors::Dtype::F16 => view
+                        .data()
+                        .chunks_exact(2)
+                        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                        .collect(),
+                    safetensors::Dtype::I64 => view
+                        .data()
+                        .chunks_exact(8)
+                        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32)
+                        .collect(),
+                    other => panic!("{name}: fixture dtype {other:?}"),
+                };
+                (name, (view.shape().to_vec(), data))
+            })
+            .collect();
+        Self {
+            tensors,
+            metadata: meta.metadata().clone().unwrap_or_default(),
+        }
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn data(&self, name: &str) -> &[f32] {
+        &self.get(name).1
+    }
+
+    pub fn shape(&self, name: &str) -> &[usize] {
+        &self.get(name).0
+    }
+
+    fn get(&self, name: &str) -> &(Vec<usize>, Vec<f32>) {
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("fixture lacks `{name}`"))
+    }
+
+    pub fn tensor(&self, name: &str) -> Tensor {
+        let (shape, data) = self.get(name);
+        Tensor::from_vec(data.clone(), shape.as_slice(), &Device::Cpu).unwrap()
+    }
+
+    pub fn boxes(&self, name: &str) -> Vec<[f32; 4]> {
+        self.data(name)
+            .chunks_exact(4)
+            .map(|c| [c[0], c[1], c[2], c[3]])
+            .collect()
+    }
+}
+
+/// Max |a - b| over max(1, max |b|): an error relative to the reference's scale.
+pub fn scaled_error(ours: &[f32], reference: &[f32]) -> f32 {
+    assert_eq!(ours.len(), reference.len(), "element counts differ");
+    let scale = reference.iter().fold(1f32, |m, v| m.max(v.abs()));
+    let diff = ours
+        .iter()
+        .zip(reference)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    diff / scale
+}
+
+pub fn to_vec(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[derive(Debug, Deserialize)]
+pub struct FinalJson {
+    pub width: usize,
+    pub height: usize,
+    pub instances: Vec<FinalInstance>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct FinalInstance {
+    #[serde(alias = "class_id")]
+    pub label: usize,
+    pub score: f32,
+    #[serde(rename = "box")]
+    pub bbox: [f32; 4],
+    pub mask: MaskJson,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct MaskJson {
+    pub size: [usize; 2],
+    pub counts: String,
+}
+
+pub fn load_final(path: &Path) -> FinalJson {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// pycocotools' `rleFrString`, written from its definition independently of drape's encoder:
+/// returns the column-major 0/1 mask.
+pub fn decode_coco_rle(counts: &str, height: usize, width: usize) -> Vec<u8> {
+    let bytes = counts.as_bytes();
+    let mut runs: Vec<i64> = Vec::new();
+    let mut p = 0;
+    while p < bytes.len() {
+        let mut x: i64 = 0;
+        let mut k = 0;
+        loop {
+            let c = (bytes[p] - 48) as i64;
+            x |= (c & 0x1f) << (5 * k);
+            let more = c & 0x20 != 0;
+            p += 1;
+            k += 1;
+            if !more {
+                if c & 0x10 != 0 {
+                    x |= -1i64 << (5 * k);
+                }
+                break;
+            }
+        }
+        if runs.len() > 2 {
+            x += runs[runs.len() - 2];
+        }
+        runs.push(x);
+    }
+    let mut mask = Vec::with_capacity(height * width);
+    for (i, &r) in runs.iter().enumerate() {
+        mask.extend(std::iter::repeat_n((i % 2) as u8, r as usize));
+    }
+    assert_eq!(
+        mask.len(),
+        height * width,
+        "RLE covers {} of {} pixels",
+        mask.len(),
+        height * width
+    );
+    mask
+}
+
+pub fn box_iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
+    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = w * h;
+    let area = |x: &[f32; 4]| (x[2] - x[0]) * (x[3] - x[1]);
+    let union = area(a) + area(b) - inter;
+    if union <= 0.0 {
+        if a == b {
+            1.0
+        } else {
+            0.0
+        }
+    } else {
+        inter / union
+    }
+}
+
+pub fn mask_iou(a: &[u8], b: &[u8]) -> f32 {
+    let inter = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| **x == 1 && **y == 1)
+        .count();
+    let union = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| **x == 1 || **y == 1)
+        .count();
+    if union == 0 {
+        1.0
+    } else {
+        inter as f32 / union as f32
+    }
+}
+
+/// One of ours as the matcher sees it.
+pub struct Candidate {
+    pub label: usize,
+    pub score: f32,
+    pub bbox: [f32; 4],
+    pub mask: Vec<u8>,
+}
+
+/// Outcome of matching torchvision's final instances against ours.
+#[derive(Debug)]
+pub struct MatchReport {
+    pub reference: usize,
+    pub ours: usize,
+    pub matched: usize,
+    pub worst_box_iou: f32,
+    pub worst_mask_iou: f32,
+    pub worst_score_diff: f32,
+}
+
+/// Greedy in torchvision's score order: a reference instance is matched by the unused one of
+/// ours with the same class, box IoU >= 0.98, |score diff| <= 0.01 and mask IoU >= 0.95.
+pub fn match_instances(reference: &FinalJson, ours: &[Candidate]) -> MatchReport {
+    let mut used = vec![false; ours.len()];
+    let mut report = MatchReport {
+        reference: reference.instances.len(),
+        ours: ours.len(),
+        matched: 0,
+        worst_box_iou: 1.0,
+        worst_mask_iou: 1.0,
+        worst_score_diff: 0.0,
+    };
+    for r in &reference.instances {
+        let rmask = decode_coco_rle(&r.mask.counts, r.mask.size[0], r.mask.size[1]);
+        let best = ours
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| !used[*i] && c.label == r.label && (c.score - r.score).abs() <= 0.01)
+            .map(|(i, c)| (i, box_iou(&c.bbox, &r.bbox)))
+            .filter(|(_, iou)| *iou >= 0.98)
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((i, biou)) = best {
+            let miou = mask_iou(&ours[i].mask, &rmask);
+            if miou >= 0.95 {
+                used[i] = true;
+                report.matched += 1;
+                report.worst_box_iou = report.worst_box_iou.min(biou);
+                report.worst_mask_iou = report.worst_mask_iou.min(miou);
+                report.worst_score_diff =
+                    report.worst_score_diff.max((ours[i].score - r.score).abs());
+            }
+        }
+    }
+    report
+}
