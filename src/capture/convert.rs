@@ -208,11 +208,7 @@ impl MjpegDecoder {
 
     /// Decodes `jpeg` into `rgb` (resized to the image; it only grows if the image outgrew it)
     /// and returns the image's width and height.
-    pub fn decode(
-        &mut self,
-        jpeg: &[u8],
-        rgb: &mut Vec<u8>,
-    ) -> Result<(usize, usize), MjpegError> {
+    pub fn decode(&mut self, jpeg: &[u8], rgb: &mut Vec<u8>) -> Result<(usize, usize), MjpegError> {
         let jpeg = framed(jpeg)?;
         let input = match missing_dht_insert_at(jpeg)? {
             Some(at) => {
@@ -399,7 +395,11 @@ mod tests {
         for (range, (y, cb, cr), want) in cases {
             let got = Coeffs::of(range).rgb(y, cb, cr);
             let close = got.iter().zip(want).all(|(&g, w)| g.abs_diff(w) <= 2);
-            assert!(close, "{range:?} {:?} -> {got:?}, want {want:?}", (y, cb, cr));
+            assert!(
+                close,
+                "{range:?} {:?} -> {got:?}, want {want:?}",
+                (y, cb, cr)
+            );
         }
     }
 

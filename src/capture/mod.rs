@@ -132,7 +132,10 @@ pub enum CaptureError {
     },
     #[error("image {path}: {reason}")]
     Image { path: PathBuf, reason: String },
-    #[error("image {path} is {found_width}x{found_height} but the first replay image is {width}x{height}; all replay images must be the same size")]
+    #[error(
+        "image {path} is {found_width}x{found_height} but the first replay image is \
+         {width}x{height}; all replay images must be the same size"
+    )]
     SizeMismatch {
         path: PathBuf,
         width: usize,
@@ -234,11 +237,7 @@ pub const DEFAULT_FPS: f64 = 30.0;
 /// Opens the source `spec` names, wrapped in its transforms.
 pub fn open(spec: &SourceSpec) -> Result<Box<dyn FrameSource>, CaptureError> {
     if let Some(fps) = spec.fps {
-        if !(fps.is_finite() && fps > 0.0) {
-            return Err(CaptureError::InvalidSpec(format!(
-                "fps must be a positive number, got {fps}"
-            )));
-        }
+        check_fps(fps)?;
     }
     let path = Path::new(&spec.source);
     let (source, width, height): (Box<dyn FrameSource>, usize, usize) = if is_camera(path) {
@@ -283,5 +282,28 @@ fn is_camera(path: &Path) -> bool {
     match std::fs::metadata(path) {
         Ok(meta) => meta.file_type().is_char_device(),
         Err(_) => path.starts_with("/dev"),
+    }
+}
+
+fn check_fps(fps: f64) -> Result<f64, CaptureError> {
+    if fps.is_finite() && fps > 0.0 {
+        Ok(fps)
+    } else {
+        Err(CaptureError::InvalidSpec(format!(
+            "fps must be a positive number, got {fps}"
+        )))
+    }
+}
+
+/// A frame rate for humans: `30`, `29.97`.
+struct FpsLabel(f64);
+
+impl fmt::Display for FpsLabel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if (self.0 - self.0.round()).abs() < 0.005 {
+            write!(f, "{}", self.0.round())
+        } else {
+            write!(f, "{:.2}", self.0)
+        }
     }
 }

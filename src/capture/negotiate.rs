@@ -185,11 +185,7 @@ mod tests {
         caps
     }
 
-    fn request(
-        format: Option<PixelFormat>,
-        size: Option<(u32, u32)>,
-        fps: f64,
-    ) -> FormatRequest {
+    fn request(format: Option<PixelFormat>, size: Option<(u32, u32)>, fps: f64) -> FormatRequest {
         FormatRequest {
             format,
             width: size.map(|s| s.0),

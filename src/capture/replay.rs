@@ -1,0 +1,242 @@
+//! Recordings replayed as if they were a live camera: a directory of same-size PNG/JPEG images
+//! (decoded once, at open) or a `.y4m` file (memory-mapped, converted frame by frame).
+//!
+//! Pacing: frame slot `i` is due at `start + i / fps`. A consumer that keeps up gets every slot on
+//! time; one that falls behind gets the slot that is current when it asks, never a stale one and
+//! never a burst of catch-up frames, and the slots it missed count as dropped, exactly what a
+//! camera's driver does to a slow reader.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use memmap2::Mmap;
+
+use super::convert::planar_to_rgb;
+use super::y4m::{self, Y4mLayout};
+use super::{check_fps, CaptureError, CaptureStats, FpsLabel, Frame, FrameSource, DEFAULT_FPS};
+
+/// Image file extensions a replay directory is read from (compared case-insensitively); other
+/// files in it are ignored.
+const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
+
+enum Frames {
+    /// Decoded RGB8 images, in file-name order.
+    Images(Vec<Vec<u8>>),
+    Y4m {
+        data: Mmap,
+        layout: Y4mLayout,
+    },
+}
+
+impl Frames {
+    fn len(&self) -> usize {
+        match self {
+            Self::Images(images) => images.len(),
+            Self::Y4m { layout, .. } => layout.frames.len(),
+        }
+    }
+}
+
+/// A recording paced like a camera; see the module docs.
+pub struct ReplaySource {
+    path: PathBuf,
+    frames: Frames,
+    width: usize,
+    height: usize,
+    fps: f64,
+    looping: bool,
+    /// When slot 0 was due: the first `next_frame` call, not the (possibly slow) open.
+    start: Option<Instant>,
+    next_slot: u64,
+    stats: CaptureStats,
+}
+
+impl ReplaySource {
+    /// Opens an image directory or a `.y4m` file. `fps` overrides the recording's own rate
+    /// (the `.y4m` header's; [`DEFAULT_FPS`] for images).
+    pub fn open(path: &Path, fps: Option<f64>, looping: bool) -> Result<Self, CaptureError> {
+        let io_err = |source| CaptureError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(io_err)?;
+        let is_y4m = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("y4m"));
+        let (frames, width, height, own_fps) = if meta.is_dir() {
+            let (images, width, height) = load_images(path)?;
+            (Frames::Images(images), width, height, None)
+        } else if is_y4m {
+            let file = File::open(path).map_err(io_err)?;
+            // SAFETY: the mapping is read-only; a recording rewritten underneath a running
+            // replay is outside what any mmap-based reader can defend against.
+            let data = unsafe { Mmap::map(&file) }.map_err(io_err)?;
+            let layout = y4m::parse(&data).map_err(|reason| CaptureError::Y4m {
+                path: path.to_path_buf(),
+                reason,
+            })?;
+            if layout.truncated {
+                tracing::warn!(
+                    path = %path.display(),
+                    frames = layout.frames.len(),
+                    "recording ends inside a frame; replaying the complete frames"
+                );
+            }
+            let (width, height, own_fps) = (layout.width, layout.height, layout.fps);
+            (Frames::Y4m { data, layout }, width, height, own_fps)
+        } else {
+            return Err(CaptureError::InvalidSpec(format!(
+                "{}: not a camera (/dev/videoN), an image directory or a .y4m file",
+                path.display()
+            )));
+        };
+        if frames.len() == 0 {
+            return Err(CaptureError::Empty {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            frames,
+            width,
+            height,
+            fps: check_fps(fps.or(own_fps).unwrap_or(DEFAULT_FPS))?,
+            looping,
+            start: None,
+            next_slot: 0,
+            stats: CaptureStats::default(),
+        })
+    }
+
+    pub fn size(&self) -> (usize, usize) {
+        (self.width, self.height)
+    }
+
+    /// How long after the start slot `slot` is due.
+    fn due_after(&self, slot: u64) -> Duration {
+        Duration::from_secs_f64(slot as f64 / self.fps)
+    }
+}
+
+/// Decodes every image in `dir`, sorted by file name; all must share the first one's size.
+fn load_images(dir: &Path) -> Result<(Vec<Vec<u8>>, usize, usize), CaptureError> {
+    let io_err = |path: &Path, source| CaptureError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+        let path = entry.map_err(|e| io_err(dir, e))?.path();
+        let is_image = path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+            IMAGE_EXTENSIONS
+                .iter()
+                .any(|known| e.eq_ignore_ascii_case(known))
+        });
+        if is_image {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+
+    let mut images = Vec::with_capacity(paths.len());
+    let mut size = None;
+    for path in &paths {
+        let decoded = image::ImageReader::open(path)
+            .map_err(|e| io_err(path, e))?
+            .with_guessed_format()
+            .map_err(|e| io_err(path, e))?
+            .decode()
+            .map_err(|e| CaptureError::Image {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?
+            .into_rgb8();
+        let found = (decoded.width() as usize, decoded.height() as usize);
+        let (width, height) = *size.get_or_insert(found);
+        if found != (width, height) {
+            return Err(CaptureError::SizeMismatch {
+                path: path.clone(),
+                width,
+                height,
+                found_width: found.0,
+                found_height: found.1,
+            });
+        }
+        images.push(decoded.into_raw());
+    }
+    let (width, height) = size.unwrap_or((0, 0));
+    Ok((images, width, height))
+}
+
+impl FrameSource for ReplaySource {
+    fn next_frame(&mut self, frame: &mut Frame) -> Result<(), CaptureError> {
+        let count = self.frames.len() as u64;
+        let now = Instant::now();
+        let start = *self.start.get_or_insert(now);
+        let mut slot = self.next_slot;
+        let due = start + self.due_after(slot);
+        if now < due {
+            std::thread::sleep(due - now);
+        } else {
+            // Late: jump to the slot that is current now. Past the end of a non-looping
+            // recording only the frames that existed count as missed.
+            let current = ((now - start).as_secs_f64() * self.fps) as u64;
+            if current > slot {
+                let missed_until = if self.looping {
+                    current
+                } else {
+                    current.min(count)
+                };
+                self.stats.driver_dropped += missed_until.saturating_sub(slot);
+                slot = current;
+            }
+        }
+        if !self.looping && slot >= count {
+            self.next_slot = count;
+            return Err(CaptureError::EndOfStream);
+        }
+        self.next_slot = slot + 1;
+
+        let index = (slot % count) as usize;
+        frame.resize(self.width, self.height);
+        match &self.frames {
+            Frames::Images(images) => frame.rgb.copy_from_slice(&images[index]),
+            Frames::Y4m { data, layout } => planar_to_rgb(
+                &data[layout.frames[index].clone()],
+                self.width,
+                self.height,
+                layout.subsampling,
+                layout.range,
+                &mut frame.rgb,
+            ),
+        }
+        frame.seq = slot;
+        frame.captured = Instant::now();
+        frame.captured_at_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+        self.stats.frames += 1;
+        Ok(())
+    }
+
+    fn stats(&self) -> CaptureStats {
+        self.stats
+    }
+
+    fn describe(&self) -> String {
+        let what = match self.frames {
+            Frames::Images(_) => "images",
+            Frames::Y4m { .. } => "frames",
+        };
+        format!(
+            "replay {} ({} {what}, {}x{}) @{}fps{}",
+            self.path.display(),
+            self.frames.len(),
+            self.width,
+            self.height,
+            FpsLabel(self.fps),
+            if self.looping { " looping" } else { "" }
+        )
+    }
+}
