@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion};
+use drape::model::box_ops::Candidates;
 use drape::model::{Detections, Workspace};
 use drape::synthetic::{write_random_weights, SyntheticSpec};
 use drape::MaskRcnn;
@@ -54,9 +55,12 @@ fn stages(c: &mut Criterion) {
         let batch = model.preprocess(&rgb, (512, 512)).expect("preprocess");
         let c5 = model.backbone.forward(&batch.tensor).expect("backbone");
         let features = model.fpn.forward(&c5).expect("fpn");
-        let proposals = model
+        let mut cand = Candidates::default();
+        let mut proposals = Vec::new();
+        let (size, padded) = (batch.image_size, batch.padded);
+        model
             .rpn
-            .forward(&features, batch.image_size, batch.padded)
+            .forward(&features, size, padded, &mut cand, &mut proposals)
             .expect("rpn");
         let heads = &model.roi_heads;
         let pyramid = &features[..4];
@@ -69,10 +73,11 @@ fn stages(c: &mut Criterion) {
         });
         group.bench_function("fpn", |b| b.iter(|| model.fpn.forward(&c5).unwrap()));
         group.bench_function("rpn", |b| {
+            let mut out = Vec::new();
             b.iter(|| {
                 model
                     .rpn
-                    .forward(&features, batch.image_size, batch.padded)
+                    .forward(&features, size, padded, &mut cand, &mut out)
                     .unwrap()
             })
         });
@@ -96,11 +101,14 @@ fn stages(c: &mut Criterion) {
         let (logits, regression) = heads
             .box_predictor(&heads.box_head(&pooled).unwrap())
             .unwrap();
-        let detections = heads.postprocess_detections(
+        let mut detections = Vec::new();
+        heads.postprocess_detections(
             &logits.flatten_all().unwrap().to_vec1().unwrap(),
             &regression.flatten_all().unwrap().to_vec1().unwrap(),
             &proposals,
             batch.image_size,
+            &mut cand,
+            &mut detections,
         );
         let boxes: Vec<_> = detections.iter().map(|d| d.bbox).collect();
         let labels: Vec<usize> = detections.iter().map(|d| d.label).collect();

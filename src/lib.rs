@@ -11,6 +11,8 @@
 
 pub mod alloc;
 pub mod bench;
+pub mod calibrate;
+pub mod capture;
 pub mod config;
 pub mod error;
 pub mod image_io;
@@ -18,6 +20,7 @@ pub mod labels;
 pub mod model;
 pub mod output;
 pub mod overlay;
+pub mod pipeline;
 pub mod postprocess;
 pub mod synthetic;
 pub mod weights;

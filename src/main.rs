@@ -3,7 +3,9 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -11,6 +13,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use drape::alloc::CountingAlloc;
+use drape::calibrate::{Profile, ProfileTransforms};
+use drape::capture::{Crop, PixelFormat, Rotation, SourceSpec, Transforms};
+use drape::pipeline::{self, BudgetController, JsonLines, PipelineOptions, Sink};
 use drape::{image_io, output, overlay, MaskRcnn};
 
 // candle allocates a fresh buffer per tensor op; glibc malloc returns large ones to the kernel
@@ -43,6 +48,119 @@ enum Command {
     Detect(DetectArgs),
     /// Time every stage over repeated runs on one image (median, p99, allocations, RSS).
     Bench(BenchArgs),
+    /// Stream a camera or a recording through the model under a latency budget (JSON Lines).
+    Run(RunArgs),
+    /// Measure this device's costs and write the profile `drape run` loads.
+    Calibrate(CalibrateArgs),
+    /// List V4L2 cameras and the formats they offer.
+    Cameras {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where frames come from and how the installation turns them.
+#[derive(clap::Args)]
+struct SourceArgs {
+    /// A camera (/dev/videoN), a directory of PNG/JPEG images, or a .y4m recording.
+    #[arg(long, default_value = "tests/fixtures/images")]
+    source: String,
+    /// Frame rate to ask the camera for / to replay at (default: the recording's, else 30).
+    #[arg(long)]
+    fps: Option<f64>,
+    /// Replay: start over after the last frame.
+    #[arg(long = "loop")]
+    looping: bool,
+    /// Camera: preferred width, height and pixel format (yuyv or mjpeg).
+    #[arg(long)]
+    width: Option<u32>,
+    #[arg(long)]
+    height: Option<u32>,
+    #[arg(long)]
+    format: Option<PixelFormat>,
+    /// Rotate frames clockwise by 0, 90, 180 or 270 degrees (portrait mirrors).
+    #[arg(long, default_value = "0")]
+    rotate: Rotation,
+    /// Mirror frames horizontally.
+    #[arg(long)]
+    flip: bool,
+    /// Crop to a region of interest, `x,y,w,h` in camera pixels (applied before rotation).
+    #[arg(long)]
+    crop: Option<Crop>,
+}
+
+impl SourceArgs {
+    fn spec(&self) -> SourceSpec {
+        SourceSpec {
+            source: self.source.clone(),
+            fps: self.fps,
+            looping: self.looping,
+            width: self.width,
+            height: self.height,
+            format: self.format,
+            transforms: Transforms {
+                rotate: self.rotate,
+                flip_horizontal: self.flip,
+                crop: self.crop,
+            },
+        }
+    }
+
+    fn transforms(&self) -> ProfileTransforms {
+        ProfileTransforms {
+            rotate: match self.rotate {
+                Rotation::R0 => 0,
+                Rotation::R90 => 90,
+                Rotation::R180 => 180,
+                Rotation::R270 => 270,
+            },
+            flip: self.flip,
+            crop: self
+                .crop
+                .map(|c| format!("{},{},{},{}", c.x, c.y, c.w, c.h)),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    source: SourceArgs,
+    /// End-to-end latency budget per frame, capture to emit.
+    #[arg(long)]
+    budget_ms: f64,
+    /// Write one JSON line per processed frame here (`-`: stdout).
+    #[arg(long, default_value = "-")]
+    jsonl: PathBuf,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Calibration profile to seed the cost model (default: calibration/<device>.toml if present).
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Ignore any calibration profile and learn costs online.
+    #[arg(long, conflicts_with = "profile")]
+    no_profile: bool,
+}
+
+#[derive(clap::Args)]
+struct CalibrateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    source: SourceArgs,
+    /// The latency budget to choose settings for.
+    #[arg(long)]
+    budget_ms: f64,
+    /// Runs per input size (each runs once without and once with masks).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Where to write the profile (default: calibration/<device>.toml).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -265,6 +383,178 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
     Ok(())
 }
 
+fn run(args: RunArgs) -> Result<()> {
+    if !(args.budget_ms.is_finite() && args.budget_ms > 0.0) {
+        bail!("--budget-ms must be positive");
+    }
+    let model = args.model.load()?;
+    let spec = args.source.spec();
+    let source = drape::capture::open(&spec).with_context(|| format!("opening {}", spec.source))?;
+    eprintln!(
+        "drape: {} at a {} ms budget",
+        source.describe(),
+        args.budget_ms
+    );
+    let threads = rayon::current_num_threads();
+    let base = (model.config().min_size, model.config().max_size);
+    let mut controller =
+        BudgetController::new(args.budget_ms, base, model.config().detections_per_img);
+    if !args.no_profile {
+        let path = args
+            .profile
+            .clone()
+            .unwrap_or_else(|| Profile::default_path(threads));
+        if path.exists() || args.profile.is_some() {
+            let profile = Profile::load(&path)?;
+            let sha = drape::calibrate::sha256_file(&args.model.weights)?;
+            if profile.model_sha256 != sha {
+                tracing::warn!(profile = %path.display(), "profile was calibrated for another model; ignoring it");
+            } else {
+                // The costs are facts about this device; the chosen size only fits its budget.
+                let level = if profile.budget_ms == args.budget_ms {
+                    profile.level
+                } else {
+                    0
+                };
+                controller = controller.with_costs(profile.costs, level);
+                eprintln!("drape: costs from {}", path.display());
+            }
+        }
+    }
+    let writer: Box<dyn Write> = if args.jsonl == Path::new("-") {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(std::io::BufWriter::new(
+            std::fs::File::create(&args.jsonl)
+                .with_context(|| format!("creating {}", args.jsonl.display()))?,
+        ))
+    };
+    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(JsonLines(writer))];
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing signal handlers")?;
+    }
+    let options = PipelineOptions {
+        budget_ms: args.budget_ms,
+        fps: spec.fps.unwrap_or(drape::capture::DEFAULT_FPS),
+        duration: args.duration.map(Duration::from_secs_f64),
+        slow_stage: None,
+    };
+    let summary = pipeline::run(&model, source, controller, &mut sinks, &options, &stop)?;
+    print_summary(&summary);
+    Ok(())
+}
+
+fn print_summary(s: &drape::pipeline::Summary) {
+    let c = &s.counters;
+    eprintln!(
+        "frames: {} captured, {} processed, dropped {} stale / {} superseded / {} corrupt / {} by the driver; {} reconnects; {} budget misses",
+        c.captured, c.processed, c.dropped_stale, c.dropped_superseded, c.corrupt, c.driver_dropped, c.reconnects, c.budget_misses
+    );
+    eprintln!(
+        "{:<12} {:>8} {:>8} {:>8} {:>8}",
+        "ms", "p50", "p90", "p99", "max"
+    );
+    let row = |name: &str, p: &drape::pipeline::Percentiles| {
+        eprintln!(
+            "{name:<12} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
+            p.p50, p.p90, p.p99, p.max
+        );
+    };
+    row("end-to-end", &s.latency_ms);
+    row("frame age", &s.age_ms);
+    for (name, p) in &s.stages_ms {
+        row(name, p);
+    }
+    eprintln!(
+        "final input size {}x{}",
+        s.final_input_size.0, s.final_input_size.1
+    );
+}
+
+fn calibrate(args: CalibrateArgs) -> Result<()> {
+    if !(args.budget_ms.is_finite() && args.budget_ms > 0.0) {
+        bail!("--budget-ms must be positive");
+    }
+    let model = args.model.load()?;
+    let threads = rayon::current_num_threads();
+    let mut source = drape::capture::open(&args.source.spec())
+        .with_context(|| format!("opening {}", args.source.source))?;
+    // A few distinct frames; replay paces them, so a handful is quick.
+    let mut frames = Vec::new();
+    let mut frame = drape::capture::Frame::with_capacity(0, 0);
+    for _ in 0..args.runs.clamp(1, 4) {
+        match source.next_frame(&mut frame) {
+            Ok(()) => frames.push((frame.rgb.clone(), (frame.height, frame.width))),
+            Err(drape::capture::CaptureError::EndOfStream) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let ladder_len = drape::pipeline::LADDER_FRACTIONS.len();
+    let bar = ProgressBar::new((ladder_len * args.runs * 2) as u64).with_style(
+        ProgressStyle::with_template("calibrating {wide_bar} {pos}/{len} runs, eta {eta}")
+            .expect("static template"),
+    );
+    let (measured, level, max_masks, costs) =
+        drape::calibrate::calibrate(&model, &frames, args.budget_ms, args.runs, || bar.inc(1))?;
+    bar.finish_and_clear();
+    let profile = Profile {
+        device: drape::calibrate::device_name(threads),
+        threads,
+        model_sha256: drape::calibrate::sha256_file(&args.model.weights)?,
+        budget_ms: args.budget_ms,
+        level,
+        min_size: measured[level].min_size,
+        max_size: measured[level].max_size,
+        max_masks,
+        costs,
+        transforms: args.source.transforms(),
+        measured,
+    };
+    let path = args.out.unwrap_or_else(|| Profile::default_path(threads));
+    profile.save(&path)?;
+    println!(
+        "{}: input {}/{} with up to {} masks fits {} ms at p99 ({} size fixed p99 {:.0} ms); wrote {}",
+        profile.device,
+        profile.min_size,
+        profile.max_size,
+        profile.max_masks,
+        profile.budget_ms,
+        if profile.measured[level].fixed_p99_ms <= profile.budget_ms { "this" } else { "even the smallest" },
+        profile.measured[level].fixed_p99_ms,
+        path.display()
+    );
+    Ok(())
+}
+
+fn cameras(json: bool) -> Result<()> {
+    let cameras = drape::capture::list_cameras();
+    if json {
+        println!("{}", serde_json::to_string(&cameras)?);
+        return Ok(());
+    }
+    if cameras.is_empty() {
+        eprintln!("no V4L2 capture devices found");
+    }
+    for c in &cameras {
+        println!(
+            "{} — {} ({}, {})",
+            c.path.display(),
+            c.name,
+            c.driver,
+            c.bus
+        );
+        for f in &c.formats {
+            println!(
+                "    {} {}x{} @ {:.2} fps",
+                f.fourcc, f.width, f.height, f.fps
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let process_start = Instant::now();
     let cli = Cli::parse();
@@ -277,6 +567,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Detect(args) => detect(args),
         Command::Bench(args) => bench(args, process_start),
+        Command::Run(args) => run(args),
+        Command::Calibrate(args) => calibrate(args),
+        Command::Cameras { json } => cameras(json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,8 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
 use crate::model::box_ops::Box;
 use crate::model::roi_heads::{Detection, MASK_SIZE};
 use crate::model::transform::{linear_taps, LinearTap};
@@ -80,8 +78,7 @@ impl Rle {
 
     /// pycocotools' `rleToString`: each count (after the first two, as a difference to the
     /// count two back) in little-endian 5-bit groups with a continuation bit, offset by 48.
-    pub fn to_coco_string(&self) -> String {
-        let mut s = String::new();
+    pub fn write_coco_string(&self, out: &mut impl std::fmt::Write) -> std::fmt::Result {
         for (i, &c) in self.counts.iter().enumerate() {
             let mut x = c as i64;
             if i > 2 {
@@ -94,12 +91,18 @@ impl Rle {
                 if more {
                     ch |= 0x20;
                 }
-                s.push((ch + 48) as char);
+                out.write_char((ch + 48) as char)?;
                 if !more {
                     break;
                 }
             }
         }
+        Ok(())
+    }
+
+    pub fn to_coco_string(&self) -> String {
+        let mut s = String::new();
+        self.write_coco_string(&mut s).expect("writing to a String");
         s
     }
 }
@@ -123,6 +126,7 @@ pub struct Paster {
     padded: Vec<f32>,
     /// Masks of instances from earlier frames, kept for their buffers.
     spare: Vec<Rle>,
+    cols: Vec<LinearTap>,
     /// Milliseconds spent pasting and encoding in the last call.
     paste_ms: f64,
     rle_ms: f64,
@@ -141,6 +145,7 @@ impl Paster {
             canvas: Vec::new(),
             padded: vec![0.0; side * side],
             spare: Vec::new(),
+            cols: Vec::new(),
             paste_ms: 0.0,
             rle_ms: 0.0,
         }
@@ -191,9 +196,9 @@ impl Paster {
                     &self.padded,
                     side,
                     &bbox,
-                    &mut self.canvas,
-                    original,
+                    (&mut self.canvas, original),
                     mask_thresh,
+                    &mut self.cols,
                 );
                 let pasted = Instant::now();
                 let mut encoded = self.spare.pop().unwrap_or(Rle {
@@ -223,9 +228,9 @@ fn paste_one(
     padded: &[f32],
     side: usize,
     bbox: &Box,
-    canvas: &mut [u8],
-    (im_h, im_w): (usize, usize),
+    (canvas, (im_h, im_w)): (&mut [u8], (usize, usize)),
     thresh: f32,
+    cols: &mut Vec<LinearTap>,
 ) {
     let scale = side as f32 / MASK_SIZE as f32;
     let w_half = (bbox[2] - bbox[0]) * 0.5 * scale;
@@ -245,10 +250,12 @@ fn paste_one(
         return;
     }
     // Only the part of the resized mask that lands inside the image is evaluated.
-    let cols: Vec<LinearTap> = linear_taps(side, w)
-        .skip((cx0 - x0) as usize)
-        .take((cx1 - cx0) as usize)
-        .collect();
+    cols.clear();
+    cols.extend(
+        linear_taps(side, w)
+            .skip((cx0 - x0) as usize)
+            .take((cx1 - cx0) as usize),
+    );
     for (row, t) in linear_taps(side, h)
         .enumerate()
         .skip((cy0 - y0) as usize)
@@ -259,26 +266,10 @@ fn paste_one(
         let r1 = &padded[t.i1 * side..][..side];
         let (h1, h0) = (t.l1, 1.0 - t.l1);
         let dst = &mut canvas[y as usize * im_w + cx0 as usize..][..cols.len()];
-        for (o, c) in dst.iter_mut().zip(&cols) {
+        for (o, c) in dst.iter_mut().zip(cols.iter()) {
             let (w1, w0) = (c.l1, 1.0 - c.l1);
             let p = h0 * (w0 * r0[c.i0] + w1 * r0[c.i1]) + h1 * (w0 * r1[c.i0] + w1 * r1[c.i1]);
             *o = (p > thresh) as u8;
-        }
-    }
-}
-
-/// The JSON form of a mask: `{"size": [H, W], "counts": "<compressed RLE>"}`.
-#[derive(Debug, Clone, Serialize)]
-pub struct CocoRle {
-    pub size: [usize; 2],
-    pub counts: String,
-}
-
-impl From<&Rle> for CocoRle {
-    fn from(r: &Rle) -> Self {
-        Self {
-            size: [r.height, r.width],
-            counts: r.to_coco_string(),
         }
     }
 }

@@ -8,6 +8,7 @@ mod common;
 
 use candle_core::Device;
 use common::*;
+use drape::model::box_ops::Candidates;
 use drape::MaskRcnn;
 
 const MODELS: [&str; 2] = ["tiny_r50", "tiny_r18"];
@@ -138,7 +139,16 @@ fn features(m: &MaskRcnn, img: &str, r: &Reference) -> (Vec<candle_core::Tensor>
 fn rpn_proposals_match_torchvision() {
     for (model, img, m, r) in cases_with("rpn.boxes") {
         let (features, padded) = features(&m, img, &r);
-        let ours = m.rpn.forward(&features, image_size(&r), padded).unwrap();
+        let mut ours = Vec::new();
+        m.rpn
+            .forward(
+                &features,
+                image_size(&r),
+                padded,
+                &mut Candidates::default(),
+                &mut ours,
+            )
+            .unwrap();
         let theirs = r.boxes("rpn.boxes");
         // Same proposals in the same order; near-equal objectness may swap neighbours.
         assert_eq!(ours.len(), theirs.len(), "{model}/{img} proposal count");
@@ -239,11 +249,14 @@ fn box_branch_matches_torchvision() {
                 DENSE_TOL,
             );
             // postprocess_detections on torchvision's own logits: the host logic alone, exact.
-            let dets = heads.postprocess_detections(
+            let mut dets = Vec::new();
+            heads.postprocess_detections(
                 r.data("class_logits"),
                 r.data("box_regression"),
                 &proposals,
                 size,
+                &mut Candidates::default(),
+                &mut dets,
             );
             assert_detections(
                 &format!("{model}/{img} postprocess_detections"),
@@ -254,7 +267,9 @@ fn box_branch_matches_torchvision() {
             );
         } else {
             // Cumulative from our features: float noise of the dense stages reaches the boxes.
-            let dets = heads.postprocess_detections(&logits, &regression, &proposals, size);
+            let mut dets = Vec::new();
+            let cand = &mut Candidates::default();
+            heads.postprocess_detections(&logits, &regression, &proposals, size, cand, &mut dets);
             assert_detections(&format!("{model}/{img} detections"), &dets, &r, 1e-2, 1e-4);
         }
     }

@@ -63,22 +63,78 @@ pub fn area(b: &Box) -> f32 {
     (b[2] - b[0]) * (b[3] - b[1])
 }
 
-/// Indices of `scores` in descending order; ties keep their original order.
-pub fn argsort_desc(scores: &[f32]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    order
+/// Boxes competing in a batched NMS, and the buffers it works in; owned by the caller and
+/// reused, so per-frame postprocessing allocates nothing once they have grown.
+#[derive(Debug, Default)]
+pub struct Candidates {
+    pub boxes: Vec<Box>,
+    pub scores: Vec<f32>,
+    pub groups: Vec<usize>,
+    pub keep: Vec<usize>,
+    nms: NmsScratch,
 }
 
-/// torchvision's CPU `nms` kernel: greedy over boxes in descending score order, suppressing
-/// any later box whose IoU with a kept one exceeds `iou_thresh`. Returns kept indices in
-/// descending score order.
-pub fn nms(boxes: &[Box], scores: &[f32], iou_thresh: f32) -> Vec<usize> {
-    let order = argsort_desc(scores);
-    let areas: Vec<f32> = boxes.iter().map(area).collect();
-    let mut suppressed = vec![false; boxes.len()];
-    let mut keep = Vec::new();
-    for (pos, &i) in order.iter().enumerate() {
+impl Candidates {
+    pub fn clear(&mut self) {
+        self.boxes.clear();
+        self.scores.clear();
+        self.groups.clear();
+        self.keep.clear();
+    }
+
+    pub fn push(&mut self, b: Box, score: f32, group: usize) {
+        self.boxes.push(b);
+        self.scores.push(score);
+        self.groups.push(group);
+    }
+
+    /// [`batched_nms_into`] over the candidates; the result is in `self.keep`.
+    pub fn batched_nms(&mut self, iou_thresh: f32) {
+        batched_nms_into(
+            &self.boxes,
+            &self.scores,
+            &self.groups,
+            iou_thresh,
+            &mut self.nms,
+            &mut self.keep,
+        );
+    }
+}
+
+/// Buffers NMS works in, kept by the caller so a stream of frames allocates nothing once they
+/// have grown.
+#[derive(Debug, Default)]
+pub struct NmsScratch {
+    order: Vec<usize>,
+    areas: Vec<f32>,
+    suppressed: Vec<bool>,
+    shifted: Vec<Box>,
+    members: Vec<usize>,
+    group_boxes: Vec<Box>,
+    group_scores: Vec<f32>,
+    group_keep: Vec<usize>,
+}
+
+/// torchvision's CPU `nms` kernel: greedy over boxes in descending score order (ties keep input
+/// order), suppressing any later box whose IoU with a kept one exceeds `iou_thresh`. Appends
+/// kept indices to `keep` in descending score order.
+fn nms_core(
+    boxes: &[Box],
+    scores: &[f32],
+    iou_thresh: f32,
+    (order, areas, suppressed): (&mut Vec<usize>, &mut Vec<f32>, &mut Vec<bool>),
+    keep: &mut Vec<usize>,
+) {
+    order.clear();
+    order.extend(0..boxes.len());
+    // Unstable sort with the index as tie-break: the stable order without a merge buffer.
+    order.sort_unstable_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    areas.clear();
+    areas.extend(boxes.iter().map(area));
+    suppressed.clear();
+    suppressed.resize(boxes.len(), false);
+    for pos in 0..order.len() {
+        let i = order[pos];
         if suppressed[i] {
             continue;
         }
@@ -98,43 +154,59 @@ pub fn nms(boxes: &[Box], scores: &[f32], iou_thresh: f32) -> Vec<usize> {
             }
         }
     }
-    keep
 }
 
-/// torchvision's `batched_nms`: NMS independently per `groups` value, kept indices sorted by
-/// descending score. Like torchvision on CPU, above 1000 boxes it runs one NMS per group;
-/// below, it offsets each group's boxes by `group * (max_coordinate + 1)` and runs a single NMS,
-/// which can differ from the per-group result in the last bit, so both paths are reproduced.
-pub fn batched_nms(boxes: &[Box], scores: &[f32], groups: &[usize], iou_thresh: f32) -> Vec<usize> {
+/// torchvision's `batched_nms`: NMS independently per `groups` value, kept indices (replacing
+/// `keep`'s contents) sorted by descending score. Like torchvision on CPU, above 1000 boxes it
+/// runs one NMS per group; below, it offsets each group's boxes by
+/// `group * (max_coordinate + 1)` and runs a single NMS, which can differ from the per-group
+/// result in the last bit, so both paths are reproduced.
+pub fn batched_nms_into(
+    boxes: &[Box],
+    scores: &[f32],
+    groups: &[usize],
+    iou_thresh: f32,
+    s: &mut NmsScratch,
+    keep: &mut Vec<usize>,
+) {
+    keep.clear();
     if boxes.is_empty() {
-        return Vec::new();
+        return;
     }
+    let bufs = (&mut s.order, &mut s.areas, &mut s.suppressed);
     if boxes.len() * 4 > 4000 {
         let n_groups = groups.iter().max().map_or(0, |g| g + 1);
-        let mut keep = Vec::new();
         for g in 0..n_groups {
-            let members: Vec<usize> = (0..boxes.len()).filter(|&i| groups[i] == g).collect();
-            let b: Vec<Box> = members.iter().map(|&i| boxes[i]).collect();
-            let s: Vec<f32> = members.iter().map(|&i| scores[i]).collect();
-            keep.extend(nms(&b, &s, iou_thresh).into_iter().map(|k| members[k]));
+            s.members.clear();
+            s.members
+                .extend((0..boxes.len()).filter(|&i| groups[i] == g));
+            s.group_boxes.clear();
+            s.group_boxes.extend(s.members.iter().map(|&i| boxes[i]));
+            s.group_scores.clear();
+            s.group_scores.extend(s.members.iter().map(|&i| scores[i]));
+            s.group_keep.clear();
+            nms_core(
+                &s.group_boxes,
+                &s.group_scores,
+                iou_thresh,
+                (&mut *bufs.0, &mut *bufs.1, &mut *bufs.2),
+                &mut s.group_keep,
+            );
+            keep.extend(s.group_keep.iter().map(|&k| s.members[k]));
         }
-        keep.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-        keep
+        keep.sort_unstable_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
     } else {
         let max_coordinate = boxes
             .iter()
             .flatten()
             .copied()
             .fold(f32::NEG_INFINITY, f32::max);
-        let shifted: Vec<Box> = boxes
-            .iter()
-            .zip(groups)
-            .map(|(b, &g)| {
-                let offset = g as f32 * (max_coordinate + 1.0);
-                b.map(|v| v + offset)
-            })
-            .collect();
-        nms(&shifted, scores, iou_thresh)
+        s.shifted.clear();
+        s.shifted.extend(boxes.iter().zip(groups).map(|(b, &g)| {
+            let offset = g as f32 * (max_coordinate + 1.0);
+            b.map(|v| v + offset)
+        }));
+        nms_core(&s.shifted, scores, iou_thresh, bufs, keep);
     }
 }
 
@@ -150,11 +222,17 @@ mod tests {
             [5.0, 0.0, 15.0, 10.0],
             [20.0, 20.0, 30.0, 30.0],
         ];
+        let nms = |scores: &[f32], thresh| {
+            let mut keep = Vec::new();
+            let scratch = &mut NmsScratch::default();
+            batched_nms_into(&boxes, scores, &[0; 3], thresh, scratch, &mut keep);
+            keep
+        };
         let scores = [0.9, 0.8, 0.7];
-        assert_eq!(nms(&boxes, &scores, 0.3), vec![0, 2]);
-        assert_eq!(nms(&boxes, &scores, 0.34), vec![0, 1, 2]);
+        assert_eq!(nms(&scores, 0.3), vec![0, 2]);
+        assert_eq!(nms(&scores, 0.34), vec![0, 1, 2]);
         // Order follows the scores, not the input.
-        assert_eq!(nms(&boxes, &[0.1, 0.8, 0.7], 0.3), vec![1, 2]);
+        assert_eq!(nms(&[0.1, 0.8, 0.7], 0.3), vec![1, 2]);
     }
 
     #[test]
@@ -165,7 +243,12 @@ mod tests {
             [0.0, 1.0, 10.0, 11.0],
         ];
         let scores = [0.9, 0.8, 0.95];
-        assert_eq!(batched_nms(&boxes, &scores, &[0, 1, 0], 0.5), vec![2, 1]);
+        let batched = |b: &[Box], s: &[f32], g: &[usize]| {
+            let mut keep = Vec::new();
+            batched_nms_into(b, s, g, 0.5, &mut NmsScratch::default(), &mut keep);
+            keep
+        };
+        assert_eq!(batched(&boxes, &scores, &[0, 1, 0]), vec![2, 1]);
         // The same over 1000 boxes, where the per-group path runs.
         let mut many = boxes.to_vec();
         let mut many_scores = scores.to_vec();
@@ -176,7 +259,7 @@ mod tests {
             many_scores.push(0.01);
             many_groups.push(2);
         }
-        let keep = batched_nms(&many, &many_scores, &many_groups, 0.5);
+        let keep = batched(&many, &many_scores, &many_groups);
         assert_eq!(&keep[..2], &[2, 1]);
         assert_eq!(keep.len(), 2 + 1100);
     }

@@ -26,10 +26,12 @@ use crate::labels::default_labels;
 use crate::postprocess::{Instance, Paster};
 use crate::weights::Weights;
 use backbone::{BlockKind, ResNet};
+use box_ops::{Box, Candidates};
 use fpn::Fpn;
+use roi_heads::Detection;
 use roi_heads::RoiHeads;
 use rpn::Rpn;
-use transform::{ImageBatch, Transform};
+use transform::{ImageBatch, ResizeScratch, Transform};
 
 /// BatchNorm epsilon when the file does not say: `nn.BatchNorm2d`'s and `FrozenBatchNorm2d`'s
 /// default. torchvision's own COCO-trained v1 weights were made with 0.0.
@@ -133,8 +135,11 @@ pub struct FrameSettings {
 /// they have grown to the stream's size.
 #[derive(Default)]
 pub struct Workspace {
-    plane: Vec<f32>,
+    resize: ResizeScratch,
     input: Vec<f32>,
+    candidates: Candidates,
+    proposals: Vec<Box>,
+    detections: Vec<Detection>,
     pub paster: Paster,
 }
 
@@ -318,7 +323,7 @@ impl MaskRcnn {
             let sizes = (settings.min_size, settings.max_size);
             let g = self
                 .transform
-                .apply_into(rgb, size, sizes, &mut ws.plane, &mut ws.input)?;
+                .apply_into(rgb, size, sizes, &mut ws.resize, &mut ws.input)?;
             let tensor =
                 Tensor::from_slice(&ws.input, (1, 3, g.padded.0, g.padded.1), &self.device)?;
             ImageBatch {
@@ -340,35 +345,38 @@ impl MaskRcnn {
         };
         drop(c);
         t.fpn = clock.lap();
-        let proposals = {
+        {
             let _span = tracing::debug_span!("rpn").entered();
+            let (cand, proposals) = (&mut ws.candidates, &mut ws.proposals);
             self.rpn
-                .forward(&features, batch.image_size, batch.padded)?
-        };
+                .forward(&features, batch.image_size, batch.padded, cand, proposals)?;
+        }
+        let proposals = &ws.proposals;
         t.rpn = clock.lap();
 
         // MultiScaleRoIAlign pools from P2..P5 only.
         let pyramid = &features[..4];
         let heads = &self.roi_heads;
-        let detections = if proposals.is_empty() {
-            Vec::new()
-        } else {
+        ws.detections.clear();
+        if !proposals.is_empty() {
             let pooled = {
                 let _span = tracing::debug_span!("roi_align", rois = proposals.len()).entered();
-                heads.box_roi_pool(pyramid, &proposals, batch.image_size)?
+                heads.box_roi_pool(pyramid, proposals, batch.image_size)?
             };
             t.roi_align = clock.lap();
             let _span = tracing::debug_span!("box_head").entered();
             let (logits, regression) = heads.box_predictor(&heads.box_head(&pooled)?)?;
-            let dets = heads.postprocess_detections(
+            heads.postprocess_detections(
                 &logits.flatten_all()?.to_vec1()?,
                 &regression.flatten_all()?.to_vec1()?,
-                &proposals,
+                proposals,
                 batch.image_size,
+                &mut ws.candidates,
+                &mut ws.detections,
             );
             t.box_head = clock.lap();
-            dets
-        };
+        }
+        let detections = &ws.detections;
 
         let masked = detections.len().min(settings.max_masks);
         let probs = if masked == 0 {
@@ -389,7 +397,7 @@ impl MaskRcnn {
         {
             let _span = tracing::debug_span!("paste").entered();
             ws.paster.paste_into(
-                &detections,
+                detections,
                 &probs,
                 (batch.image_size, batch.original),
                 self.config.mask_thresh,

@@ -5,7 +5,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::box_ops::{self, Box, BoxCoder};
+use super::box_ops::{self, Box, BoxCoder, Candidates};
 use super::layers::{Conv2d, ConvSpec, Linear};
 use super::poolers::MultiScaleRoIAlign;
 use super::sigmoid;
@@ -19,6 +19,8 @@ const BOX_POOL_SIZE: usize = 7;
 const MASK_POOL_SIZE: usize = 14;
 /// Side of the predicted masks: the mask pool upsampled ×2 by `conv5_mask`.
 pub const MASK_SIZE: usize = 2 * MASK_POOL_SIZE;
+/// Class count bound (background included), so softmax runs in a stack buffer.
+const MAX_CLASSES: usize = 1024;
 
 /// A detection before masks, in resized-image coordinates.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -67,10 +69,11 @@ impl RoiHeads {
             device,
         )?;
         let num_classes = cls_score.out_features();
-        if num_classes < 2 {
+        if !(2..=MAX_CLASSES).contains(&num_classes) {
             return Err(w.architecture_error(format!(
-                "roi_heads.box_predictor.cls_score has {num_classes} classes; at least background \
-                 and one class are needed"
+                "roi_heads.box_predictor.cls_score has {num_classes} classes; drape supports \
+                 background plus 1 to {} classes",
+                MAX_CLASSES - 1
             )));
         }
         let bbox_pred = Linear::load(
@@ -189,21 +192,24 @@ impl RoiHeads {
     }
 
     /// `postprocess_detections` for one image: softmax, per-class decode and clip, drop
-    /// background, score threshold, tiny boxes, per-class NMS, keep the best.
+    /// background, score threshold, tiny boxes, per-class NMS, keep the best. `cand` is reused
+    /// scratch; the detections replace `out`'s contents.
     pub fn postprocess_detections(
         &self,
         class_logits: &[f32],
         box_regression: &[f32],
         proposals: &[Box],
         image_size: (usize, usize),
-    ) -> Vec<Detection> {
+        cand: &mut Candidates,
+        out: &mut Vec<Detection>,
+    ) {
         let k = self.num_classes;
-        let mut boxes = Vec::new();
-        let mut scores = Vec::new();
-        let mut labels = Vec::new();
-        let mut probs = vec![0f32; k];
+        cand.clear();
+        let mut probs = [0f32; MAX_CLASSES];
         for (p, proposal) in proposals.iter().enumerate() {
-            softmax(&class_logits[p * k..(p + 1) * k], &mut probs);
+            let logits = &class_logits[p * k..(p + 1) * k];
+            let probs = &mut probs[..k];
+            softmax(logits, probs);
             for (label, &score) in probs.iter().enumerate().skip(1) {
                 if score <= self.score_thresh {
                     continue;
@@ -211,21 +217,22 @@ impl RoiHeads {
                 let deltas = &box_regression[(p * k + label) * 4..][..4];
                 let b = box_ops::clip_to_image(&self.coder.decode(proposal, deltas), image_size);
                 if box_ops::is_large_enough(&b, BOX_MIN_SIZE) {
-                    boxes.push(b);
-                    scores.push(score);
-                    labels.push(label);
+                    cand.push(b, score, label);
                 }
             }
         }
-        box_ops::batched_nms(&boxes, &scores, &labels, self.nms_thresh)
-            .into_iter()
-            .take(self.detections_per_img)
-            .map(|i| Detection {
-                bbox: boxes[i],
-                score: scores[i],
-                label: labels[i],
-            })
-            .collect()
+        cand.batched_nms(self.nms_thresh);
+        out.clear();
+        out.extend(
+            cand.keep
+                .iter()
+                .take(self.detections_per_img)
+                .map(|&i| Detection {
+                    bbox: cand.boxes[i],
+                    score: cand.scores[i],
+                    label: cand.groups[i],
+                }),
+        );
     }
 
     /// `mask_roi_pool`: `[D, C, 14, 14]`.

@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor};
 
 use super::anchors::grid_anchors;
-use super::box_ops::{self, Box, BoxCoder};
+use super::box_ops::{self, Box, BoxCoder, Candidates};
 use super::layers::{Conv2d, ConvSpec};
 use super::sigmoid;
 use crate::config::{Config, RPN_MIN_SIZE};
@@ -79,20 +79,21 @@ impl Rpn {
     /// Proposals in resized-image coordinates, best first. `image_size` is the resized image
     /// (height, width) that boxes are clipped to; `padded` the batch tensor's size, which sets
     /// the anchor strides.
+    /// `cand` is reused scratch; the proposals replace `out`'s contents.
     pub fn forward(
         &self,
         features: &[Tensor],
         image_size: (usize, usize),
         padded: (usize, usize),
-    ) -> Result<Vec<Box>> {
+        cand: &mut Candidates,
+        out: &mut Vec<Box>,
+    ) -> Result<()> {
         let grids = features
             .iter()
             .map(|f| Ok((f.dim(2)?, f.dim(3)?)))
             .collect::<Result<Vec<_>>>()?;
         let anchors = grid_anchors(&grids, padded);
-        let mut boxes = Vec::new();
-        let mut scores = Vec::new();
-        let mut levels = Vec::new();
+        cand.clear();
         for (level, (feature, anchors)) in features.iter().zip(&anchors).enumerate() {
             let t = self.conv.forward_relu(feature)?;
             // [1, A, H, W] -> [H, W, A], the anchors' order.
@@ -116,18 +117,19 @@ impl Rpn {
                 let b = box_ops::clip_to_image(&b, image_size);
                 let score = sigmoid(logits[i]);
                 if box_ops::is_large_enough(&b, RPN_MIN_SIZE) && score >= self.score_thresh {
-                    boxes.push(b);
-                    scores.push(score);
-                    levels.push(level);
+                    cand.push(b, score, level);
                 }
             }
         }
-        let keep = box_ops::batched_nms(&boxes, &scores, &levels, self.nms_thresh);
-        Ok(keep
-            .into_iter()
-            .take(self.post_nms_top_n)
-            .map(|i| boxes[i])
-            .collect())
+        cand.batched_nms(self.nms_thresh);
+        out.clear();
+        out.extend(
+            cand.keep
+                .iter()
+                .take(self.post_nms_top_n)
+                .map(|&i| cand.boxes[i]),
+        );
+        Ok(())
     }
 }
 

@@ -59,14 +59,14 @@ impl Transform {
     }
 
     /// Preprocesses an interleaved 8-bit RGB image of `(height, width)` into `out`
-    /// (`[3, padded.0, padded.1]`), using `plane` as scratch. Both only grow, so a stream of
-    /// same-sized frames allocates nothing after the first.
+    /// (`[3, padded.0, padded.1]`). `out` and `scratch` only grow, so a stream of same-sized
+    /// frames allocates nothing after the first.
     pub fn apply_into(
         &self,
         rgb: &[u8],
         (height, width): (usize, usize),
         sizes: (usize, usize),
-        plane: &mut Vec<f32>,
+        scratch: &mut ResizeScratch,
         out: &mut Vec<f32>,
     ) -> Result<Geometry> {
         if height == 0 || width == 0 || rgb.len() != height * width * 3 {
@@ -78,19 +78,20 @@ impl Transform {
         let (rh, rw) = Self::resized_size((height, width), sizes);
         let pad = |s: usize| s.div_ceil(SIZE_DIVISIBLE) * SIZE_DIVISIBLE;
         let (ph, pw) = (pad(rh), pad(rw));
-        plane.resize(height * width, 0.0);
+        scratch.plane.resize(height * width, 0.0);
         out.clear();
         out.resize(3 * ph * pw, 0.0);
         for c in 0..3 {
-            for (p, px) in plane.iter_mut().zip(rgb.chunks_exact(3)) {
+            for (p, px) in scratch.plane.iter_mut().zip(rgb.chunks_exact(3)) {
                 *p = (px[c] as f32 / 255.0 - self.mean[c]) / self.std[c];
             }
             resize_bilinear(
-                plane,
+                &scratch.plane,
                 (height, width),
                 &mut out[c * ph * pw..(c + 1) * ph * pw],
                 pw,
                 (rh, rw),
+                &mut scratch.cols,
             );
         }
         Ok(Geometry {
@@ -108,8 +109,8 @@ impl Transform {
         sizes: (usize, usize),
         device: &Device,
     ) -> Result<ImageBatch> {
-        let (mut plane, mut out) = (Vec::new(), Vec::new());
-        let g = self.apply_into(rgb, size, sizes, &mut plane, &mut out)?;
+        let mut out = Vec::new();
+        let g = self.apply_into(rgb, size, sizes, &mut ResizeScratch::default(), &mut out)?;
         Ok(ImageBatch {
             tensor: Tensor::from_vec(out, (1, 3, g.padded.0, g.padded.1), device)?,
             image_size: g.image_size,
@@ -143,6 +144,13 @@ pub(crate) fn linear_taps(input: usize, output: usize) -> impl Iterator<Item = L
     })
 }
 
+/// Buffers the resize works in, kept by the caller.
+#[derive(Debug, Default)]
+pub struct ResizeScratch {
+    plane: Vec<f32>,
+    cols: Vec<LinearTap>,
+}
+
 /// Bilinear resize of a row-major `src` plane into the top-left `dst_size` corner of `dst`,
 /// whose rows are `dst_stride` apart, with torch's weights and evaluation order.
 pub(crate) fn resize_bilinear(
@@ -151,13 +159,15 @@ pub(crate) fn resize_bilinear(
     dst: &mut [f32],
     dst_stride: usize,
     (dh, dw): (usize, usize),
+    cols: &mut Vec<LinearTap>,
 ) {
-    let cols: Vec<LinearTap> = linear_taps(sw, dw).collect();
+    cols.clear();
+    cols.extend(linear_taps(sw, dw));
     for (y, row_tap) in linear_taps(sh, dh).enumerate() {
         let r0 = &src[row_tap.i0 * sw..][..sw];
         let r1 = &src[row_tap.i1 * sw..][..sw];
         let (h1, h0) = (row_tap.l1, 1.0 - row_tap.l1);
-        for (o, t) in dst[y * dst_stride..][..dw].iter_mut().zip(&cols) {
+        for (o, t) in dst[y * dst_stride..][..dw].iter_mut().zip(cols.iter()) {
             let (w1, w0) = (t.l1, 1.0 - t.l1);
             *o = h0 * (w0 * r0[t.i0] + w1 * r0[t.i1]) + h1 * (w0 * r1[t.i0] + w1 * r1[t.i1]);
         }
@@ -185,11 +195,11 @@ mod tests {
     fn resize_is_identity_at_same_size_and_exact_on_ramps() {
         let src: Vec<f32> = (0..12).map(|v| v as f32).collect();
         let mut dst = vec![0f32; 12];
-        resize_bilinear(&src, (3, 4), &mut dst, 4, (3, 4));
+        resize_bilinear(&src, (3, 4), &mut dst, 4, (3, 4), &mut Vec::new());
         assert_eq!(dst, src);
         // Upsampling a 1×2 row [0, 1] to 1×4: sources -0.25→0, 0.25, 0.75, 1.25→clamped.
         let mut up = vec![0f32; 4];
-        resize_bilinear(&[0.0, 1.0], (1, 2), &mut up, 4, (1, 4));
+        resize_bilinear(&[0.0, 1.0], (1, 2), &mut up, 4, (1, 4), &mut Vec::new());
         assert_eq!(up, vec![0.0, 0.25, 0.75, 1.0]);
     }
 }

@@ -1,0 +1,229 @@
+//! `drape calibrate`: measures this device's costs at every ladder size, picks the settings
+//! that meet a latency budget at p99, and keeps them in a human-readable profile
+//! (`calibration/<device>.toml`) that `drape run` loads.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::bench::percentile;
+use crate::error::{Error, Result};
+use crate::model::{Detections, FrameSettings, MaskRcnn, Workspace};
+use crate::pipeline::{BudgetController, CostModel};
+
+/// Share of the budget the chosen settings may use at p99 (as the pipeline plans).
+const PROFILE_HEADROOM: f64 = 0.9;
+
+/// Hex sha256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// A name for this device and thread count, used as the profile's file name.
+pub fn device_name(threads: usize) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let slug: String = cpu
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let slug = slug
+        .split('-')
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("-");
+    format!("cpu-{slug}-{threads}t")
+}
+
+/// Costs measured at one ladder size.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Measured {
+    pub min_size: usize,
+    pub max_size: usize,
+    /// [w, h] of the model input for the calibration frames.
+    pub input: [usize; 2],
+    /// Everything but the mask branch.
+    pub fixed_median_ms: f64,
+    pub fixed_p99_ms: f64,
+    /// Mask head + paste + RLE, per masked detection.
+    pub mask_ms_per_detection: f64,
+}
+
+/// Camera transforms recorded with the profile (the installation's, as given to calibrate).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ProfileTransforms {
+    pub rotate: u32,
+    pub flip: bool,
+    pub crop: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Profile {
+    pub device: String,
+    pub threads: usize,
+    pub model_sha256: String,
+    pub budget_ms: f64,
+    /// The chosen ladder position and what it means.
+    pub level: usize,
+    pub min_size: usize,
+    pub max_size: usize,
+    pub max_masks: usize,
+    pub costs: CostModel,
+    pub transforms: ProfileTransforms,
+    pub measured: Vec<Measured>,
+}
+
+impl Profile {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = toml::to_string_pretty(self)
+            .map_err(|e| Error::Config(format!("profile serialisation: {e}")))?;
+        let header =
+            "# drape calibration profile: written by `drape calibrate`, read by `drape run`.\n\
+                      # Costs in milliseconds on this device; edit with care.\n";
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        std::fs::write(path, format!("{header}{text}")).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// The default profile location for this device.
+    pub fn default_path(threads: usize) -> PathBuf {
+        PathBuf::from("calibration").join(format!("{}.toml", device_name(threads)))
+    }
+}
+
+/// Runs `frames` frames at every ladder size of `controller` (first without masks, then with
+/// every detection masked) and derives a profile for `budget_ms`. `progress` ticks per run.
+pub fn calibrate(
+    model: &MaskRcnn,
+    frames: &[(Vec<u8>, (usize, usize))],
+    budget_ms: f64,
+    runs_per_size: usize,
+    mut progress: impl FnMut(),
+) -> Result<(Vec<Measured>, usize, usize, CostModel)> {
+    if frames.is_empty() || runs_per_size == 0 {
+        return Err(Error::Config(
+            "calibration needs frames and at least one run".into(),
+        ));
+    }
+    let base = (model.config().min_size, model.config().max_size);
+    let full = model.config().detections_per_img;
+    let controller = BudgetController::new(budget_ms, base, full);
+    let mut ws = Workspace::default();
+    let mut out = Detections::default();
+    let mut measured = Vec::new();
+    for &(min_size, max_size) in controller.ladder() {
+        let mut fixed = Vec::new();
+        let mut per_mask = Vec::new();
+        let mut input = [0, 0];
+        for run in 0..runs_per_size {
+            let (rgb, size) = &frames[run % frames.len()];
+            for max_masks in [0, full] {
+                let settings = FrameSettings {
+                    min_size,
+                    max_size,
+                    max_masks,
+                };
+                model.detect_into(rgb, *size, settings, &mut ws, &mut out)?;
+                let t = &out.timings;
+                let mask = t.mask_head + t.paste + t.rle;
+                if max_masks == 0 {
+                    fixed.push(t.total - mask);
+                } else if out.masked > 0 {
+                    per_mask.push(mask / out.masked as f64);
+                }
+                input = [out.input_size.0, out.input_size.1];
+                progress();
+            }
+        }
+        fixed.sort_by(f64::total_cmp);
+        per_mask.sort_by(f64::total_cmp);
+        measured.push(Measured {
+            min_size,
+            max_size,
+            input,
+            fixed_median_ms: percentile(&fixed, 50.0),
+            fixed_p99_ms: percentile(&fixed, 99.0),
+            mask_ms_per_detection: if per_mask.is_empty() {
+                0.0
+            } else {
+                percentile(&per_mask, 99.0)
+            },
+        });
+    }
+    // The largest size whose p99 fixed cost leaves room in the budget; then as many masks as
+    // fit beside it at their p99 cost.
+    let target = budget_ms * PROFILE_HEADROOM;
+    let level = measured
+        .iter()
+        .position(|m| m.fixed_p99_ms <= target)
+        .unwrap_or(measured.len() - 1);
+    let m = &measured[level];
+    let max_masks = if m.mask_ms_per_detection > 0.0 {
+        (((target - m.fixed_p99_ms) / m.mask_ms_per_detection).max(0.0) as usize).min(full)
+    } else {
+        full
+    };
+    let mpx = |m: &Measured| {
+        let pad =
+            |s: usize| s.div_ceil(crate::config::SIZE_DIVISIBLE) * crate::config::SIZE_DIVISIBLE;
+        (pad(m.input[0]) * pad(m.input[1])) as f64 / 1e6
+    };
+    let costs = CostModel {
+        fixed_ms_per_mpx: m.fixed_median_ms / mpx(m),
+        mask_ms: measured
+            .iter()
+            .map(|m| m.mask_ms_per_detection)
+            .fold(0.0, f64::max),
+        safety: (m.fixed_p99_ms / m.fixed_median_ms).max(1.0),
+    };
+    Ok((measured, level, max_masks, costs))
+}
