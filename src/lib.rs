@@ -22,6 +22,7 @@ pub mod output;
 pub mod overlay;
 pub mod pipeline;
 pub mod postprocess;
+pub mod stream;
 pub mod synthetic;
 pub mod weights;
 

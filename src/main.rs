@@ -15,7 +15,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use drape::alloc::CountingAlloc;
 use drape::calibrate::{Profile, ProfileTransforms};
 use drape::capture::{Crop, PixelFormat, Rotation, SourceSpec, Transforms};
+use drape::output::RleFormat;
 use drape::pipeline::{self, BudgetController, JsonLines, PipelineOptions, Sink};
+use drape::stream::http::{HttpOptions, HttpServer};
+use drape::stream::unix::UnixServer;
+use drape::stream::{labels_by_id, Hub, HubSink};
 use drape::{image_io, output, overlay, MaskRcnn};
 
 // candle allocates a fresh buffer per tensor op; glibc malloc returns large ones to the kernel
@@ -50,6 +54,8 @@ enum Command {
     Bench(BenchArgs),
     /// Stream a camera or a recording through the model under a latency budget (JSON Lines).
     Run(RunArgs),
+    /// The whole pipeline on the bundled frames and model, with the live preview page.
+    Demo(DemoArgs),
     /// Measure this device's costs and write the profile `drape run` loads.
     Calibrate(CalibrateArgs),
     /// List V4L2 cameras and the formats they offer.
@@ -64,7 +70,7 @@ enum Command {
 #[derive(clap::Args)]
 struct SourceArgs {
     /// A camera (/dev/videoN), a directory of PNG/JPEG images, or a .y4m recording.
-    #[arg(long, default_value = "tests/fixtures/images")]
+    #[arg(long, default_value = "tests/fixtures/frames")]
     source: String,
     /// Frame rate to ask the camera for / to replay at (default: the recording's, else 30).
     #[arg(long)]
@@ -135,6 +141,22 @@ struct RunArgs {
     /// Write one JSON line per processed frame here (`-`: stdout).
     #[arg(long, default_value = "-")]
     jsonl: PathBuf,
+    /// Also serve the live preview, MJPEG, SSE and metrics on this address.
+    #[arg(long)]
+    http: Option<String>,
+    #[command(flatten)]
+    outputs: OutputArgs,
+}
+
+/// Options every streaming command shares.
+#[derive(clap::Args)]
+struct OutputArgs {
+    /// Also stream JSON lines to clients of this Unix socket.
+    #[arg(long)]
+    unix: Option<PathBuf>,
+    /// Streaming HTTP clients served at once; more get 503.
+    #[arg(long, default_value_t = 8)]
+    max_clients: usize,
     /// Stop after this many seconds.
     #[arg(long)]
     duration: Option<f64>,
@@ -144,6 +166,28 @@ struct RunArgs {
     /// Ignore any calibration profile and learn costs online.
     #[arg(long, conflicts_with = "profile")]
     no_profile: bool,
+    /// Mask encoding in the JSON lines.
+    #[arg(long, value_enum, default_value = "coco")]
+    rle: RleFormat,
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Address of the preview page (loopback by default; 0.0.0.0:8080 to show it on the LAN).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: String,
+    /// End-to-end latency budget per frame.
+    #[arg(long, default_value_t = 1000.0)]
+    budget_ms: f64,
+    /// Also write JSON lines here (`-`: stdout).
+    #[arg(long)]
+    jsonl: Option<PathBuf>,
+    #[command(flatten)]
+    outputs: OutputArgs,
 }
 
 #[derive(clap::Args)]
@@ -234,6 +278,9 @@ struct DetectArgs {
     /// Write a PNG with masks, boxes and labels drawn over the image.
     #[arg(long)]
     overlay: Option<PathBuf>,
+    /// Mask encoding in the JSON.
+    #[arg(long, value_enum, default_value = "coco")]
+    rle: RleFormat,
 }
 
 #[derive(clap::Args)]
@@ -299,7 +346,7 @@ fn detect(args: DetectArgs) -> Result<()> {
         (None, Some(_)) => None,
     };
     if let Some(target) = json_target {
-        let text = serde_json::to_string(&output::to_json(&model, &result))?;
+        let text = serde_json::to_string(&output::to_json(&model, &result, args.rle))?;
         if target == Path::new("-") {
             let mut out = std::io::stdout().lock();
             writeln!(out, "{text}")?;
@@ -384,34 +431,65 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    if !(args.budget_ms.is_finite() && args.budget_ms > 0.0) {
+    let jsonl = Some(args.jsonl);
+    stream(
+        &args.model,
+        &args.source,
+        args.budget_ms,
+        jsonl,
+        args.http,
+        &args.outputs,
+        false,
+    )
+}
+
+fn demo(mut args: DemoArgs) -> Result<()> {
+    // The bundled frames stand in for a camera: replay them for as long as the demo runs.
+    args.source.looping = true;
+    stream(
+        &args.model,
+        &args.source,
+        args.budget_ms,
+        args.jsonl,
+        Some(args.http),
+        &args.outputs,
+        true,
+    )
+}
+
+/// The shared body of `run` and `demo`: source → pipeline → JSONL / Unix socket / HTTP.
+fn stream(
+    model_args: &ModelArgs,
+    source_args: &SourceArgs,
+    budget_ms: f64,
+    jsonl: Option<PathBuf>,
+    http: Option<String>,
+    outputs: &OutputArgs,
+    announce: bool,
+) -> Result<()> {
+    if !(budget_ms.is_finite() && budget_ms > 0.0) {
         bail!("--budget-ms must be positive");
     }
-    let model = args.model.load()?;
-    let spec = args.source.spec();
+    let model = model_args.load()?;
+    let spec = source_args.spec();
     let source = drape::capture::open(&spec).with_context(|| format!("opening {}", spec.source))?;
-    eprintln!(
-        "drape: {} at a {} ms budget",
-        source.describe(),
-        args.budget_ms
-    );
+    eprintln!("drape: {} at a {budget_ms} ms budget", source.describe());
     let threads = rayon::current_num_threads();
     let base = (model.config().min_size, model.config().max_size);
-    let mut controller =
-        BudgetController::new(args.budget_ms, base, model.config().detections_per_img);
-    if !args.no_profile {
-        let path = args
+    let mut controller = BudgetController::new(budget_ms, base, model.config().detections_per_img);
+    if !outputs.no_profile {
+        let path = outputs
             .profile
             .clone()
             .unwrap_or_else(|| Profile::default_path(threads));
-        if path.exists() || args.profile.is_some() {
+        if path.exists() || outputs.profile.is_some() {
             let profile = Profile::load(&path)?;
-            let sha = drape::calibrate::sha256_file(&args.model.weights)?;
+            let sha = drape::calibrate::sha256_file(&model_args.weights)?;
             if profile.model_sha256 != sha {
                 tracing::warn!(profile = %path.display(), "profile was calibrated for another model; ignoring it");
             } else {
                 // The costs are facts about this device; the chosen size only fits its budget.
-                let level = if profile.budget_ms == args.budget_ms {
+                let level = if profile.budget_ms == budget_ms {
                     profile.level
                 } else {
                     0
@@ -421,25 +499,66 @@ fn run(args: RunArgs) -> Result<()> {
             }
         }
     }
-    let writer: Box<dyn Write> = if args.jsonl == Path::new("-") {
-        Box::new(std::io::stdout().lock())
-    } else {
-        Box::new(std::io::BufWriter::new(
-            std::fs::File::create(&args.jsonl)
-                .with_context(|| format!("creating {}", args.jsonl.display()))?,
-        ))
+
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    if let Some(path) = jsonl {
+        let writer: Box<dyn Write> = if path == Path::new("-") {
+            Box::new(std::io::stdout().lock())
+        } else {
+            Box::new(std::io::BufWriter::new(
+                std::fs::File::create(&path)
+                    .with_context(|| format!("creating {}", path.display()))?,
+            ))
+        };
+        sinks.push(Box::new(JsonLines(writer)));
+    }
+    let hub = Hub::new();
+    let _unix = match &outputs.unix {
+        Some(path) => Some(
+            UnixServer::bind(path, Arc::clone(&hub))
+                .with_context(|| format!("listening on {}", path.display()))?,
+        ),
+        None => None,
     };
-    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(JsonLines(writer))];
+    let _http = match &http {
+        Some(addr) => {
+            let options = HttpOptions {
+                max_clients: outputs.max_clients,
+                ..HttpOptions::default()
+            };
+            let server = HttpServer::bind(addr, Arc::clone(&hub), options)
+                .with_context(|| format!("serving HTTP on {addr}"))?;
+            let url = format!("http://{}/", server.local_addr());
+            if announce {
+                eprintln!("drape demo: open {url} in a browser (Ctrl-C to stop)");
+            } else {
+                eprintln!("drape: live preview at {url}");
+            }
+            Some(server)
+        }
+        None => None,
+    };
+    if outputs.unix.is_some() || http.is_some() {
+        sinks.push(Box::new(HubSink::new(
+            Arc::clone(&hub),
+            labels_by_id(&model),
+        )));
+    }
+    if sinks.is_empty() {
+        bail!("no output: give --jsonl, --http or --unix");
+    }
+
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("installing signal handlers")?;
     }
     let options = PipelineOptions {
-        budget_ms: args.budget_ms,
+        budget_ms,
         fps: spec.fps.unwrap_or(drape::capture::DEFAULT_FPS),
-        duration: args.duration.map(Duration::from_secs_f64),
+        duration: outputs.duration.map(Duration::from_secs_f64),
         slow_stage: None,
+        rle: outputs.rle,
     };
     let summary = pipeline::run(&model, source, controller, &mut sinks, &options, &stop)?;
     print_summary(&summary);
@@ -568,6 +687,7 @@ fn main() -> ExitCode {
         Command::Detect(args) => detect(args),
         Command::Bench(args) => bench(args, process_start),
         Command::Run(args) => run(args),
+        Command::Demo(args) => demo(args),
         Command::Calibrate(args) => calibrate(args),
         Command::Cameras { json } => cameras(json),
     };

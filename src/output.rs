@@ -10,20 +10,31 @@ use serde::{Serialize, Serializer};
 use crate::model::{Detections, MaskRcnn};
 use crate::postprocess::{Instance, Rle};
 
-/// `[{"class_id", "label", "score", "box", "mask": {"size", "counts"} | null}, ...]`.
-pub struct InstancesJson<'a>(pub &'a MaskRcnn, pub &'a [Instance]);
+/// How masks are written in JSON.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RleFormat {
+    /// `{"size": [H, W], "counts": "<COCO compressed RLE>"}`, as `pycocotools.mask.encode`.
+    #[default]
+    Coco,
+    /// `{"size": [H, W], "encoded_pixels": "start length ..."}`: iMaterialist/Kaggle runs of
+    /// foreground, 1-indexed, column-major.
+    Kaggle,
+}
+
+/// `[{"class_id", "label", "score", "box", "mask": {...} | null}, ...]`.
+pub struct InstancesJson<'a>(pub &'a MaskRcnn, pub &'a [Instance], pub RleFormat);
 
 impl Serialize for InstancesJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut seq = s.serialize_seq(Some(self.1.len()))?;
         for i in self.1 {
-            seq.serialize_element(&InstanceJson(self.0, i))?;
+            seq.serialize_element(&InstanceJson(self.0, i, self.2))?;
         }
         seq.end()
     }
 }
 
-struct InstanceJson<'a>(&'a MaskRcnn, &'a Instance);
+struct InstanceJson<'a>(&'a MaskRcnn, &'a Instance, RleFormat);
 
 impl Serialize for InstanceJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -33,25 +44,29 @@ impl Serialize for InstanceJson<'_> {
         m.serialize_entry("label", model.label(i.class_id))?;
         m.serialize_entry("score", &i.score)?;
         m.serialize_entry("box", &i.bbox)?;
-        m.serialize_entry("mask", &i.mask.as_ref().map(CocoRleJson))?;
+        m.serialize_entry("mask", &i.mask.as_ref().map(|r| MaskJson(r, self.2)))?;
         m.end()
     }
 }
 
-/// `{"size": [H, W], "counts": "<COCO compressed RLE>"}`.
-pub struct CocoRleJson<'a>(pub &'a Rle);
+/// A mask in the chosen format.
+pub struct MaskJson<'a>(pub &'a Rle, pub RleFormat);
 
-impl Serialize for CocoRleJson<'_> {
+impl Serialize for MaskJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = s.serialize_map(Some(2))?;
         m.serialize_entry("size", &[self.0.height, self.0.width])?;
-        m.serialize_entry("counts", &CountsStr(self.0))?;
+        let key = match self.1 {
+            RleFormat::Coco => "counts",
+            RleFormat::Kaggle => "encoded_pixels",
+        };
+        m.serialize_entry(key, &CountsStr(self))?;
         m.end()
     }
 }
 
-/// The compressed counts, written character by character as the serialiser asks.
-struct CountsStr<'a>(&'a Rle);
+/// The encoded counts, written character by character as the serialiser asks.
+struct CountsStr<'a>(&'a MaskJson<'a>);
 
 impl Serialize for CountsStr<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -61,13 +76,16 @@ impl Serialize for CountsStr<'_> {
 
 impl fmt::Display for CountsStr<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.write_coco_string(f)
+        match self.0 .1 {
+            RleFormat::Coco => self.0 .0.write_coco_string(f),
+            RleFormat::Kaggle => self.0 .0.write_kaggle_string(f),
+        }
     }
 }
 
 /// `{"width", "height", "timings_ms", "instances"}`, instances by descending score.
-pub fn to_json(model: &MaskRcnn, d: &Detections) -> serde_json::Value {
-    struct Json<'a>(&'a MaskRcnn, &'a Detections);
+pub fn to_json(model: &MaskRcnn, d: &Detections, format: RleFormat) -> serde_json::Value {
+    struct Json<'a>(&'a MaskRcnn, &'a Detections, RleFormat);
     impl Serialize for Json<'_> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             let d = self.1;
@@ -75,9 +93,9 @@ pub fn to_json(model: &MaskRcnn, d: &Detections) -> serde_json::Value {
             m.serialize_entry("width", &d.width)?;
             m.serialize_entry("height", &d.height)?;
             m.serialize_entry("timings_ms", &d.timings.summary())?;
-            m.serialize_entry("instances", &InstancesJson(self.0, &d.instances))?;
+            m.serialize_entry("instances", &InstancesJson(self.0, &d.instances, self.2))?;
             m.end()
         }
     }
-    serde_json::to_value(Json(model, d)).expect("plain data serialises")
+    serde_json::to_value(Json(model, d, format)).expect("plain data serialises")
 }

@@ -24,6 +24,7 @@ use crate::capture::{CaptureError, CaptureStats, Frame, FrameSource};
 use crate::error::{Error, Result};
 use crate::model::transform::Transform;
 use crate::model::{Detections, FrameSettings, MaskRcnn, Timings, Workspace};
+use crate::output::RleFormat;
 
 /// Input short sides as fractions of the model's own: 800 → 640 → 512 → 384 for torchvision's
 /// default.
@@ -338,6 +339,17 @@ pub struct Counters {
     pub budget_misses: u64,
 }
 
+impl Counters {
+    /// Takes the source's and the slot's counts.
+    fn absorb(&mut self, source: &CaptureStats, superseded: u64) {
+        self.captured = source.frames;
+        self.corrupt = source.corrupt;
+        self.driver_dropped = source.driver_dropped;
+        self.reconnects = source.reconnects;
+        self.dropped_superseded = superseded;
+    }
+}
+
 /// What `drape run` prints on exit.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -351,20 +363,32 @@ pub struct Summary {
 
 /// Where results go. Every sink gets every processed frame; a sink must not block the loop.
 pub trait Sink {
-    /// `line` is the frame's JSON (no trailing newline).
-    fn frame(&mut self, line: &[u8], frame: &Frame, result: &Detections) -> std::io::Result<()>;
+    /// `line` is the frame's JSON (no trailing newline); `counters` the run's so far,
+    /// this frame included.
+    fn frame(&mut self, out: &Emitted<'_>) -> std::io::Result<()>;
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
 }
 
-/// JSON Lines to any writer (stdout, a file).
+/// Everything a sink gets about one processed frame.
+pub struct Emitted<'a> {
+    pub line: &'a [u8],
+    pub frame: &'a Frame,
+    pub result: &'a Detections,
+    pub latency_ms: f64,
+    pub counters: &'a Counters,
+}
+
+/// JSON Lines to any writer (stdout, a file), flushed per frame so a reader downstream sees
+/// each result as it is made.
 pub struct JsonLines<W: Write>(pub W);
 
 impl<W: Write> Sink for JsonLines<W> {
-    fn frame(&mut self, line: &[u8], _: &Frame, _: &Detections) -> std::io::Result<()> {
-        self.0.write_all(line)?;
-        self.0.write_all(b"\n")
+    fn frame(&mut self, out: &Emitted<'_>) -> std::io::Result<()> {
+        self.0.write_all(out.line)?;
+        self.0.write_all(b"\n")?;
+        self.0.flush()
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -382,6 +406,7 @@ pub struct PipelineOptions {
     /// Test hook: extra milliseconds per megapixel of model input, slept after each frame's
     /// model run and booked to the backbone, to exercise the budget controller.
     pub slow_stage: Option<Arc<AtomicU64>>,
+    pub rle: RleFormat,
 }
 
 /// Runs until the source ends, `stop` is set, or `duration` passes. The capture thread is
@@ -476,16 +501,16 @@ pub fn run(
             controller.observe(size, settings, &result.timings, result.masked);
             let latency_ms = front.captured.elapsed().as_secs_f64() * 1e3;
             let met = latency_ms <= options.budget_ms;
-            write_record(&mut line, model, &front, &result, age_ms, latency_ms, met)?;
-            for sink in sinks.iter_mut() {
-                if let Err(e) = sink.frame(&line, &front, &result) {
-                    tracing::warn!("output failed: {e}");
-                    failure = Some(format!("output failed: {e}"));
-                }
-            }
-            if failure.is_some() {
-                break;
-            }
+            write_record(
+                &mut line,
+                model,
+                &front,
+                &result,
+                age_ms,
+                latency_ms,
+                met,
+                options.rle,
+            )?;
             counters.processed += 1;
             if !met {
                 counters.budget_misses += 1;
@@ -495,6 +520,24 @@ pub fn run(
                     budget_ms = options.budget_ms,
                     "budget missed"
                 );
+            }
+            let stats = *source_stats.lock().unwrap_or_else(|e| e.into_inner());
+            counters.absorb(&stats, slot.superseded());
+            let emitted = Emitted {
+                line: &line,
+                frame: &front,
+                result: &result,
+                latency_ms,
+                counters: &counters,
+            };
+            for sink in sinks.iter_mut() {
+                if let Err(e) = sink.frame(&emitted) {
+                    tracing::warn!("output failed: {e}");
+                    failure = Some(format!("output failed: {e}"));
+                }
+            }
+            if failure.is_some() {
+                break;
             }
             latency.push(latency_ms);
             ages.push(age_ms);
@@ -517,11 +560,7 @@ pub fn run(
         let mut leftover = Frame::with_capacity(0, 0);
         let unclaimed = matches!(slot.take(&mut leftover, Duration::ZERO), Take::Frame) as u64;
         let stats = *source_stats.lock().unwrap_or_else(|e| e.into_inner());
-        counters.captured = stats.frames;
-        counters.corrupt = stats.corrupt;
-        counters.driver_dropped = stats.driver_dropped;
-        counters.reconnects = stats.reconnects;
-        counters.dropped_superseded = slot.superseded() + unclaimed;
+        counters.absorb(&stats, slot.superseded() + unclaimed);
         if let Some(error) = failure {
             return Err(Error::Config(error));
         }
@@ -543,6 +582,7 @@ pub fn run(
 
 /// Replaces `line` with the frame's JSON: the `drape detect` object plus the pipeline's fields.
 /// Serialises straight into the reused buffer.
+#[allow(clippy::too_many_arguments)]
 pub fn write_record(
     line: &mut Vec<u8>,
     model: &MaskRcnn,
@@ -551,6 +591,7 @@ pub fn write_record(
     age_ms: f64,
     latency_ms: f64,
     budget_met: bool,
+    rle: RleFormat,
 ) -> Result<()> {
     line.clear();
     let record = FrameRecord {
@@ -560,6 +601,7 @@ pub fn write_record(
         age_ms,
         latency_ms,
         budget_met,
+        rle,
     };
     serde_json::to_writer(line, &record)
         .map_err(|e| Error::Config(format!("serialising frame {}: {e}", frame.seq)))
@@ -573,6 +615,7 @@ struct FrameRecord<'a> {
     age_ms: f64,
     latency_ms: f64,
     budget_met: bool,
+    rle: RleFormat,
 }
 
 impl Serialize for FrameRecord<'_> {
@@ -592,7 +635,7 @@ impl Serialize for FrameRecord<'_> {
         m.serialize_entry("height", &r.height)?;
         m.serialize_entry(
             "instances",
-            &crate::output::InstancesJson(self.model, &r.instances),
+            &crate::output::InstancesJson(self.model, &r.instances, self.rle),
         )?;
         m.end()
     }

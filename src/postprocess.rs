@@ -100,6 +100,22 @@ impl Rle {
         Ok(())
     }
 
+    /// The iMaterialist/Kaggle form: `start length` pairs of foreground runs, starts
+    /// 1-indexed in column-major order, space-separated.
+    pub fn write_kaggle_string(&self, out: &mut impl std::fmt::Write) -> std::fmt::Result {
+        let mut pos = 0u64;
+        let mut first = true;
+        for (i, &c) in self.counts.iter().enumerate() {
+            if i % 2 == 1 && c > 0 {
+                let sep = if first { "" } else { " " };
+                write!(out, "{sep}{} {c}", pos + 1)?;
+                first = false;
+            }
+            pos += c as u64;
+        }
+        Ok(())
+    }
+
     pub fn to_coco_string(&self) -> String {
         let mut s = String::new();
         self.write_coco_string(&mut s).expect("writing to a String");
@@ -288,6 +304,20 @@ mod tests {
         // Column-major: 1 1 | 0 0 | 1 0
         assert_eq!(r.counts, vec![0, 2, 2, 1, 1]);
         assert_eq!(r.area(), 3);
+    }
+
+    #[test]
+    fn kaggle_runs_are_one_indexed_and_column_major() {
+        // 3×2 row-major: first pixel (0,0) set, last pixel (2,1) set, and (1,1).
+        // Column-major order: (0,0) (1,0) (2,0) (0,1) (1,1) (2,1) → 1 0 0 0 1 1.
+        let r = Rle::encode(&[1, 0, 0, 1, 0, 1], 3, 2);
+        let mut s = String::new();
+        r.write_kaggle_string(&mut s).unwrap();
+        assert_eq!(s, "1 1 5 2");
+        let empty = Rle::encode(&[0; 6], 3, 2);
+        let mut s = String::new();
+        empty.write_kaggle_string(&mut s).unwrap();
+        assert_eq!(s, "");
     }
 
     #[test]

@@ -149,7 +149,17 @@ fn steady_state_host_stages_do_not_allocate() {
         tally(5, per_stage);
         result.width = front.width;
         result.height = front.height;
-        write_record(&mut line, &model, &front, &result, 1.0, 2.0, true).unwrap();
+        write_record(
+            &mut line,
+            &model,
+            &front,
+            &result,
+            1.0,
+            2.0,
+            true,
+            Default::default(),
+        )
+        .unwrap();
     };
 
     let mut warmup = per_stage;

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use drape::capture::{self, CaptureError, CaptureStats, Frame, FrameSource, SourceSpec};
-use drape::model::Detections;
-use drape::pipeline::{self, BudgetController, PipelineOptions, Sink};
+use drape::pipeline::{self, BudgetController, Emitted, PipelineOptions, Sink};
 use drape::MaskRcnn;
 
 fn model() -> MaskRcnn {
@@ -44,8 +43,8 @@ struct Recorder<F: FnMut(usize)> {
 }
 
 impl<F: FnMut(usize)> Sink for Recorder<F> {
-    fn frame(&mut self, line: &[u8], _: &Frame, _: &Detections) -> std::io::Result<()> {
-        let v: serde_json::Value = serde_json::from_slice(line).expect("each line is JSON");
+    fn frame(&mut self, out: &Emitted<'_>) -> std::io::Result<()> {
+        let v: serde_json::Value = serde_json::from_slice(out.line).expect("each line is JSON");
         let mut seen = self.seen.lock().unwrap();
         seen.push(Seen {
             age_ms: v["age_ms"].as_f64().unwrap(),
@@ -81,6 +80,7 @@ fn replay_at_30_fps_never_starts_on_a_stale_frame_and_counts_every_drop() {
         fps: 30.0,
         duration: Some(Duration::from_secs(3)),
         slow_stage: None,
+        rle: Default::default(),
     };
     let summary = pipeline::run(
         &m,
@@ -187,6 +187,7 @@ fn budget_controller_steps_down_under_a_slow_stage_and_back_up_without_it() {
         fps: 50.0,
         duration: Some(Duration::from_secs(60)),
         slow_stage: Some(slow),
+        rle: Default::default(),
     };
     let summary = pipeline::run(&m, source, controller, &mut sinks, &options, &stop).unwrap();
     let seen = seen.lock().unwrap();

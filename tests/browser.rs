@@ -1,0 +1,259 @@
+//! The README's demo in a real browser: `drape demo` on the bundled frames and model, the page
+//! loaded in headless Chromium through ChromeDriver (WebDriver), live instances and latency
+//! stats must appear, and a screenshot is saved to `target/demo-screenshot.png`.
+//!
+//! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::{json, Value};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the child when the test ends, however it ends.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One HTTP/1.1 request with a JSON body; returns (status, body).
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    // Read the head, then exactly Content-Length bytes: ChromeDriver keeps connections open.
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    let end = loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    let mut body = raw[end + 4..].to_vec();
+    match length {
+        Some(n) => {
+            while body.len() < n {
+                let got = s.read(&mut buf)?;
+                if got == 0 {
+                    break;
+                }
+                body.extend_from_slice(&buf[..got]);
+            }
+        }
+        None => {
+            s.read_to_end(&mut body)?;
+            if head.contains("transfer-encoding: chunked") {
+                body = dechunk(&body);
+            }
+        }
+    }
+    Ok((status, body))
+}
+
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&raw[..eol]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&raw[eol + 2..eol + 2 + size]);
+        raw = &raw[eol + 4 + size..];
+    }
+    out
+}
+
+fn webdriver(port: u16, method: &str, path: &str, body: Option<Value>) -> Value {
+    let (status, body) = http(port, method, path, body.as_ref()).expect("chromedriver answers");
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    assert!(status == 200, "WebDriver {method} {path}: {status} {v}");
+    v["value"].clone()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn demo_page_shows_live_instances_in_headless_chromium() {
+    for tool in [CHROMIUM, CHROMEDRIVER] {
+        assert!(
+            std::path::Path::new(tool).exists(),
+            "{tool} is missing: apt-get install chromium chromium-driver (as .ci/run does)"
+        );
+    }
+    let demo_port = free_port();
+    let _demo = Guard(
+        Command::new(env!("CARGO_BIN_EXE_drape"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args([
+                "demo",
+                "--http",
+                &format!("127.0.0.1:{demo_port}"),
+                "--no-profile",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the demo server", Duration::from_secs(60), || {
+        matches!(http(demo_port, "GET", "/healthz", None), Ok((200, _)))
+    });
+
+    let driver_port = free_port();
+    let _driver = Guard(
+        Command::new(CHROMEDRIVER)
+            .arg(format!("--port={driver_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("chromedriver", Duration::from_secs(30), || {
+        matches!(http(driver_port, "GET", "/status", None), Ok((200, _)))
+    });
+    let profile = tempfile::tempdir().unwrap();
+    let session = webdriver(
+        driver_port,
+        "POST",
+        "/session",
+        Some(json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": CHROMIUM,
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                         "--disable-background-networking", "--disable-component-update",
+                         "--disable-sync", "--window-size=1280,720",
+                         format!("--user-data-dir={}", profile.path().display())]
+            }
+        }}})),
+    );
+    let id = session["sessionId"]
+        .as_str()
+        .expect("a session id")
+        .to_string();
+    webdriver(
+        driver_port,
+        "POST",
+        &format!("/session/{id}/url"),
+        Some(json!({"url": format!("http://127.0.0.1:{demo_port}/")})),
+    );
+
+    let find = |selector: &str| {
+        webdriver(
+            driver_port,
+            "POST",
+            &format!("/session/{id}/elements"),
+            Some(json!({"using": "css selector", "value": selector})),
+        )
+        .as_array()
+        .map_or(0, Vec::len)
+    };
+    let text_of = |selector: &str| {
+        let el = webdriver(
+            driver_port,
+            "POST",
+            &format!("/session/{id}/element"),
+            Some(json!({"using": "css selector", "value": selector})),
+        );
+        let handle = el
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_str)
+            .unwrap()
+            .to_string();
+        webdriver(
+            driver_port,
+            "GET",
+            &format!("/session/{id}/element/{handle}/text"),
+            None,
+        )
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+    };
+    wait_until(
+        "live instances on the page",
+        Duration::from_secs(60),
+        || find("li.instance") > 0,
+    );
+    wait_until("latency stats on the page", Duration::from_secs(30), || {
+        text_of("#p50").ends_with("ms")
+    });
+    // The live view is the MJPEG stream: wait until the image has pixels.
+    wait_until("the live view", Duration::from_secs(30), || {
+        webdriver(
+            driver_port,
+            "POST",
+            &format!("/session/{id}/execute/sync"),
+            Some(json!({"script": "return document.getElementById('live').naturalWidth", "args": []})),
+        )
+        .as_u64()
+        .unwrap_or(0)
+            > 0
+    });
+
+    let png = webdriver(
+        driver_port,
+        "GET",
+        &format!("/session/{id}/screenshot"),
+        None,
+    );
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(png.as_str().unwrap())
+        .unwrap();
+    let shot = image::load_from_memory_with_format(&png, image::ImageFormat::Png).unwrap();
+    assert!(shot.width() >= 800);
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/demo-screenshot.png");
+    std::fs::write(&out, &png).unwrap();
+    webdriver(driver_port, "DELETE", &format!("/session/{id}"), None);
+}
