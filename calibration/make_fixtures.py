@@ -4,6 +4,7 @@ Usage (from the repository root, with the project venv):
 
     /work/venv/bin/python calibration/make_fixtures.py             # small committed set -> tests/fixtures/
     /work/venv/bin/python calibration/make_fixtures.py --full DIR  # ResNet-50-FPN set -> DIR (not committed)
+    /work/venv/bin/python calibration/make_fixtures.py --full DIR --time-only  # just redo the timings
 
 Pretrained weights cannot be downloaded here, so every model is torchvision's own
 architecture with seeded random init, made "realistic enough" by:
@@ -20,6 +21,9 @@ Everything is seeded; reruns on the same torch build reproduce the files.
 """
 
 import argparse
+import shutil
+import subprocess
+import sys
 import json
 import statistics
 import time
@@ -52,6 +56,7 @@ CALIB_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket"]  # used with their m
 # box head's (10,10,5,5), hence the different delta scales; both move boxes visibly off
 # their anchors/proposals (median IoU proposal vs refined box ~0.5) without hitting clamps.
 HEAD_TARGETS = dict(rpn_obj_std=2.0, rpn_delta_std=0.15, box_delta_std=1.5)
+FPN_TILT = 1.6  # see tilt_fpn
 
 
 # ----------------------------------------------------------------------------- models
@@ -158,6 +163,30 @@ def calibrate_batchnorm(model, photos):
     model.eval()
 
 
+def rescale_(layer, scale, shift=None):
+    """out -> scale * (out - shift) for a Linear/Conv layer, per output channel."""
+    layer.weight *= scale
+    if shift is not None:
+        layer.bias -= shift
+    layer.bias *= scale
+
+
+@torch.no_grad()
+def tilt_fpn(model, photos, tilt):
+    """Rescale FPN output level i to std(level 0) * tilt**i over the calibration photos.
+
+    With a random RPN head (shared over levels), objectness spread follows the feature
+    spread, which a random FPN gives to the fine levels (and they have the most anchors),
+    so nearly all proposals would be small and RoIAlign would only ever read FPN levels
+    0-1. Giving the coarse levels more spread yields proposals and detections of all sizes
+    (on 800 px images; 160x224 images are too small for RoIAlign levels 2-3 anyway).
+    """
+    feats = [model.backbone(model.transform([x])[0].tensors) for x in photos]
+    stds = [torch.cat([f[str(i)].flatten() for f in feats]).std() for i in range(4)]
+    for i, block in enumerate(model.backbone.fpn.layer_blocks):
+        rescale_(block[0], stds[0] * tilt**i / stds[i])  # the 'pool' level follows level 3
+
+
 @torch.no_grad()
 def head_io(model, module, photos):
     """Run the full model on the photos; return `module`'s first input and its outputs.
@@ -172,14 +201,6 @@ def head_io(model, module, photos):
     handle.remove()
     flat = lambda t: torch.cat([v.flatten() for v in t]) if isinstance(t, list) else t
     return tuple(torch.cat([flat(g[j]) for g in got]) for j in range(len(got[0])))
-
-
-def rescale_(layer, scale, shift=None):
-    """out -> scale * (out - shift) for a Linear/Conv layer, per output channel."""
-    layer.weight *= scale
-    if shift is not None:
-        layer.bias -= shift
-    layer.bias *= scale
 
 
 @torch.no_grad()
@@ -237,6 +258,7 @@ def build(name):
     calibrate_batchnorm(model, photos)
     if cfg["bn_eps"] == "0.0":
         freeze_batchnorm(model.backbone.body, eps=0.0)
+    tilt_fpn(model, photos, FPN_TILT)
     spread_heads(model, photos, **dict(HEAD_TARGETS, **cfg["heads"]))
     return model.eval(), round_to_f16(model)
 
@@ -251,7 +273,7 @@ MODELS = {
                      heads=dict(cls_std=5.0, bg_gain=12.0),
                      labels=["shirt", "pants", "shoe", "bag", "hat"]),
     "r50": dict(make=lambda: maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=47),
-                bn_eps="1e-05", heads=dict(cls_std=4.0, bg_gain=14.0)),
+                bn_eps="1e-05", heads=dict(cls_std=5.0, bg_gain=16.0)),
 }
 
 
@@ -399,45 +421,74 @@ def small_set(root):
     img_dir.mkdir(parents=True, exist_ok=True)
     # The odd size also has odd scaling (97 -> 160 is x1.649) and padding on both axes.
     sources = {"landscape": ("coffee", 200, 150), "portrait": ("astronaut", 150, 200), "odd": ("astronaut", 131, 97)}
-    images = {}
+    images = {stem: img_dir / f"{stem}.png" for stem in sources}
     for stem, (photo, w, h) in sources.items():
-        crop_resize(getattr(skimage.data, photo)(), w, h).save(img_dir / f"{stem}.png")
-        images[stem] = img_dir / f"{stem}.png"
+        crop_resize(getattr(skimage.data, photo)(), w, h).save(images[stem])
     for name in ("tiny_r50", "tiny_r18"):
         write_model_fixtures(name, images, root, complete=False)
     (root / "transform_sizes.json").write_text(json.dumps(transform_sizes(), indent=1) + "\n")
+
+
+FULL_IMAGES = [("astronaut", 512, 512), ("coffee", 600, 400), ("chelsea", 451, 300), ("rocket", 640, 480)]
+
+
+def full_images(root):
+    return {stem: root / "images" / f"{stem}.png" for stem, _, _ in FULL_IMAGES}
 
 
 def full_set(root):
     torch.set_num_threads(2)
     img_dir = root / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
-    images = {}
-    for stem, w, h in [("astronaut", 512, 512), ("coffee", 600, 400), ("chelsea", 451, 300), ("rocket", 640, 480)]:
-        crop_resize(getattr(skimage.data, stem)(), w, h).save(img_dir / f"{stem}.png")  # no-op resize unless rocket
-        images[stem] = img_dir / f"{stem}.png"
-    model = write_model_fixtures("r50", images, root, complete=True)
+    for stem, w, h in FULL_IMAGES:
+        crop_resize(getattr(skimage.data, stem)(), w, h).save(img_dir / f"{stem}.png")  # rocket: 427x640 -> 480x640
+    model = write_model_fixtures("r50", full_images(root), root, complete=True)
+    time_torchvision(model, root)
 
+
+@torch.inference_mode()
+def time_torchvision(model, root):
+    """Median of 3 end-to-end runs (after 1 warm-up) per image on 2 threads -> torchvision_timing.json."""
+    torch.set_num_threads(2)
     timing = {}
-    with torch.inference_mode():
-        for stem, path in images.items():
-            img = load_image(path)
-            model([img])  # warm-up
-            runs = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                model([img])
-                runs.append((time.perf_counter() - t0) * 1000)
-            timing[stem] = round(statistics.median(runs), 1)
-            print(f"torchvision r50 {stem}: {timing[stem]} ms (runs {[round(r) for r in runs]})")
+    for stem, path in full_images(root).items():
+        img = load_image(path)
+        model([img])
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            model([img])
+            runs.append((time.perf_counter() - t0) * 1000)
+        timing[stem] = round(statistics.median(runs), 1)
+        print(f"torchvision r50 {stem}: {timing[stem]} ms (runs {[round(r) for r in runs]})")
     (root / "r50" / "torchvision_timing.json").write_text(json.dumps(timing, indent=1) + "\n")
+
+
+def load_r50(root):
+    """The --full model back from its f16 file (for --time-only)."""
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=47)
+    sd = safetensors.torch.load_file(str(root / "r50" / "model.safetensors"))
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
+    return model.eval()
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", metavar="OUTDIR", type=Path, help="write the full ResNet-50-FPN set to OUTDIR instead")
+    ap.add_argument("--time-only", action="store_true", help="with --full: only redo torchvision_timing.json "
+                    "from the files already in OUTDIR (timings need an otherwise idle machine)")
     args = ap.parse_args()
-    if args.full:
+    if args.time_only and not args.full:
+        ap.error("--time-only needs --full OUTDIR")
+    if args.time_only:
+        time_torchvision(load_r50(args.full), args.full)
+    elif args.full:
         full_set(args.full)
     else:
         small_set(REPO / "tests" / "fixtures")
+        # Files derived from the tiny model: the bundled demo weights and the torch.save
+        # checkpoints the converter tests read (they compare bytes with tiny_r50's weights).
+        shutil.copyfile(REPO / "tests" / "fixtures" / "tiny_r50" / "model.safetensors",
+                        REPO / "weights" / "drape-tiny-r50.safetensors")
+        subprocess.run([sys.executable, str(REPO / "calibration" / "make_checkpoints.py")], check=True)
