@@ -21,11 +21,11 @@ Everything is seeded; reruns on the same torch build reproduce the files.
 """
 
 import argparse
+import json
 import shutil
+import statistics
 import subprocess
 import sys
-import json
-import statistics
 import time
 from pathlib import Path
 

@@ -52,6 +52,10 @@ enum Command {
     Detect(DetectArgs),
     /// Time every stage over repeated runs on one image (median, p99, allocations, RSS).
     Bench(BenchArgs),
+    /// Convert a PyTorch checkpoint (.pth/.pt) to the safetensors file drape loads.
+    Convert(drape::convert::ConvertArgs),
+    /// Describe a weights file and check that drape can run it.
+    Inspect(drape::inspect::InspectArgs),
     /// Stream a camera or a recording through the model under a latency budget (JSON Lines).
     Run(RunArgs),
     /// The whole pipeline on the bundled frames and model, with the live preview page.
@@ -686,6 +690,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Detect(args) => detect(args),
         Command::Bench(args) => bench(args, process_start),
+        Command::Convert(args) => drape::convert::run(args),
+        Command::Inspect(args) => drape::inspect::run(args),
         Command::Run(args) => run(args),
         Command::Demo(args) => demo(args),
         Command::Calibrate(args) => calibrate(args),
