@@ -159,6 +159,9 @@ pub fn calibrate(
     let controller = BudgetController::new(budget_ms, base, full);
     let mut ws = Workspace::default();
     let mut out = Detections::default();
+    // One untimed run first: the first frame pays for page faults and lazy set-up.
+    let (rgb, size) = &frames[0];
+    model.detect_into(rgb, *size, model.default_settings(), &mut ws, &mut out)?;
     let mut measured = Vec::new();
     for &(min_size, max_size) in controller.ladder() {
         let mut fixed = Vec::new();
