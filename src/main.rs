@@ -559,7 +559,6 @@ fn stream(
     }
     let options = PipelineOptions {
         budget_ms,
-        fps: spec.fps.unwrap_or(drape::capture::DEFAULT_FPS),
         duration: outputs.duration.map(Duration::from_secs_f64),
         slow_stage: None,
         rle: outputs.rle,

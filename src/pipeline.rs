@@ -399,8 +399,6 @@ impl<W: Write> Sink for JsonLines<W> {
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
     pub budget_ms: f64,
-    /// The source's nominal frame rate: a frame older than one period is stale.
-    pub fps: f64,
     /// Stop after this long (None: until the source ends or `stop` is set).
     pub duration: Option<Duration>,
     /// Test hook: extra milliseconds per megapixel of model input, slept after each frame's
@@ -419,17 +417,18 @@ pub fn run(
     options: &PipelineOptions,
     stop: &AtomicBool,
 ) -> Result<Summary> {
+    let fps = source.fps();
     let positive = |v: f64| v.is_finite() && v > 0.0;
-    if !positive(options.budget_ms) || !positive(options.fps) {
+    if !positive(options.budget_ms) || !positive(fps) {
         return Err(Error::Config(format!(
-            "budget ({} ms) and fps ({}) must be positive",
-            options.budget_ms, options.fps
+            "budget ({} ms) and the source's frame rate ({fps}) must be positive",
+            options.budget_ms
         )));
     }
     let slot = LatestFrame::new(Frame::with_capacity(0, 0));
     let source_stats = Mutex::new(CaptureStats::default());
     let capture_done = AtomicBool::new(false);
-    let period_ms = 1e3 / options.fps;
+    let period_ms = 1e3 / fps;
     let started = Instant::now();
     let deadline = options.duration.map(|d| started + d);
 

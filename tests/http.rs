@@ -66,7 +66,6 @@ impl Running {
                     vec![Box::new(HubSink::new(hub, labels_by_id(&model)))];
                 let options = PipelineOptions {
                     budget_ms: 2000.0,
-                    fps: 15.0,
                     duration: Some(Duration::from_secs(120)),
                     slow_stage: None,
                     rle: Default::default(),

@@ -77,7 +77,6 @@ fn replay_at_30_fps_never_starts_on_a_stale_frame_and_counts_every_drop() {
     let controller = BudgetController::new(1000.0, (160, 224), 100);
     let options = PipelineOptions {
         budget_ms: 1000.0,
-        fps: 30.0,
         duration: Some(Duration::from_secs(3)),
         slow_stage: None,
         rle: Default::default(),
@@ -147,6 +146,9 @@ impl FrameSource for Ticker {
     fn describe(&self) -> String {
         "ticker".into()
     }
+    fn fps(&self) -> f64 {
+        1.0 / self.period.as_secs_f64()
+    }
 }
 
 #[test]
@@ -184,7 +186,6 @@ fn budget_controller_steps_down_under_a_slow_stage_and_back_up_without_it() {
     let top = controller.ladder()[0];
     let options = PipelineOptions {
         budget_ms: budget,
-        fps: 50.0,
         duration: Some(Duration::from_secs(60)),
         slow_stage: Some(slow),
         rle: Default::default(),

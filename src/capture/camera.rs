@@ -210,6 +210,11 @@ impl<D: Device, S: Sleep> CameraSource<D, S> {
 }
 
 impl<D: Device, S: Sleep> FrameSource for CameraSource<D, S> {
+    /// The rate negotiated with the driver (the last one, while reconnecting).
+    fn fps(&self) -> f64 {
+        self.last_format.fps
+    }
+
     fn next_frame(&mut self, frame: &mut Frame) -> Result<(), CaptureError> {
         loop {
             let format = match self.format {

@@ -89,6 +89,8 @@ pub trait FrameSource: Send {
     fn stats(&self) -> CaptureStats;
     /// One line for logs, e.g. `/dev/video0 YUYV 640x480 @30fps`.
     fn describe(&self) -> String;
+    /// The nominal frame rate: a frame older than one period is stale.
+    fn fps(&self) -> f64;
 }
 
 impl<S: FrameSource + ?Sized> FrameSource for Box<S> {
@@ -100,6 +102,9 @@ impl<S: FrameSource + ?Sized> FrameSource for Box<S> {
     }
     fn describe(&self) -> String {
         (**self).describe()
+    }
+    fn fps(&self) -> f64 {
+        (**self).fps()
     }
 }
 

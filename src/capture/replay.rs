@@ -170,6 +170,10 @@ fn load_images(dir: &Path) -> Result<(Vec<Vec<u8>>, usize, usize), CaptureError>
 }
 
 impl FrameSource for ReplaySource {
+    fn fps(&self) -> f64 {
+        self.fps
+    }
+
     fn next_frame(&mut self, frame: &mut Frame) -> Result<(), CaptureError> {
         let count = self.frames.len() as u64;
         let now = Instant::now();

@@ -241,6 +241,10 @@ impl<S: FrameSource> FrameSource for TransformedSource<S> {
         Ok(())
     }
 
+    fn fps(&self) -> f64 {
+        self.inner.fps()
+    }
+
     fn stats(&self) -> CaptureStats {
         self.inner.stats()
     }
