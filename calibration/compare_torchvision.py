@@ -12,6 +12,7 @@ torchvision and benchmarks that. Needs torch, torchvision and safetensors.
 """
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import time
@@ -103,7 +104,9 @@ def main():
     print(f"{'drape':12} {d_med:>10.0f} {d_p99:>10.0f}")
     print(f"{'torchvision':12} {t_med:>10.0f} {t_p99:>10.0f}")
     print(f"drape / torchvision median: {d_med / t_med:.2f}")
-    print(f"peak RSS drape {drape['peak_rss_mb']:.0f} MiB")
+    # ru_maxrss is this process only (drape ran as a child): torchvision's own peak, in KiB.
+    torch_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS: drape {drape['peak_rss_mb']:.0f} MiB, torchvision {torch_rss:.0f} MiB")
 
 
 if __name__ == "__main__":
