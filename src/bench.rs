@@ -21,6 +21,10 @@ pub struct BenchReport {
     /// does not count allocations).
     pub model_allocs_per_frame: f64,
     pub peak_rss_mb: Option<f64>,
+    /// Where the model ran, e.g. `Cpu`, `Cuda { gpu_id: 0 }`.
+    pub device: String,
+    /// After the timed runs; `None` on the CPU and on Metal.
+    pub device_memory: Option<crate::device::DeviceMemory>,
     pub load_ms: f64,
     /// Process start to the end of the first result.
     pub cold_start_ms: f64,
@@ -105,6 +109,8 @@ pub fn run(
         stages,
         model_allocs_per_frame: allocs as f64 / iters.max(1) as f64,
         peak_rss_mb: crate::alloc::peak_rss_mb(),
+        device: format!("{:?}", model.device().location()),
+        device_memory: crate::device::memory(model.device()),
         load_ms,
         cold_start_ms,
         backbone_gflops: 2.0 * macs as f64 / (backbone_ms * 1e-3) / 1e9,

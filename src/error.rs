@@ -7,7 +7,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    // The cause is the source, not part of the message, so `{:#}` chains print it once.
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -57,6 +58,23 @@ pub enum Error {
     Image { path: PathBuf, reason: String },
     #[error("invalid setting: {0}")]
     Config(String),
+    #[error("unknown device {0:?}: expected auto, cpu, cuda, cuda:N or metal")]
+    DeviceSpec(String),
+    #[error(
+        "device {device}: this drape was built without {name} support; rebuild with \
+         `cargo build --release --features {feature}`"
+    )]
+    BackendNotBuilt {
+        device: String,
+        name: &'static str,
+        feature: &'static str,
+    },
+    #[error("device {device}: {source}")]
+    DeviceOpen {
+        device: String,
+        #[source]
+        source: candle_core::Error,
+    },
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -5,7 +5,7 @@
 //! let model = drape::MaskRcnn::load("weights/drape-tiny-r50.safetensors", |_| {}, &candle_core::Device::Cpu)?;
 //! let image = drape::image_io::load_rgb("tests/fixtures/images/landscape.png")?;
 //! let result = model.detect(image.as_raw(), (image.height() as usize, image.width() as usize))?;
-//! println!("{}", drape::output::to_json(&model, &result));
+//! println!("{}", drape::output::to_json(&model, &result, Default::default()));
 //! # Ok(()) }
 //! ```
 
@@ -15,6 +15,7 @@ pub mod calibrate;
 pub mod capture;
 pub mod config;
 pub mod convert;
+pub mod device;
 pub mod error;
 pub mod image_io;
 pub mod inspect;

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use drape::alloc::CountingAlloc;
 use drape::calibrate::{Profile, ProfileTransforms};
 use drape::capture::{Crop, PixelFormat, Rotation, SourceSpec, Transforms};
+use drape::device::DeviceSpec;
 use drape::output::RleFormat;
 use drape::pipeline::{self, BudgetController, JsonLines, PipelineOptions, Sink};
 use drape::stream::http::{HttpOptions, HttpServer};
@@ -211,13 +211,6 @@ struct CalibrateArgs {
     out: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum DeviceArg {
-    Cpu,
-    Cuda,
-    Metal,
-}
-
 /// Settings shared by every command that loads a model.
 #[derive(clap::Args)]
 struct ModelArgs {
@@ -233,8 +226,9 @@ struct ModelArgs {
     /// Keep detections scoring above this (torchvision's default 0.05).
     #[arg(long)]
     score_thresh: Option<f32>,
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
+    /// auto (CUDA, then Metal, where built and present, else CPU), cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    device: DeviceSpec,
     /// Worker threads for the CPU kernels (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -244,7 +238,7 @@ impl ModelArgs {
     /// Validates the flags, sizes the thread pool and loads the model.
     fn load(&self) -> Result<MaskRcnn> {
         set_threads(self.threads)?;
-        let device = device(self.device)?;
+        let device = self.device.open()?;
         if let Some(t) = self.score_thresh {
             if !(0.0..=1.0).contains(&t) {
                 bail!("--score-thresh {t} must lie in [0, 1]");
@@ -303,14 +297,6 @@ struct BenchArgs {
     /// Print one JSON object instead of a table (no progress bar).
     #[arg(long)]
     json: bool,
-}
-
-fn device(arg: DeviceArg) -> Result<Device> {
-    match arg {
-        DeviceArg::Cpu => Ok(Device::Cpu),
-        DeviceArg::Cuda => bail!("this drape was built without CUDA support"),
-        DeviceArg::Metal => bail!("this drape was built without Metal support"),
-    }
 }
 
 fn set_threads(threads: Option<usize>) -> Result<()> {
@@ -403,7 +389,7 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
     }
     let a = model.architecture();
     println!(
-        "{} ({} classes, FPN {}), input {}x{} from {}x{}, {} threads, {} runs, {} instances",
+        "{} ({} classes, FPN {}), input {}x{} from {}x{}, {}, {} threads, {} runs, {} instances",
         a.backbone,
         a.num_classes,
         a.fpn_channels,
@@ -411,6 +397,7 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
         report.input_size[1],
         size.1,
         size.0,
+        report.device,
         report.threads,
         report.iters,
         report.instances
@@ -431,6 +418,15 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
         report.load_ms,
         report.cold_start_ms
     );
+    if let Some(m) = report.device_memory {
+        println!(
+            "device memory {:.0} of {:.0} MiB in use, pool peak {}",
+            m.used_mb,
+            m.total_mb,
+            m.pool_peak_mb
+                .map_or("n/a".into(), |p| format!("{p:.0} MiB"))
+        );
+    }
     Ok(())
 }
 

@@ -129,7 +129,7 @@ pub enum CaptureError {
     UnsupportedFormat { device: String, reason: String },
     #[error("camera {device} disconnected: {reason}")]
     Disconnected { device: String, reason: String },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]

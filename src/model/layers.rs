@@ -3,12 +3,20 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Shape, Tensor};
 
 use super::conv::FusedConv;
 
+use crate::device::compute_dtype;
 use crate::error::Result;
 use crate::weights::Weights;
+
+/// A weight on `device` in the device's compute dtype (f16 on GPUs). The values arrive as f32
+/// whatever the file's dtype, with BatchNorm already folded in f32, and are cast once on the
+/// device: an f16 file round-trips exactly and a folded weight is rounded once, not per step.
+pub(crate) fn upload(values: Vec<f32>, shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(values, shape, device)?.to_dtype(compute_dtype(device.location()))?)
+}
 
 /// A conv with bias (folded BatchNorm or its own). On CPU it runs through [`FusedConv`]; on
 /// other devices through candle's `conv2d`.
@@ -131,8 +139,8 @@ impl Conv2d {
             })
         } else {
             Kernel::Device {
-                weight: Tensor::from_vec(weight, (out, spec.in_channels, k, k), device)?,
-                bias: Tensor::from_vec(bias, (1, out, 1, 1), device)?,
+                weight: upload(weight, (out, spec.in_channels, k, k), device)?,
+                bias: upload(bias, (1, out, 1, 1), device)?,
                 stride: spec.stride,
                 padding: spec.padding,
             }
@@ -231,10 +239,10 @@ impl Linear {
         let weight = w.tensor(&wname, &[out, in_features])?;
         let bias = w.tensor(&format!("{prefix}.bias"), &[out])?;
         Ok(Self {
-            weight_t: Tensor::from_vec(weight, (out, in_features), device)?
+            weight_t: upload(weight, (out, in_features), device)?
                 .t()?
                 .contiguous()?,
-            bias: Tensor::from_vec(bias, (1, out), device)?,
+            bias: upload(bias, (1, out), device)?,
             out_features: out,
         })
     }

@@ -17,7 +17,7 @@ pub mod transform;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::config::Config;
@@ -153,6 +153,8 @@ pub struct MaskRcnn {
     pub rpn: Rpn,
     pub roi_heads: RoiHeads,
     device: Device,
+    /// [`crate::device::compute_dtype`] of `device`: what the input is cast to.
+    dtype: DType,
 }
 
 /// Parses a JSON list of exactly `N` numbers.
@@ -240,6 +242,7 @@ impl MaskRcnn {
             rpn,
             roi_heads,
             device: device.clone(),
+            dtype: crate::device::compute_dtype(device.location()),
         })
     }
 
@@ -280,7 +283,9 @@ impl MaskRcnn {
     pub fn preprocess(&self, rgb: &[u8], size: (usize, usize)) -> Result<ImageBatch> {
         let _span = tracing::debug_span!("preprocess").entered();
         let sizes = (self.config.min_size, self.config.max_size);
-        self.transform.apply(rgb, size, sizes, &self.device)
+        let mut batch = self.transform.apply(rgb, size, sizes, &self.device)?;
+        batch.tensor = batch.tensor.to_dtype(self.dtype)?;
+        Ok(batch)
     }
 
     /// Backbone body and FPN: P2..P6.
@@ -316,7 +321,10 @@ impl MaskRcnn {
     ) -> Result<()> {
         let mut t = Timings::default();
         let start = Instant::now();
-        let mut clock = Lap(start);
+        let mut clock = Lap {
+            last: start,
+            device: &self.device,
+        };
 
         let batch = {
             let _span = tracing::debug_span!("preprocess").entered();
@@ -324,8 +332,10 @@ impl MaskRcnn {
             let g = self
                 .transform
                 .apply_into(rgb, size, sizes, &mut ws.resize, &mut ws.input)?;
+            // Normalised on the host in f32, cast on the device (f16 on GPUs).
             let tensor =
-                Tensor::from_slice(&ws.input, (1, 3, g.padded.0, g.padded.1), &self.device)?;
+                Tensor::from_slice(&ws.input, (1, 3, g.padded.0, g.padded.1), &self.device)?
+                    .to_dtype(self.dtype)?;
             ImageBatch {
                 tensor,
                 image_size: g.image_size,
@@ -333,18 +343,18 @@ impl MaskRcnn {
                 original: g.original,
             }
         };
-        t.preprocess = clock.lap();
+        t.preprocess = clock.lap()?;
         let c = {
             let _span = tracing::debug_span!("backbone").entered();
             self.backbone.forward(&batch.tensor)?
         };
-        t.backbone = clock.lap();
+        t.backbone = clock.lap()?;
         let features = {
             let _span = tracing::debug_span!("fpn").entered();
             self.fpn.forward(&c)?
         };
         drop(c);
-        t.fpn = clock.lap();
+        t.fpn = clock.lap()?;
         {
             let _span = tracing::debug_span!("rpn").entered();
             let (cand, proposals) = (&mut ws.candidates, &mut ws.proposals);
@@ -352,7 +362,7 @@ impl MaskRcnn {
                 .forward(&features, batch.image_size, batch.padded, cand, proposals)?;
         }
         let proposals = &ws.proposals;
-        t.rpn = clock.lap();
+        t.rpn = clock.lap()?;
 
         // MultiScaleRoIAlign pools from P2..P5 only.
         let pyramid = &features[..4];
@@ -363,18 +373,20 @@ impl MaskRcnn {
                 let _span = tracing::debug_span!("roi_align", rois = proposals.len()).entered();
                 heads.box_roi_pool(pyramid, proposals, batch.image_size)?
             };
-            t.roi_align = clock.lap();
+            t.roi_align = clock.lap()?;
             let _span = tracing::debug_span!("box_head").entered();
             let (logits, regression) = heads.box_predictor(&heads.box_head(&pooled)?)?;
+            // Softmax, box decoding and NMS run on the host in f32, whatever the device computed.
+            let host = |t: Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
             heads.postprocess_detections(
-                &logits.flatten_all()?.to_vec1()?,
-                &regression.flatten_all()?.to_vec1()?,
+                &host(logits)?,
+                &host(regression)?,
                 proposals,
                 batch.image_size,
                 &mut ws.candidates,
                 &mut ws.detections,
             );
-            t.box_head = clock.lap();
+            t.box_head = clock.lap()?;
         }
         let detections = &ws.detections;
 
@@ -388,10 +400,10 @@ impl MaskRcnn {
                 let _span = tracing::debug_span!("roi_align", rois = boxes.len()).entered();
                 heads.mask_roi_pool(pyramid, &boxes, batch.image_size)?
             };
-            t.roi_align += clock.lap();
+            t.roi_align += clock.lap()?;
             let _span = tracing::debug_span!("mask_head").entered();
             let probs = heads.mask_probs_from_pooled(&pooled, &labels)?;
-            t.mask_head = clock.lap();
+            t.mask_head = clock.lap()?;
             probs
         };
         {
@@ -404,7 +416,7 @@ impl MaskRcnn {
                 &mut out.instances,
             );
         }
-        clock.lap();
+        clock.lap()?;
         (t.paste, t.rle) = ws.paster.last_timings();
         t.total = start.elapsed().as_secs_f64() * 1e3;
         out.width = size.1;
@@ -417,14 +429,20 @@ impl MaskRcnn {
 }
 
 /// Milliseconds since the previous lap.
-struct Lap(Instant);
+struct Lap<'a> {
+    last: Instant,
+    /// Waited for before reading the clock: GPU work is queued asynchronously, so without it a
+    /// stage's time would land in whichever later stage first copies to the host.
+    device: &'a Device,
+}
 
-impl Lap {
-    fn lap(&mut self) -> f64 {
+impl Lap<'_> {
+    fn lap(&mut self) -> Result<f64> {
+        self.device.synchronize()?;
         let now = Instant::now();
-        let ms = (now - self.0).as_secs_f64() * 1e3;
-        self.0 = now;
-        ms
+        let ms = (now - self.last).as_secs_f64() * 1e3;
+        self.last = now;
+        Ok(ms)
     }
 }
 

@@ -2,11 +2,19 @@
 //!
 //! The CPU kernel follows torchvision's `roi_align_kernel.cpp` step for step (bin grid, the
 //! `-1 < y < height` validity rule, edge clamping, average over the sampling points) so results
-//! agree to float rounding. Boxes are a tensor, not host data, so device kernels (CUDA, Metal)
-//! can be added as `cuda_fwd` / `metal_fwd` beside this one without changing callers.
+//! agree to float rounding. With the `cuda` feature, `cuda_fwd` runs `kernels/roi_align.cu`, the
+//! same loop as torchvision's `roi_align_forward_kernel`, on f32 or f16 features (accumulating in
+//! f32). Metal has no kernel yet: there [`RoiAlign::apply`] copies the level to the CPU, pools
+//! in f32 and copies the result back (unified memory makes that a memcpy, but a large one).
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
+
+/// `kernels/*.cu` as PTX, compiled by build.rs.
+#[cfg(feature = "cuda")]
+mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct RoiAlign {
@@ -19,10 +27,61 @@ pub struct RoiAlign {
 }
 
 impl RoiAlign {
-    /// `features`: `[N, C, H, W]` f32; `rois`: `[K, 5]` f32 rows of `(batch_index, x1, y1, x2,
-    /// y2)` in input-image coordinates. Returns `[K, C, out_h, out_w]`.
+    /// `features`: `[N, C, H, W]` (f32 on CPU; f32 or f16 on CUDA); `rois`: `[K, 5]` f32 rows of
+    /// `(batch_index, x1, y1, x2, y2)` in input-image coordinates. Returns `[K, C, out_h, out_w]`
+    /// in the features' dtype.
     pub fn apply(&self, features: &Tensor, rois: &Tensor) -> candle_core::Result<Tensor> {
+        if features.device().is_metal() {
+            let cpu = Device::Cpu;
+            return features
+                .to_device(&cpu)?
+                .to_dtype(DType::F32)?
+                .apply_op2_no_bwd(&rois.to_device(&cpu)?, self)?
+                .to_dtype(features.dtype())?
+                .to_device(features.device());
+        }
         features.apply_op2_no_bwd(rois, self)
+    }
+
+    /// Sizes of one call, checked alike for every backend.
+    fn dims(&self, features: &Layout, rois: &Layout) -> candle_core::Result<Dims> {
+        let (batch, channels, height, width) = features.shape().dims4()?;
+        let (num_rois, five) = rois.shape().dims2()?;
+        if five != 5 {
+            candle_core::bail!("roi_align: rois must be [K, 5], got {:?}", rois.shape());
+        }
+        Ok(Dims {
+            batch,
+            channels,
+            height,
+            width,
+            num_rois,
+        })
+    }
+
+    fn out_shape(&self, d: &Dims) -> Shape {
+        Shape::from((
+            d.num_rois,
+            d.channels,
+            self.output_size.0,
+            self.output_size.1,
+        ))
+    }
+}
+
+struct Dims {
+    batch: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+    num_rois: usize,
+}
+
+/// Start and end of a contiguous operand inside its storage.
+fn contiguous(layout: &Layout) -> candle_core::Result<(usize, usize)> {
+    match layout.contiguous_offsets() {
+        Some(range) => Ok(range),
+        None => candle_core::bail!("roi_align: features and rois must be contiguous"),
     }
 }
 
@@ -80,15 +139,15 @@ impl CustomOp2 for RoiAlign {
         let (CpuStorage::F32(features), CpuStorage::F32(rois)) = (s1, s2) else {
             candle_core::bail!("roi_align: features and rois must be f32 on CPU");
         };
-        let (Some((f0, f1)), Some((r0, r1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("roi_align: features and rois must be contiguous");
-        };
-        let (n, channels, height, width) = l1.shape().dims4()?;
-        let (k, five) = l2.shape().dims2()?;
-        if five != 5 {
-            candle_core::bail!("roi_align: rois must be [K, 5], got {:?}", l2.shape());
-        }
+        let ((f0, f1), (r0, r1)) = (contiguous(l1)?, contiguous(l2)?);
+        let dims = self.dims(l1, l2)?;
+        let (n, channels, height, width, k) = (
+            dims.batch,
+            dims.channels,
+            dims.height,
+            dims.width,
+            dims.num_rois,
+        );
         let features = &features[f0..f1];
         let rois = &rois[r0..r1];
         let (ph, pw) = self.output_size;
@@ -160,14 +219,112 @@ impl CustomOp2 for RoiAlign {
                 }
                 Ok(())
             })?;
-        Ok((CpuStorage::F32(out), Shape::from((k, channels, ph, pw))))
+        Ok((CpuStorage::F32(out), self.out_shape(&dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{
+            CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+        };
+        use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+        use candle_core::CudaDevice;
+
+        let dims = self.dims(l1, l2)?;
+        let (ph, pw) = self.output_size;
+        let total = dims.num_rois * dims.channels * ph * pw;
+        let Ok(total) = u32::try_from(total) else {
+            candle_core::bail!("roi_align: {total} outputs exceed one launch");
+        };
+        let CudaStorageSlice::F32(rois) = &s2.slice else {
+            candle_core::bail!("roi_align: rois must be f32, got {:?}", s2.dtype());
+        };
+        let (r0, r1) = contiguous(l2)?;
+        let rois = rois.slice(r0..r1);
+        let dev = &s1.device;
+
+        fn run<T: DeviceRepr>(
+            op: &RoiAlign,
+            dims: &Dims,
+            total: u32,
+            name: &str,
+            dev: &CudaDevice,
+            features: &CudaView<'_, T>,
+            rois: &CudaView<'_, f32>,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let func = dev.get_or_load_custom_func(name, "drape_roi_align", ptx::ROI_ALIGN)?;
+            // SAFETY: every element is written by the kernel below before anyone reads it.
+            let out = unsafe { dev.alloc::<T>(total as usize)? };
+            if total == 0 {
+                return Ok(out);
+            }
+            let u = |v: usize| v as u32;
+            let mut b = func.builder();
+            b.arg(features);
+            b.arg(rois);
+            b.arg(&out);
+            candle_core::builder_arg!(
+                b,
+                u(dims.num_rois),
+                u(dims.batch),
+                u(dims.channels),
+                u(dims.height),
+                u(dims.width),
+                u(op.output_size.0),
+                u(op.output_size.1),
+                op.spatial_scale,
+                op.sampling_ratio,
+                u32::from(op.aligned)
+            );
+            // SAFETY: the argument list matches `roi_align_{f32,f16}` in kernels/roi_align.cu,
+            // and the buffers hold the sizes `dims` describes.
+            unsafe { b.launch(LaunchConfig::for_num_elems(total)) }.w()?;
+            Ok(out)
+        }
+
+        let (f0, f1) = contiguous(l1)?;
+        let slice = match &s1.slice {
+            CudaStorageSlice::F32(f) => CudaStorageSlice::F32(run(
+                self,
+                &dims,
+                total,
+                "roi_align_f32",
+                dev,
+                &f.slice(f0..f1),
+                &rois,
+            )?),
+            CudaStorageSlice::F16(f) => CudaStorageSlice::F16(run(
+                self,
+                &dims,
+                total,
+                "roi_align_f16",
+                dev,
+                &f.slice(f0..f1),
+                &rois,
+            )?),
+            _ => candle_core::bail!(
+                "roi_align: features must be f32 or f16, got {:?}",
+                s1.dtype()
+            ),
+        };
+        let storage = candle_core::CudaStorage {
+            slice,
+            device: dev.clone(),
+        };
+        Ok((storage, self.out_shape(&dims)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     #[test]
     fn averages_bilinear_samples_like_torchvision() {

@@ -3,10 +3,10 @@
 //! then 14×14 RoIAlign on the kept boxes → `MaskRCNNHeads` (3×3 convs) →
 //! `MaskRCNNPredictor` (2×2/2 transposed conv, 1×1 logits) → sigmoid of the predicted class.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::box_ops::{self, Box, BoxCoder, Candidates};
-use super::layers::{Conv2d, ConvSpec, Linear};
+use super::layers::{upload, Conv2d, ConvSpec, Linear};
 use super::poolers::MultiScaleRoIAlign;
 use super::sigmoid;
 use crate::config::{Config, BOX_MIN_SIZE};
@@ -143,10 +143,10 @@ impl RoiHeads {
             cls_score,
             bbox_pred,
             mask_convs,
-            deconv_weight: Tensor::from_vec(deconv_weight, (c, deconv_out * 4), device)?,
-            deconv_bias: Tensor::from_vec(deconv_bias, (1, deconv_out, 1), device)?,
+            deconv_weight: upload(deconv_weight, (c, deconv_out * 4), device)?,
+            deconv_bias: upload(deconv_bias, (1, deconv_out, 1), device)?,
             deconv_out,
-            mask_logits_weight: Tensor::from_vec(logits_weight, (num_classes, deconv_out), device)?,
+            mask_logits_weight: upload(logits_weight, (num_classes, deconv_out), device)?,
             mask_logits_bias,
             num_classes,
             coder: BoxCoder::new(BOX_CODER_WEIGHTS),
@@ -282,6 +282,8 @@ impl RoiHeads {
             .reshape((d, h * w * 4, self.deconv_out))?
             .matmul(&selected)?
             .flatten_all()?
+            // f16 on GPUs; the sigmoid and everything after it run on the host in f32.
+            .to_dtype(DType::F32)?
             .to_vec1()?;
         // Index (i*w + j)*4 + a*2 + b holds output pixel (2i + a, 2j + b).
         let (oh, ow) = (2 * h, 2 * w);

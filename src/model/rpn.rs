@@ -2,7 +2,7 @@
 //! `RPNHead` over every FPN level, then `filter_proposals` — top-n per level on the objectness
 //! logits, decode, clip, drop tiny boxes, NMS per level, keep the best overall.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::anchors::grid_anchors;
 use super::box_ops::{self, Box, BoxCoder, Candidates};
@@ -96,12 +96,16 @@ impl Rpn {
         cand.clear();
         for (level, (feature, anchors)) in features.iter().zip(&anchors).enumerate() {
             let t = self.conv.forward_relu(feature)?;
-            // [1, A, H, W] -> [H, W, A], the anchors' order.
+            // [1, A, H, W] -> [H, W, A], the anchors' order. Top-k, decoding and NMS run on the
+            // host in f32 (f16 on GPUs until here): per level this is one copy of A*H*W logits
+            // and 4x as many deltas, which candle's CUDA argsort could not sort anyway (its
+            // bitonic sort is limited to 8192 elements per row).
             let logits: Vec<f32> = self
                 .cls_logits
                 .forward(&t)?
                 .permute((0, 2, 3, 1))?
                 .flatten_all()?
+                .to_dtype(DType::F32)?
                 .to_vec1()?;
             // [1, 4A, H, W] -> [1, A, 4, H, W] -> [H, W, A, 4].
             let (_, _, h, w) = t.dims4()?;
@@ -111,6 +115,7 @@ impl Rpn {
                 .reshape((1, self.num_anchors, 4, h, w))?
                 .permute((0, 3, 4, 1, 2))?
                 .flatten_all()?
+                .to_dtype(DType::F32)?
                 .to_vec1()?;
             for i in top_n(&logits, self.pre_nms_top_n) {
                 let b = self.coder.decode(&anchors[i], &deltas[4 * i..4 * i + 4]);
