@@ -17,6 +17,7 @@ pub mod config;
 pub mod convert;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod image_io;
 pub mod inspect;
 pub mod labels;

@@ -56,6 +56,11 @@ enum Command {
     Convert(drape::convert::ConvertArgs),
     /// Describe a weights file and check that drape can run it.
     Inspect(drape::inspect::InspectArgs),
+    /// Accuracy on annotated images: iMaterialist 2019 score and COCO mask AP, per class;
+    /// --sweep prices each input size and mask cap in accuracy and latency.
+    Eval(drape::eval::EvalArgs),
+    /// Write a Kaggle iMaterialist submission CSV (non-overlapping masks).
+    Submit(drape::eval::SubmitArgs),
     /// Stream a camera or a recording through the model under a latency budget (JSON Lines).
     Run(RunArgs),
     /// The whole pipeline on the bundled frames and model, with the live preview page.
@@ -687,6 +692,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench(args, process_start),
         Command::Convert(args) => drape::convert::run(args),
         Command::Inspect(args) => drape::inspect::run(args),
+        Command::Eval(args) => drape::eval::run_eval(args),
+        Command::Submit(args) => drape::eval::run_submit(args),
         Command::Run(args) => run(args),
         Command::Demo(args) => demo(args),
         Command::Calibrate(args) => calibrate(args),

@@ -61,9 +61,10 @@ pub fn draw<'a>(image: &mut RgbImage, instances: &[Instance], label: impl Fn(usi
     }
 }
 
-fn put(image: &mut RgbImage, x: i64, y: i64, colour: [u8; 3]) {
-    if x >= 0 && y >= 0 {
-        if let Some(p) = image.get_pixel_mut_checked(x as u32, y as u32) {
+/// Sets one pixel, ignoring coordinates outside the image.
+pub fn put(image: &mut RgbImage, x: i64, y: i64, colour: [u8; 3]) {
+    if let (Ok(x), Ok(y)) = (u32::try_from(x), u32::try_from(y)) {
+        if let Some(p) = image.get_pixel_mut_checked(x, y) {
             *p = Rgb(colour);
         }
     }
@@ -83,27 +84,26 @@ fn vline(image: &mut RgbImage, x: i64, y1: i64, y2: i64, colour: [u8; 3]) {
     }
 }
 
-/// White 8×8 glyphs on a bar of `background`, clipped to the image.
-fn text(image: &mut RgbImage, x: i64, y: i64, s: &str, background: [u8; 3]) {
-    let glyphs: Vec<[u8; 8]> = s
-        .chars()
-        .map(|c| font8x8::BASIC_FONTS.get(c).unwrap_or([0; 8]))
-        .collect();
-    for dy in -1..9 {
-        hline(image, x, x + 8 * glyphs.len() as i64, y + dy, background);
-    }
-    for (i, glyph) in glyphs.iter().enumerate() {
+/// 8×8 glyphs of `s` with their top-left corner at (x, y), clipped to the image; characters
+/// the font lacks are blank.
+pub fn glyphs(image: &mut RgbImage, x: i64, y: i64, s: &str, colour: [u8; 3]) {
+    for (i, c) in s.chars().enumerate() {
+        let glyph = font8x8::BASIC_FONTS.get(c).unwrap_or([0; 8]);
         for (row, bits) in glyph.iter().enumerate() {
             for col in 0..8 {
                 if bits >> col & 1 == 1 {
-                    put(
-                        image,
-                        x + 8 * i as i64 + col,
-                        y + row as i64,
-                        [255, 255, 255],
-                    );
+                    put(image, x + 8 * i as i64 + col, y + row as i64, colour);
                 }
             }
         }
     }
+}
+
+/// White glyphs on a bar of `background`.
+fn text(image: &mut RgbImage, x: i64, y: i64, s: &str, background: [u8; 3]) {
+    let width = 8 * s.chars().count() as i64;
+    for dy in -1..9 {
+        hline(image, x, x + width, y + dy, background);
+    }
+    glyphs(image, x, y, s, [255, 255, 255]);
 }
