@@ -30,13 +30,15 @@ use crate::output::RleFormat;
 /// default.
 pub const LADDER_FRACTIONS: [f64; 4] = [1.0, 0.8, 0.64, 0.48];
 /// Plan to use at most this share of the budget; the rest absorbs jitter.
-const HEADROOM: f64 = 0.9;
+const HEADROOM: f64 = 0.85;
 /// Step down after this many consecutive frames whose fixed cost alone would miss.
 const STEP_DOWN_AFTER: u32 = 2;
 /// Step back up after this many consecutive frames on which the larger size would fit...
 const STEP_UP_AFTER: u32 = 10;
 /// ...within this share of the budget (the gap to `HEADROOM` is the hysteresis).
 const STEP_UP_FRACTION: f64 = 0.6;
+/// Frames whose worst fixed cost the plan allows for.
+const RECENT_FRAMES: usize = 8;
 /// Weight of the newest measurement in the cost model's moving averages.
 const EWMA_WEIGHT: f64 = 0.3;
 /// Latency samples kept for the summary's percentiles (the most recent ones).
@@ -129,6 +131,8 @@ impl LatestFrame {
 /// Fixed cost (everything but the mask branch) is modelled per megapixel of model input, so a
 /// measurement at one size predicts every other; the mask branch costs a constant per masked
 /// detection. Both are moving averages, seeded from a calibration profile when one exists.
+/// Plans use the worse of the average times the calibrated p99/median factor and the worst
+/// of the last few frames, so a machine whose costs jump frame to frame plans for the jumps.
 #[derive(Debug, Clone)]
 pub struct BudgetController {
     budget_ms: f64,
@@ -139,6 +143,10 @@ pub struct BudgetController {
     mask_ms: Option<f64>,
     /// Multiplier from typical to p99 cost (>= 1), from calibration.
     safety: f64,
+    /// Fixed cost per megapixel of the last frames, newest at `recent_next - 1`.
+    recent: [f64; RECENT_FRAMES],
+    recent_len: usize,
+    recent_next: usize,
     over: u32,
     under: u32,
 }
@@ -169,6 +177,9 @@ impl BudgetController {
             fixed_ms_per_mpx: None,
             mask_ms: None,
             safety: 1.0,
+            recent: [0.0; RECENT_FRAMES],
+            recent_len: 0,
+            recent_next: 0,
             over: 0,
             under: 0,
         }
@@ -207,7 +218,12 @@ impl BudgetController {
     }
 
     fn fixed_ms(&self, size: (usize, usize), level: usize) -> Option<f64> {
-        Some(self.fixed_ms_per_mpx? * self.mpx(size, level) * self.safety)
+        let typical = self.fixed_ms_per_mpx? * self.safety;
+        let worst_recent = self.recent[..self.recent_len]
+            .iter()
+            .copied()
+            .fold(0.0, f64::max);
+        Some(typical.max(worst_recent) * self.mpx(size, level))
     }
 
     /// Settings for a frame of `size` that is `age_ms` old when inference starts.
@@ -263,6 +279,9 @@ impl BudgetController {
         let ewma =
             |old: Option<f64>, new: f64| Some(old.map_or(new, |o| o + EWMA_WEIGHT * (new - o)));
         self.fixed_ms_per_mpx = ewma(self.fixed_ms_per_mpx, rate);
+        self.recent[self.recent_next] = rate;
+        self.recent_next = (self.recent_next + 1) % RECENT_FRAMES;
+        self.recent_len = (self.recent_len + 1).min(RECENT_FRAMES);
         if masked > 0 {
             self.mask_ms = ewma(self.mask_ms, mask_cost / masked as f64);
         }
@@ -679,10 +698,10 @@ mod tests {
             safety: 1.0,
         };
         let mut c = BudgetController::new(100.0, (800, 1333), 100).with_costs(costs, 0);
-        // 800x800 pads to 0.64 MPx: 64 ms fixed; 90 ms usable → 13 masks at 2 ms.
+        // 800x800 pads to 0.64 MPx: 64 ms fixed; 85 ms usable → 10 masks at 2 ms.
         let s = c.plan((512, 512), 0.0);
-        assert_eq!((s.min_size, s.max_size, s.max_masks), (800, 1333, 13));
+        assert_eq!((s.min_size, s.max_size, s.max_masks), (800, 1333, 10));
         // An older frame leaves less room.
-        assert_eq!(c.plan((512, 512), 20.0).max_masks, 3);
+        assert_eq!(c.plan((512, 512), 10.0).max_masks, 5);
     }
 }

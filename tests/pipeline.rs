@@ -168,8 +168,9 @@ fn budget_controller_steps_down_under_a_slow_stage_and_back_up_without_it() {
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(Mutex::new(Vec::new()));
     const SLOW_FRAMES: usize = 14;
-    // Climbing two steps takes two runs of STEP_UP_AFTER (10) frames that fit.
-    const TOTAL: usize = SLOW_FRAMES + 30;
+    // Climbing two steps takes the slow frames leaving the cost window (8), then two runs of
+    // STEP_UP_AFTER (10) frames that fit.
+    const TOTAL: usize = SLOW_FRAMES + 40;
     let (slow_hook, stop_hook) = (Arc::clone(&slow), Arc::clone(&stop));
     let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(Recorder {
         seen: Arc::clone(&seen),
