@@ -13,6 +13,7 @@ pub mod alloc;
 pub mod bench;
 pub mod calibrate;
 pub mod capture;
+pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod device;

@@ -14,23 +14,19 @@ use indicatif::{ProgressBar, ProgressStyle};
 use drape::alloc::CountingAlloc;
 use drape::calibrate::{Profile, ProfileTransforms};
 use drape::capture::{Crop, PixelFormat, Rotation, SourceSpec, Transforms};
-use drape::device::DeviceSpec;
+use drape::cli::ModelArgs;
 use drape::output::RleFormat;
 use drape::pipeline::{self, BudgetController, JsonLines, PipelineOptions, Sink};
 use drape::stream::http::{HttpOptions, HttpServer};
 use drape::stream::unix::UnixServer;
 use drape::stream::{labels_by_id, Hub, HubSink};
-use drape::{image_io, output, overlay, MaskRcnn};
+use drape::{image_io, output, overlay};
 
 // candle allocates a fresh buffer per tensor op; glibc malloc returns large ones to the kernel
 // and faults them back in every time, mimalloc keeps them (5x on large elementwise ops here).
 // Counted, so `drape bench` can report the model's allocations per frame.
 #[global_allocator]
 static GLOBAL: CountingAlloc<mimalloc::MiMalloc> = CountingAlloc(mimalloc::MiMalloc);
-
-/// The model shipped in the repository: a reduced-width ResNet-50-FPN layout with random
-/// (calibrated) weights, for trying drape without a trained garment model.
-const DEFAULT_WEIGHTS: &str = "weights/drape-tiny-r50.safetensors";
 
 #[derive(Parser)]
 #[command(
@@ -216,58 +212,6 @@ struct CalibrateArgs {
     out: Option<PathBuf>,
 }
 
-/// Settings shared by every command that loads a model.
-#[derive(clap::Args)]
-struct ModelArgs {
-    /// Safetensors weights with torchvision key names.
-    #[arg(long, default_value = DEFAULT_WEIGHTS)]
-    weights: PathBuf,
-    /// Shorter side the image is resized to (default: the file's metadata, else 800).
-    #[arg(long)]
-    min_size: Option<usize>,
-    /// Cap on the longer side (default: the file's metadata, else 1333).
-    #[arg(long)]
-    max_size: Option<usize>,
-    /// Keep detections scoring above this (torchvision's default 0.05).
-    #[arg(long)]
-    score_thresh: Option<f32>,
-    /// auto (CUDA, then Metal, where built and present, else CPU), cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "auto")]
-    device: DeviceSpec,
-    /// Worker threads for the CPU kernels (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-}
-
-impl ModelArgs {
-    /// Validates the flags, sizes the thread pool and loads the model.
-    fn load(&self) -> Result<MaskRcnn> {
-        set_threads(self.threads)?;
-        let device = self.device.open()?;
-        if let Some(t) = self.score_thresh {
-            if !(0.0..=1.0).contains(&t) {
-                bail!("--score-thresh {t} must lie in [0, 1]");
-            }
-        }
-        MaskRcnn::load(
-            &self.weights,
-            |cfg| {
-                if let Some(v) = self.min_size {
-                    cfg.min_size = v;
-                }
-                if let Some(v) = self.max_size {
-                    cfg.max_size = v;
-                }
-                if let Some(v) = self.score_thresh {
-                    cfg.box_score_thresh = v;
-                }
-            },
-            &device,
-        )
-        .with_context(|| format!("loading weights {}", self.weights.display()))
-    }
-}
-
 #[derive(clap::Args)]
 struct DetectArgs {
     /// Image to segment (PNG or JPEG).
@@ -302,21 +246,6 @@ struct BenchArgs {
     /// Print one JSON object instead of a table (no progress bar).
     #[arg(long)]
     json: bool,
-}
-
-fn set_threads(threads: Option<usize>) -> Result<()> {
-    if let Some(n) = threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
-        // candle sizes its CPU kernels from this variable; gemm and our kernels use rayon's pool.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("configuring the thread pool")?;
-    }
-    Ok(())
 }
 
 fn detect(args: DetectArgs) -> Result<()> {

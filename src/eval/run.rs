@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::bench::percentile;
-use crate::device::{compute_dtype, DeviceSpec};
+use crate::device::compute_dtype;
 use crate::eval::metric::{CocoEvaluator, ImaterialistMetric, Scored};
 use crate::eval::plot::{self, Point, Series};
 use crate::eval::submit::{self, SubmissionWriter};
@@ -18,8 +18,6 @@ use crate::model::{Detections, FrameSettings, Workspace};
 use crate::pipeline::BudgetController;
 use crate::{image_io, MaskRcnn};
 
-/// The binary's default model: the reduced-width ResNet-50-FPN shipped in the repository.
-const DEFAULT_WEIGHTS: &str = "weights/drape-tiny-r50.safetensors";
 /// Detections scoring below this are left out of submissions and of the iMaterialist score,
 /// which punishes every extra mask (COCO AP ranks all detections instead). The 2019 winner
 /// tuned this threshold to 0.5.
@@ -34,40 +32,12 @@ const IMATERIALIST_COLOUR: [u8; 3] = [255, 127, 14];
 /// The model flags `eval` and `submit` share.
 #[derive(clap::Args)]
 pub struct ModelArgs {
-    /// Safetensors weights with torchvision key names.
-    #[arg(long, default_value = DEFAULT_WEIGHTS)]
-    weights: PathBuf,
-    /// Shorter side the image is resized to (default: the file's metadata, else 800).
-    #[arg(long)]
-    min_size: Option<usize>,
-    /// Cap on the longer side (default: the file's metadata, else 1333).
-    #[arg(long)]
-    max_size: Option<usize>,
+    #[command(flatten)]
+    model: crate::cli::ModelArgs,
     /// Detections scoring below this are left out of the submission (and, in `eval`, of the
     /// iMaterialist score).
     #[arg(long, default_value_t = DEFAULT_MIN_SCORE, value_parser = parse_score)]
     min_score: f32,
-    /// auto (CUDA, then Metal, where built and present, else CPU), cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "auto")]
-    device: DeviceSpec,
-}
-
-impl ModelArgs {
-    fn load(&self, device: &Device) -> anyhow::Result<MaskRcnn> {
-        MaskRcnn::load(
-            &self.weights,
-            |cfg| {
-                if let Some(v) = self.min_size {
-                    cfg.min_size = v;
-                }
-                if let Some(v) = self.max_size {
-                    cfg.max_size = v;
-                }
-            },
-            device,
-        )
-        .with_context(|| format!("loading weights {}", self.weights.display()))
-    }
 }
 
 /// A score threshold: a number in [0, 1].
@@ -320,8 +290,8 @@ fn sweep_settings(model: &MaskRcnn) -> Vec<FrameSettings> {
 
 /// `drape eval`.
 pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
-    let device = args.model.device.open()?;
-    let mut models = vec![args.model.load(&device)?];
+    let mut models = vec![args.model.model.load()?];
+    let device = models[0].device().clone();
     let num_classes = models[0].architecture().num_classes;
     let mut dataset = match (&args.annotations.annotations, &args.annotations.coco) {
         (Some(csv), _) => imaterialist::read_train_csv(csv, num_classes)?,
@@ -363,7 +333,7 @@ pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         (false, _) => None,
         // A GPU only computes in f16: the f32 reference is the same model on the CPU.
         (true, true) => {
-            models.push(args.model.load(&Device::Cpu)?);
+            models.push(args.model.model.load_on(&Device::Cpu)?);
             runs.push(new_run(1, models[1].default_settings()));
             None
         }
@@ -512,7 +482,7 @@ fn save_plot(runs: &[RunReport], path: &Path) -> anyhow::Result<()> {
 
 /// `drape submit`.
 pub fn run_submit(args: SubmitArgs) -> anyhow::Result<()> {
-    let model = args.model.load(&args.model.device.open()?)?;
+    let model = args.model.model.load()?;
     let categories = model.architecture().num_classes - 1;
     if categories != crate::labels::IMATERIALIST_2019.len() {
         tracing::warn!(

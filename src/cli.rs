@@ -1,0 +1,85 @@
+//! Flags every model-loading command shares, and how they become a loaded model. In the
+//! library (not the binary) so subcommands implemented in their own modules use the same ones.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+
+use crate::device::DeviceSpec;
+use crate::MaskRcnn;
+
+/// The model shipped in the repository: a reduced-width ResNet-50-FPN layout with random
+/// (calibrated) weights, for trying drape without a trained garment model.
+pub const DEFAULT_WEIGHTS: &str = "weights/drape-tiny-r50.safetensors";
+
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// Safetensors weights with torchvision key names.
+    #[arg(long, default_value = DEFAULT_WEIGHTS)]
+    pub weights: PathBuf,
+    /// Shorter side the image is resized to (default: the file's metadata, else 800).
+    #[arg(long)]
+    pub min_size: Option<usize>,
+    /// Cap on the longer side (default: the file's metadata, else 1333).
+    #[arg(long)]
+    pub max_size: Option<usize>,
+    /// Keep detections scoring above this (torchvision's default 0.05).
+    #[arg(long)]
+    pub score_thresh: Option<f32>,
+    /// auto (CUDA, then Metal, where built and present, else CPU), cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
+    /// Worker threads for the CPU kernels (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    /// Validates the flags, sizes the thread pool, opens the device and loads the model.
+    pub fn load(&self) -> Result<MaskRcnn> {
+        set_threads(self.threads)?;
+        self.load_on(&self.device.open()?)
+    }
+
+    /// Loads the model on `device` (a CPU reference beside a GPU run, say).
+    pub fn load_on(&self, device: &Device) -> Result<MaskRcnn> {
+        if let Some(t) = self.score_thresh {
+            if !(0.0..=1.0).contains(&t) {
+                bail!("--score-thresh {t} must lie in [0, 1]");
+            }
+        }
+        MaskRcnn::load(
+            &self.weights,
+            |cfg| {
+                if let Some(v) = self.min_size {
+                    cfg.min_size = v;
+                }
+                if let Some(v) = self.max_size {
+                    cfg.max_size = v;
+                }
+                if let Some(v) = self.score_thresh {
+                    cfg.box_score_thresh = v;
+                }
+            },
+            device,
+        )
+        .with_context(|| format!("loading weights {}", self.weights.display()))
+    }
+}
+
+/// Sizes rayon's global pool (and candle's kernels) once, before any work.
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // candle sizes its CPU kernels from this variable; gemm and our kernels use rayon's pool.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("configuring the thread pool")?;
+    }
+    Ok(())
+}
