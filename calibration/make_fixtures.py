@@ -38,7 +38,7 @@ from pycocotools import mask as mask_util
 from torch import nn
 from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.rpn import RPNHead
@@ -106,6 +106,31 @@ def tiny_maskrcnn(block, layers, num_classes):
         box_head=TwoMLPHead(32 * 7 * 7, 64),
         box_predictor=FastRCNNPredictor(64, num_classes),
         mask_head=MaskRCNNHeads(32, (32, 32, 32, 32), 1),
+        mask_predictor=MaskRCNNPredictor(32, 32, num_classes),
+    )
+
+
+def tiny_maskrcnn_v2(num_classes):
+    """The `maskrcnn_resnet50_fpn_v2` layout, narrow: BatchNorm in the FPN and the heads, a
+    two-conv RPN head and a four-conv + one-FC box head (FastRCNNConvFCHead)."""
+    body = SlimResNet(Bottleneck, [1, 1, 1, 1])
+    backbone = BackboneWithFPN(
+        body,
+        return_layers={f"layer{i + 1}": str(i) for i in range(4)},
+        in_channels_list=[p * Bottleneck.expansion for p in (16, 32, 64, 128)],
+        out_channels=32,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=nn.BatchNorm2d,
+    )
+    return MaskRCNN(
+        backbone,
+        num_classes=None,
+        min_size=160,
+        max_size=224,
+        rpn_head=RPNHead(32, 3, conv_depth=2),
+        box_head=FastRCNNConvFCHead((32, 7, 7), [32, 32, 32, 32], [64], norm_layer=nn.BatchNorm2d),
+        box_predictor=FastRCNNPredictor(64, num_classes),
+        mask_head=MaskRCNNHeads(32, [32, 32, 32, 32], 1, norm_layer=nn.BatchNorm2d),
         mask_predictor=MaskRCNNPredictor(32, 32, num_classes),
     )
 
@@ -184,7 +209,8 @@ def tilt_fpn(model, photos, tilt):
     feats = [model.backbone(model.transform([x])[0].tensors) for x in photos]
     stds = [torch.cat([f[str(i)].flatten() for f in feats]).std() for i in range(4)]
     for i, block in enumerate(model.backbone.fpn.layer_blocks):
-        rescale_(block[0], stds[0] * tilt**i / stds[i])  # the 'pool' level follows level 3
+        # The block's last layer: the conv (v1), or the BatchNorm after a bias-free conv (v2).
+        rescale_(block[-1], stds[0] * tilt**i / stds[i])  # the 'pool' level follows level 3
 
 
 @torch.no_grad()
@@ -272,6 +298,8 @@ MODELS = {
     "tiny_r18": dict(make=lambda: tiny_maskrcnn(BasicBlock, [2, 1, 1, 1], 6), bn_eps="0.0",
                      heads=dict(cls_std=5.0, bg_gain=12.0),
                      labels=["shirt", "pants", "shoe", "bag", "hat"]),
+    "tiny_v2": dict(make=lambda: tiny_maskrcnn_v2(47), bn_eps="1e-05",
+                    heads=dict(cls_std=5.0, bg_gain=18.5)),
     "r50": dict(make=lambda: maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=47),
                 bn_eps="1e-05", heads=dict(cls_std=5.0, bg_gain=16.0)),
 }
@@ -424,7 +452,7 @@ def small_set(root):
     images = {stem: img_dir / f"{stem}.png" for stem in sources}
     for stem, (photo, w, h) in sources.items():
         crop_resize(getattr(skimage.data, photo)(), w, h).save(images[stem])
-    for name in ("tiny_r50", "tiny_r18"):
+    for name in ("tiny_r50", "tiny_r18", "tiny_v2"):
         write_model_fixtures(name, images, root, complete=False)
     (root / "transform_sizes.json").write_text(json.dumps(transform_sizes(), indent=1) + "\n")
 

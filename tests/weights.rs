@@ -313,6 +313,11 @@ fn architecture_and_labels_come_from_the_file() {
     assert_eq!(a.num_classes, 47);
     assert_eq!(r50.label(1), "shirt, blouse");
     assert_eq!(r50.label(46), "tassel");
+    assert_eq!(a.variant, "v1");
+    let v2 = load(&common::fixtures().join("tiny_v2/model.safetensors")).unwrap();
+    assert_eq!(v2.architecture().variant, "v2");
+    assert_eq!(v2.architecture().representation_size, 64);
+    assert_eq!(v2.architecture().mask_layers, vec![32; 4]);
     let r18 = load(&common::fixtures().join("tiny_r18/model.safetensors")).unwrap();
     assert_eq!(r18.architecture().block, "BasicBlock");
     assert_eq!(r18.architecture().bn_eps, 0.0);

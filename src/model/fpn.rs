@@ -1,6 +1,6 @@
 //! torchvision's `FeaturePyramidNetwork` with `LastLevelMaxPool` (`ops/feature_pyramid_network.py`):
-//! lateral 1×1 convs, nearest-neighbour top-down path, 3×3 output convs, and P6 as a stride-2
-//! subsample of P5.
+//! lateral 1×1 convs, nearest-neighbour top-down path, 3×3 output convs (each followed by a
+//! BatchNorm in the v2 layout, folded at load), and P6 as a stride-2 subsample of P5.
 
 use candle_core::{Device, Tensor};
 
@@ -16,20 +16,23 @@ pub struct Fpn {
 }
 
 impl Fpn {
-    pub fn load(w: &Weights, in_channels: [usize; 4], device: &Device) -> Result<Self> {
+    /// `eps` is the BatchNorm epsilon of the v2 layout's normalised blocks.
+    pub fn load(w: &Weights, in_channels: [usize; 4], eps: f32, device: &Device) -> Result<Self> {
         let mut inner_blocks = Vec::with_capacity(4);
         let mut layer_blocks = Vec::with_capacity(4);
         for (i, &c) in in_channels.iter().enumerate() {
-            let inner = Conv2d::load(
+            let inner = Conv2d::load_block(
                 w,
-                &format!("backbone.fpn.inner_blocks.{i}.0"),
+                &format!("backbone.fpn.inner_blocks.{i}"),
                 ConvSpec::new(c, 1, 1, 0),
+                eps,
                 device,
             )?;
-            let layer = Conv2d::load(
+            let layer = Conv2d::load_block(
                 w,
-                &format!("backbone.fpn.layer_blocks.{i}.0"),
+                &format!("backbone.fpn.layer_blocks.{i}"),
                 ConvSpec::new(inner.out_channels(), 3, 1, 1),
+                eps,
                 device,
             )?;
             inner_blocks.push(inner);

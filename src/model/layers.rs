@@ -82,6 +82,30 @@ impl Conv2d {
         Self::from_host(weight, bias, out, spec, device)
     }
 
+    /// torchvision's `Conv2dNormActivation` at `prefix`: the conv at `{prefix}.0`, with a
+    /// BatchNorm at `{prefix}.1` (folded) when the file has one — the v2 models' FPN and
+    /// heads — or its own bias otherwise (v1).
+    pub fn load_block(
+        w: &Weights,
+        prefix: &str,
+        spec: ConvSpec,
+        eps: f32,
+        device: &Device,
+    ) -> Result<Self> {
+        if w.contains(&format!("{prefix}.1.running_var")) {
+            Self::load_bn(
+                w,
+                &format!("{prefix}.0"),
+                &format!("{prefix}.1"),
+                spec,
+                eps,
+                device,
+            )
+        } else {
+            Self::load(w, &format!("{prefix}.0"), spec, device)
+        }
+    }
+
     /// A bias-free conv `{conv}.weight` followed by BatchNorm `{bn}.*` in eval mode, folded:
     /// `w' = w * g / sqrt(v + eps)`, `b' = beta - mean * g / sqrt(v + eps)`.
     pub fn load_bn(

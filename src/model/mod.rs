@@ -40,6 +40,9 @@ pub const DEFAULT_BN_EPS: f32 = 1e-5;
 /// What the weights describe, for `inspect`-style summaries and checks.
 #[derive(Debug, Clone, Serialize)]
 pub struct Architecture {
+    /// torchvision's Mask R-CNN layout: `v1` (`maskrcnn_resnet50_fpn`) or `v2`
+    /// (`maskrcnn_resnet50_fpn_v2`: BatchNorm in FPN and heads, conv box head).
+    pub variant: String,
     pub backbone: String,
     pub block: String,
     pub blocks_per_stage: [usize; 4],
@@ -195,9 +198,9 @@ impl MaskRcnn {
             .unwrap_or(DEFAULT_BN_EPS);
 
         let backbone = ResNet::load(&w, bn_eps, device)?;
-        let fpn = Fpn::load(&w, backbone.out_channels(), device)?;
+        let fpn = Fpn::load(&w, backbone.out_channels(), bn_eps, device)?;
         let rpn = Rpn::load(&w, fpn.channels(), &config, device)?;
-        let roi_heads = RoiHeads::load(&w, fpn.channels(), &config, device)?;
+        let roi_heads = RoiHeads::load(&w, fpn.channels(), &config, bn_eps, device)?;
         w.check_all_used()?;
 
         let num_classes = roi_heads.num_classes();
@@ -217,6 +220,7 @@ impl MaskRcnn {
                 None => default_labels(num_classes),
             };
         let architecture = Architecture {
+            variant: roi_heads.variant().into(),
             backbone: backbone.depth_name(),
             block: match backbone.block_kind() {
                 BlockKind::Basic => "BasicBlock",

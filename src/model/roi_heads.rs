@@ -1,6 +1,7 @@
-//! torchvision's `RoIHeads` at inference (`models/detection/roi_heads.py`) for Mask R-CNN v1:
-//! 7×7 RoIAlign → `TwoMLPHead` (fc6, fc7) → `FastRCNNPredictor` → `postprocess_detections`;
-//! then 14×14 RoIAlign on the kept boxes → `MaskRCNNHeads` (3×3 convs) →
+//! torchvision's `RoIHeads` at inference (`models/detection/roi_heads.py`) for Mask R-CNN v1 and
+//! v2: 7×7 RoIAlign → `TwoMLPHead` (fc6, fc7; v1) or `FastRCNNConvFCHead` (convs + BatchNorm,
+//! FC; v2) → `FastRCNNPredictor` → `postprocess_detections`;
+//! then 14×14 RoIAlign on the kept boxes → `MaskRCNNHeads` (3×3 convs, BatchNorm in v2) →
 //! `MaskRCNNPredictor` (2×2/2 transposed conv, 1×1 logits) → sigmoid of the predicted class.
 
 use candle_core::{DType, Device, Tensor};
@@ -35,8 +36,7 @@ pub struct Detection {
 pub struct RoiHeads {
     box_roi_pool: MultiScaleRoIAlign,
     mask_roi_pool: MultiScaleRoIAlign,
-    fc6: Linear,
-    fc7: Linear,
+    box_head: BoxHead,
     cls_score: Linear,
     bbox_pred: Linear,
     mask_convs: Vec<Conv2d>,
@@ -57,15 +57,80 @@ pub struct RoiHeads {
     detections_per_img: usize,
 }
 
+/// The box head: v1's `TwoMLPHead` (fc6, fc7) or v2's `FastRCNNConvFCHead` (3×3 convs with
+/// BatchNorm, then fully connected layers), each layer followed by ReLU.
+#[derive(Debug, Clone)]
+struct BoxHead {
+    convs: Vec<Conv2d>,
+    fcs: Vec<Linear>,
+}
+
+impl BoxHead {
+    fn load(w: &Weights, channels: usize, eps: f32, device: &Device) -> Result<Self> {
+        let pool = BOX_POOL_SIZE * BOX_POOL_SIZE;
+        if w.contains("roi_heads.box_head.fc6.weight") {
+            let fc6 = Linear::load(w, "roi_heads.box_head.fc6", channels * pool, device)?;
+            let fc7 = Linear::load(w, "roi_heads.box_head.fc7", fc6.out_features(), device)?;
+            return Ok(Self {
+                convs: Vec::new(),
+                fcs: vec![fc6, fc7],
+            });
+        }
+        // nn.Sequential(conv blocks..., Flatten, Linear, ReLU, Linear, ReLU...): the Linears
+        // sit at every other index after the Flatten.
+        let mut convs: Vec<Conv2d> = Vec::new();
+        let mut c = channels;
+        while w.contains(&format!("roi_heads.box_head.{}.0.weight", convs.len())) {
+            let prefix = format!("roi_heads.box_head.{}", convs.len());
+            let conv = Conv2d::load_block(w, &prefix, ConvSpec::new(c, 3, 1, 1), eps, device)?;
+            c = conv.out_channels();
+            convs.push(conv);
+        }
+        let mut fcs: Vec<Linear> = Vec::new();
+        let mut inputs = c * pool;
+        let mut index = convs.len() + 1;
+        while fcs.is_empty() || w.contains(&format!("roi_heads.box_head.{index}.weight")) {
+            let fc = Linear::load(w, &format!("roi_heads.box_head.{index}"), inputs, device)?;
+            inputs = fc.out_features();
+            fcs.push(fc);
+            index += 2;
+        }
+        Ok(Self { convs, fcs })
+    }
+
+    fn out_features(&self) -> usize {
+        self.fcs.last().map_or(0, Linear::out_features)
+    }
+
+    /// `[P, C, 7, 7]` → `[P, R]`.
+    fn forward(&self, pooled: &Tensor) -> Result<Tensor> {
+        let mut x = pooled.clone();
+        for conv in &self.convs {
+            x = conv.forward_relu(&x)?;
+        }
+        let mut x = x.flatten_from(1)?;
+        for fc in &self.fcs {
+            x = fc.forward(&x)?.relu()?;
+        }
+        Ok(x)
+    }
+}
+
 impl RoiHeads {
-    pub fn load(w: &Weights, channels: usize, cfg: &Config, device: &Device) -> Result<Self> {
-        let pooled = channels * BOX_POOL_SIZE * BOX_POOL_SIZE;
-        let fc6 = Linear::load(w, "roi_heads.box_head.fc6", pooled, device)?;
-        let fc7 = Linear::load(w, "roi_heads.box_head.fc7", fc6.out_features(), device)?;
+    /// `eps` is the BatchNorm epsilon of the v2 layout's normalised head convs.
+    pub fn load(
+        w: &Weights,
+        channels: usize,
+        cfg: &Config,
+        eps: f32,
+        device: &Device,
+    ) -> Result<Self> {
+        let box_head = BoxHead::load(w, channels, eps, device)?;
+        let representation = box_head.out_features();
         let cls_score = Linear::load(
             w,
             "roi_heads.box_predictor.cls_score",
-            fc7.out_features(),
+            representation,
             device,
         )?;
         let num_classes = cls_score.out_features();
@@ -79,14 +144,14 @@ impl RoiHeads {
         let bbox_pred = Linear::load(
             w,
             "roi_heads.box_predictor.bbox_pred",
-            fc7.out_features(),
+            representation,
             device,
         )?;
         if bbox_pred.out_features() != 4 * num_classes {
             return Err(Error::Shape {
                 path: w.path().to_path_buf(),
                 name: "roi_heads.box_predictor.bbox_pred.weight".into(),
-                expected: format!("[{}, {}]", 4 * num_classes, fc7.out_features()),
+                expected: format!("[{}, {representation}]", 4 * num_classes),
                 found: w
                     .shape("roi_heads.box_predictor.bbox_pred.weight")?
                     .to_vec(),
@@ -99,10 +164,11 @@ impl RoiHeads {
             "roi_heads.mask_head.{}.0.weight",
             mask_convs.len()
         )) {
-            let conv = Conv2d::load(
+            let conv = Conv2d::load_block(
                 w,
-                &format!("roi_heads.mask_head.{}.0", mask_convs.len()),
+                &format!("roi_heads.mask_head.{}", mask_convs.len()),
                 ConvSpec::new(c, 3, 1, 1),
+                eps,
                 device,
             )?;
             c = conv.out_channels();
@@ -138,8 +204,7 @@ impl RoiHeads {
         Ok(Self {
             box_roi_pool: MultiScaleRoIAlign::new(BOX_POOL_SIZE),
             mask_roi_pool: MultiScaleRoIAlign::new(MASK_POOL_SIZE),
-            fc6,
-            fc7,
+            box_head,
             cls_score,
             bbox_pred,
             mask_convs,
@@ -161,7 +226,16 @@ impl RoiHeads {
     }
 
     pub fn representation_size(&self) -> usize {
-        self.fc7.out_features()
+        self.box_head.out_features()
+    }
+
+    /// `v2` for torchvision's `FastRCNNConvFCHead` box head, `v1` for `TwoMLPHead`.
+    pub fn variant(&self) -> &'static str {
+        if self.box_head.convs.is_empty() {
+            "v1"
+        } else {
+            "v2"
+        }
     }
 
     pub fn mask_layers(&self) -> Vec<usize> {
@@ -181,9 +255,7 @@ impl RoiHeads {
 
     /// `TwoMLPHead`: `[P, C, 7, 7]` → `[P, R]`.
     pub fn box_head(&self, pooled: &Tensor) -> Result<Tensor> {
-        let x = pooled.flatten_from(1)?;
-        let x = self.fc6.forward(&x)?.relu()?;
-        Ok(self.fc7.forward(&x)?.relu()?)
+        self.box_head.forward(pooled)
     }
 
     /// `FastRCNNPredictor`: class logits `[P, K]` and box regression `[P, 4K]`.

@@ -17,7 +17,7 @@ const RPN_BOX_WEIGHTS: [f32; 4] = [1.0, 1.0, 1.0, 1.0];
 
 #[derive(Debug, Clone)]
 pub struct Rpn {
-    conv: Conv2d,
+    convs: Vec<Conv2d>,
     cls_logits: Conv2d,
     bbox_pred: Conv2d,
     num_anchors: usize,
@@ -30,16 +30,18 @@ pub struct Rpn {
 
 impl Rpn {
     pub fn load(w: &Weights, channels: usize, cfg: &Config, device: &Device) -> Result<Self> {
-        let conv = Conv2d::load(
-            w,
-            "rpn.head.conv.0.0",
-            ConvSpec::new(channels, 3, 1, 1),
-            device,
-        )?;
+        // `RPNHead(conv_depth=N)`: one 3×3 conv + ReLU in v1, two in v2.
+        let mut convs: Vec<Conv2d> = Vec::new();
+        while convs.is_empty() || w.contains(&format!("rpn.head.conv.{}.0.weight", convs.len())) {
+            let spec = ConvSpec::new(channels, 3, 1, 1);
+            let prefix = format!("rpn.head.conv.{}.0", convs.len());
+            convs.push(Conv2d::load(w, &prefix, spec, device)?);
+        }
+        let width = convs.last().expect("at least one conv").out_channels();
         let cls_logits = Conv2d::load(
             w,
             "rpn.head.cls_logits",
-            ConvSpec::new(conv.out_channels(), 1, 1, 0),
+            ConvSpec::new(width, 1, 1, 0),
             device,
         )?;
         let num_anchors = cls_logits.out_channels();
@@ -53,7 +55,7 @@ impl Rpn {
         let bbox_pred = Conv2d::load(
             w,
             "rpn.head.bbox_pred",
-            ConvSpec::new(conv.out_channels(), 1, 1, 0),
+            ConvSpec::new(width, 1, 1, 0),
             device,
         )?;
         if bbox_pred.out_channels() != 4 * num_anchors {
@@ -64,7 +66,7 @@ impl Rpn {
             )));
         }
         Ok(Self {
-            conv,
+            convs,
             cls_logits,
             bbox_pred,
             num_anchors,
@@ -95,7 +97,10 @@ impl Rpn {
         let anchors = grid_anchors(&grids, padded);
         cand.clear();
         for (level, (feature, anchors)) in features.iter().zip(&anchors).enumerate() {
-            let t = self.conv.forward_relu(feature)?;
+            let mut t = feature.clone();
+            for conv in &self.convs {
+                t = conv.forward_relu(&t)?;
+            }
             // [1, A, H, W] -> [H, W, A], the anchors' order. Top-k, decoding and NMS run on the
             // host in f32 (f16 on GPUs until here): per level this is one copy of A*H*W logits
             // and 4x as many deltas, which candle's CUDA argsort could not sort anyway (its
