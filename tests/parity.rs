@@ -11,7 +11,7 @@ use common::*;
 use drape::model::box_ops::Candidates;
 use drape::MaskRcnn;
 
-const MODELS: [&str; 3] = ["tiny_r50", "tiny_r18", "tiny_v2"];
+const MODELS: [&str; 4] = ["tiny_r50", "tiny_r18", "tiny_r101", "tiny_v2"];
 const IMAGES: [&str; 3] = ["landscape", "portrait", "odd"];
 
 /// Dense stages: max |ours - torchvision| / max(1, max |torchvision|). f32 convolutions summed

@@ -314,6 +314,9 @@ fn architecture_and_labels_come_from_the_file() {
     assert_eq!(r50.label(1), "shirt, blouse");
     assert_eq!(r50.label(46), "tassel");
     assert_eq!(a.variant, "v1");
+    let r101 = load(&common::fixtures().join("tiny_r101/model.safetensors")).unwrap();
+    assert_eq!(r101.architecture().backbone, "ResNet-101");
+    assert_eq!(r101.architecture().blocks_per_stage, [3, 4, 23, 3]);
     let v2 = load(&common::fixtures().join("tiny_v2/model.safetensors")).unwrap();
     assert_eq!(v2.architecture().variant, "v2");
     assert_eq!(v2.architecture().representation_size, 64);
