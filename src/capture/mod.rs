@@ -26,6 +26,8 @@ pub mod convert;
 pub mod negotiate;
 pub mod replay;
 pub mod transform;
+// V4L2 is Linux's camera API; elsewhere drape replays recordings only.
+#[cfg(target_os = "linux")]
 pub mod v4l;
 pub mod y4m;
 
@@ -39,7 +41,8 @@ pub use camera::{CameraSource, Device, RawBuffer, ReconnectPolicy, Sleep, Stream
 pub use negotiate::{negotiate, Capability, FormatRequest, FourCc};
 pub use replay::ReplaySource;
 pub use transform::{Crop, Rotation, TransformedSource, Transforms};
-pub use v4l::{list_cameras, CameraInfo};
+#[cfg(target_os = "linux")]
+pub use v4l::list_cameras;
 
 /// One RGB frame in a buffer owned by the caller and reused frame after frame.
 #[derive(Debug, Clone)]
@@ -236,6 +239,25 @@ impl SourceSpec {
     }
 }
 
+/// A camera node and what it offers, for `drape cameras`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CameraInfo {
+    pub path: PathBuf,
+    /// The card name the driver reports, e.g. "HD Pro Webcam C920".
+    pub name: String,
+    pub driver: String,
+    pub bus: String,
+    /// Every (format, size, rate) the camera advertises. Continuous size or rate ranges are
+    /// listed by their ends. A rate of 0 means the driver does not enumerate rates.
+    pub formats: Vec<Capability>,
+}
+
+/// No V4L2 outside Linux: no cameras to list.
+#[cfg(not(target_os = "linux"))]
+pub fn list_cameras() -> Vec<CameraInfo> {
+    Vec::new()
+}
+
 /// The rate cameras are asked for, and image directories are replayed at, unless told otherwise.
 pub const DEFAULT_FPS: f64 = 30.0;
 
@@ -252,11 +274,7 @@ pub fn open(spec: &SourceSpec) -> Result<Box<dyn FrameSource>, CaptureError> {
             height: spec.height,
             fps: spec.fps.unwrap_or(DEFAULT_FPS),
         };
-        let source = CameraSource::new(
-            v4l::V4l2Device::new(path, request),
-            ReconnectPolicy::default(),
-            std::thread::sleep as fn(_),
-        )?;
+        let source = open_camera(path, request)?;
         let (width, height) = source.size();
         (Box::new(source), width, height)
     } else {
@@ -279,6 +297,53 @@ pub fn open(spec: &SourceSpec) -> Result<Box<dyn FrameSource>, CaptureError> {
         width,
         height,
     )?))
+}
+
+/// A camera source as `open` builds it: real sleeps between reconnect attempts.
+type Camera<D> = CameraSource<D, fn(std::time::Duration)>;
+
+#[cfg(target_os = "linux")]
+fn open_camera(
+    path: &Path,
+    request: FormatRequest,
+) -> Result<Camera<v4l::V4l2Device>, CaptureError> {
+    CameraSource::new(
+        v4l::V4l2Device::new(path, request),
+        ReconnectPolicy::default(),
+        std::thread::sleep as fn(_),
+    )
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_camera(
+    path: &Path,
+    _: FormatRequest,
+) -> Result<CameraSource<NoCamera, fn(std::time::Duration)>, CaptureError> {
+    Err(CaptureError::Open {
+        device: path.display().to_string(),
+        reason: "V4L2 cameras need Linux; replay a directory of images or a .y4m file instead"
+            .into(),
+    })
+}
+
+/// Stands in for the camera device type where there is no V4L2.
+#[cfg(not(target_os = "linux"))]
+pub enum NoCamera {}
+
+#[cfg(not(target_os = "linux"))]
+impl Device for NoCamera {
+    fn name(&self) -> &str {
+        match *self {}
+    }
+    fn open(&mut self) -> Result<StreamFormat, CaptureError> {
+        match *self {}
+    }
+    fn dequeue(&mut self) -> std::io::Result<RawBuffer<'_>> {
+        match *self {}
+    }
+    fn close(&mut self) {
+        match *self {}
+    }
 }
 
 /// A path is a camera if it is a character device, or names one under /dev that may not exist

@@ -22,6 +22,7 @@ use super::camera::{Device, RawBuffer, StreamFormat};
 use super::negotiate::{
     negotiate, Capability, FormatRequest, FourCc, DEFAULT_HEIGHT, DEFAULT_WIDTH,
 };
+use super::CameraInfo;
 use super::{CaptureError, PixelFormat};
 
 /// Kernel buffers in flight: one being filled, one being converted, two of slack so a slow
@@ -30,19 +31,6 @@ const BUFFER_COUNT: u32 = 4;
 /// A camera that delivers nothing for this long is treated as lost and reopened. UVC cameras
 /// that crash firmware-side stay enumerated but go silent.
 const STALL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A camera node and what it offers, for `drape cameras`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct CameraInfo {
-    pub path: PathBuf,
-    /// The card name the driver reports, e.g. "HD Pro Webcam C920".
-    pub name: String,
-    pub driver: String,
-    pub bus: String,
-    /// Every (format, size, rate) the camera advertises. Continuous size or rate ranges are
-    /// listed by their ends. A rate of 0 means the driver does not enumerate rates.
-    pub formats: Vec<Capability>,
-}
 
 /// Lists the `/dev/video*` nodes that capture video, sorted by path. Nodes that cannot be opened
 /// or that offer no capture format (UVC metadata nodes) are left out.
