@@ -41,6 +41,8 @@ const STEP_UP_FRACTION: f64 = 0.6;
 const RECENT_FRAMES: usize = 8;
 /// Weight of the newest measurement in the cost model's moving averages.
 const EWMA_WEIGHT: f64 = 0.3;
+/// Size of the grey frame the model warms up on before capture starts (a VGA camera's).
+const WARM_UP_FRAME: (usize, usize) = (480, 640);
 /// Latency samples kept for the summary's percentiles (the most recent ones).
 const SUMMARY_SAMPLES: usize = 8192;
 
@@ -444,6 +446,20 @@ pub fn run(
             options.budget_ms
         )));
     }
+    // Warm up before the first frame is captured: the first inference pays for page faults,
+    // thread pools and lazy set-up, which would otherwise land on a real frame's latency.
+    let mut ws = Workspace::default();
+    let mut result = Detections::default();
+    let (warm_h, warm_w) = WARM_UP_FRAME;
+    let grey = vec![128u8; warm_h * warm_w * 3];
+    model.detect_into(
+        &grey,
+        (warm_h, warm_w),
+        model.default_settings(),
+        &mut ws,
+        &mut result,
+    )?;
+
     let slot = LatestFrame::new(Frame::with_capacity(0, 0));
     let source_stats = Mutex::new(CaptureStats::default());
     let capture_done = AtomicBool::new(false);
@@ -479,8 +495,6 @@ pub fn run(
             .map(|_| Samples::new())
             .collect();
         let mut front = Frame::with_capacity(0, 0);
-        let mut ws = Workspace::default();
-        let mut result = Detections::default();
         let mut line = Vec::with_capacity(64 * 1024);
         let mut failure = None;
         let mut final_input = (0, 0);
