@@ -10,13 +10,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
-use drape::capture::{self, SourceSpec};
+use drape::capture;
 use drape::pipeline::{self, BudgetController, PipelineOptions, Sink};
 use drape::stream::http::{HttpOptions, HttpServer};
 use drape::stream::unix::UnixServer;
 use drape::stream::{labels_by_id, Hub, HubSink};
-use drape::MaskRcnn;
 
 const MAX_CLIENTS: usize = 2;
 
@@ -50,18 +48,8 @@ impl Running {
             let stop = Arc::clone(&stop);
             std::thread::spawn(move || {
                 let (_server, _unix) = (server, unix);
-                let model = MaskRcnn::load(
-                    common::fixtures().join("tiny_r50/model.safetensors"),
-                    |_| {},
-                    &Device::Cpu,
-                )
-                .unwrap();
-                let spec = SourceSpec {
-                    fps: Some(15.0),
-                    looping: true,
-                    ..SourceSpec::new(common::fixtures().join("frames").display().to_string())
-                };
-                let source = capture::open(&spec).unwrap();
+                let model = common::tiny_model();
+                let source = capture::open(&common::replay_frames(15.0)).unwrap();
                 let mut sinks: Vec<Box<dyn Sink>> =
                     vec![Box::new(HubSink::new(hub, labels_by_id(&model)))];
                 let options = PipelineOptions {

@@ -10,16 +10,14 @@ mod common;
 
 use std::time::Duration;
 
-use candle_core::Device;
 use drape::alloc::{counts, CountingAlloc};
-use drape::capture::{self, Frame, SourceSpec};
+use drape::capture::{self, Frame};
 use drape::model::box_ops::Candidates;
 use drape::model::roi_heads::{Detection, MASK_SIZE};
 use drape::model::transform::{ResizeScratch, Transform};
 use drape::model::Detections;
 use drape::pipeline::{write_record, LatestFrame, Take};
 use drape::postprocess::Paster;
-use drape::MaskRcnn;
 
 #[global_allocator]
 static GLOBAL: CountingAlloc<std::alloc::System> = CountingAlloc(std::alloc::System);
@@ -39,18 +37,8 @@ fn noise(n: usize, seed: u32) -> Vec<f32> {
 
 #[test]
 fn steady_state_host_stages_do_not_allocate() {
-    let model = MaskRcnn::load(
-        common::fixtures().join("tiny_r50/model.safetensors"),
-        |_| {},
-        &Device::Cpu,
-    )
-    .unwrap();
-    let spec = SourceSpec {
-        fps: Some(1000.0),
-        looping: true,
-        ..SourceSpec::new(common::fixtures().join("frames").display().to_string())
-    };
-    let mut source = capture::open(&spec).unwrap();
+    let model = common::tiny_model();
+    let mut source = capture::open(&common::replay_frames(1000.0)).unwrap();
     let slot = LatestFrame::new(Frame::with_capacity(320, 240));
     let (mut back, mut front) = (
         Frame::with_capacity(320, 240),

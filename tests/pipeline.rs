@@ -8,19 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
-use drape::capture::{self, CaptureError, CaptureStats, Frame, FrameSource, SourceSpec};
+use drape::capture::{self, CaptureError, CaptureStats, Frame, FrameSource};
 use drape::pipeline::{self, BudgetController, Emitted, PipelineOptions, Sink};
-use drape::MaskRcnn;
-
-fn model() -> MaskRcnn {
-    MaskRcnn::load(
-        common::fixtures().join("tiny_r50/model.safetensors"),
-        |_| {},
-        &Device::Cpu,
-    )
-    .unwrap()
-}
 
 fn frames_dir() -> String {
     common::fixtures().join("frames").display().to_string()
@@ -62,13 +51,8 @@ impl<F: FnMut(usize)> Sink for Recorder<F> {
 
 #[test]
 fn replay_at_30_fps_never_starts_on_a_stale_frame_and_counts_every_drop() {
-    let m = model();
-    let spec = SourceSpec {
-        fps: Some(30.0),
-        looping: true,
-        ..SourceSpec::new(frames_dir())
-    };
-    let source = capture::open(&spec).unwrap();
+    let m = common::tiny_model();
+    let source = capture::open(&common::replay_frames(30.0)).unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(Recorder {
         seen: Arc::clone(&seen),
@@ -153,7 +137,7 @@ impl FrameSource for Ticker {
 
 #[test]
 fn budget_controller_steps_down_under_a_slow_stage_and_back_up_without_it() {
-    let m = model();
+    let m = common::tiny_model();
     let im = drape::image_io::load_rgb(common::fixtures().join("frames/frame_000.jpg")).unwrap();
     let source = Box::new(Ticker {
         rgb: im.as_raw().clone(),

@@ -13,6 +13,25 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// The tiny Bottleneck fixture model (also the bundled demo model), on the CPU.
+pub fn tiny_model() -> drape::MaskRcnn {
+    drape::MaskRcnn::load(
+        fixtures().join("tiny_r50/model.safetensors"),
+        |_| {},
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// The bundled replay frames, looped at `fps` like a camera.
+pub fn replay_frames(fps: f64) -> drape::capture::SourceSpec {
+    drape::capture::SourceSpec {
+        fps: Some(fps),
+        looping: true,
+        ..drape::capture::SourceSpec::new(fixtures().join("frames").display().to_string())
+    }
+}
+
 /// Reference tensors torchvision wrote for one model and image (`calibration/make_fixtures.py`).
 pub struct Reference {
     pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
