@@ -13,6 +13,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape};
 use rayon::prelude::*;
 
+use super::winograd::{Epilogue, Tiles, Winograd};
+
 /// Output pixels per GEMM tile: enough columns for gemm to run at full speed, small enough
 /// that the column buffer of a 256-channel 3×3 conv (2304 rows) stays a few MB.
 const TILE_PIXELS: usize = 768;
@@ -33,6 +35,8 @@ pub struct FusedConv {
     pub stride: usize,
     pub padding: usize,
     pub relu: bool,
+    /// The same weights Winograd-transformed, for 3×3 stride-1 pad-1 convs.
+    pub winograd: Option<Arc<Winograd>>,
 }
 
 /// Raw output pointer shared by the tile workers; each writes a disjoint set of columns.
@@ -49,6 +53,29 @@ impl OutPtr {
 }
 
 impl FusedConv {
+    /// A conv of `weight` (`[out, in, k, k]`), using Winograd where the shape allows.
+    pub fn new(
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        in_channels: usize,
+        out_channels: usize,
+        (kernel, stride, padding): (usize, usize, usize),
+    ) -> Self {
+        let winograd = (kernel == 3 && stride == 1 && padding == 1)
+            .then(|| Arc::new(Winograd::new(&weight, out_channels, in_channels)));
+        Self {
+            weight: Arc::new(weight),
+            bias: Arc::new(bias),
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+            padding,
+            relu: false,
+            winograd,
+        }
+    }
+
     pub fn output_size(&self, h: usize, w: usize) -> (usize, usize) {
         let k = self.kernel;
         (
@@ -73,6 +100,38 @@ impl FusedConv {
         let (oh, ow) = self.output_size(h, w);
         let plane = oh * ow;
         let mut out = vec![0f32; n * self.out_channels * plane];
+        if let Some(wino) = &self.winograd {
+            let tiles = Tiles::new(h, w);
+            let rows = tiles.rows_per_job();
+            let jobs_per_image = tiles.down.div_ceil(rows);
+            let ptr = OutPtr(out.as_mut_ptr());
+            let per_image_in = self.in_channels * h * w;
+            let per_image_out = self.out_channels * plane;
+            (0..n * jobs_per_image).into_par_iter().for_each(|job| {
+                let (img, j) = (job / jobs_per_image, job % jobs_per_image);
+                let ty0 = j * rows;
+                let ty1 = (ty0 + rows).min(tiles.down);
+                let epilogue = Epilogue {
+                    bias: &self.bias,
+                    residual: residual.map(|r| &r[img * per_image_out..][..per_image_out]),
+                    relu: self.relu,
+                };
+                let image = &input[img * per_image_in..][..per_image_in];
+                let dst = ptr.get();
+                // SAFETY: this job writes only output rows 2*ty0..2*ty1 of image `img`, which
+                // no other job touches, and `out` outlives the parallel loop.
+                unsafe {
+                    wino.rows(
+                        image,
+                        tiles,
+                        (ty0, ty1),
+                        &epilogue,
+                        dst.add(img * per_image_out),
+                    )
+                };
+            });
+            return (out, Shape::from((n, self.out_channels, oh, ow)));
+        }
         let rows_per_tile = (TILE_PIXELS / ow).clamp(1, oh);
         let tiles_per_image = oh.div_ceil(rows_per_tile);
         let ptr = OutPtr(out.as_mut_ptr());
@@ -269,5 +328,60 @@ impl CustomOp2 for FusedConv {
         let residual = contiguous_f32(s2, l2)?;
         let (out, shape) = self.run(contiguous_f32(s1, l1)?, (n, h, w), Some(residual));
         Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(n: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2654435761) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn winograd_matches_im2col_on_odd_sizes_with_residual() {
+        let (n, cin, cout, h, w) = (2, 5, 7, 9, 11);
+        let conv = FusedConv::new(
+            noise(cout * cin * 9, 1),
+            noise(cout, 2),
+            cin,
+            cout,
+            (3, 1, 1),
+        );
+        assert!(conv.winograd.is_some());
+        let plain = FusedConv {
+            winograd: None,
+            ..conv.clone()
+        };
+        let input = noise(n * cin * h * w, 3);
+        let residual = noise(n * cout * h * w, 4);
+        for relu in [false, true] {
+            let (a, b) = (
+                FusedConv {
+                    relu,
+                    ..conv.clone()
+                },
+                FusedConv {
+                    relu,
+                    ..plain.clone()
+                },
+            );
+            let (wa, _) = a.run(&input, (n, h, w), Some(&residual));
+            let (wb, _) = b.run(&input, (n, h, w), Some(&residual));
+            let err = wa
+                .iter()
+                .zip(&wb)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(err < 1e-5, "relu {relu}: max difference {err}");
+        }
     }
 }

@@ -1,8 +1,6 @@
 //! The two parametrised blocks every stage is made of, loaded from torchvision key paths.
 //! BatchNorm never reaches the hot path: it is folded into the preceding conv at load time.
 
-use std::sync::Arc;
-
 use candle_core::{Device, Shape, Tensor};
 
 use super::conv::FusedConv;
@@ -151,16 +149,13 @@ impl Conv2d {
     ) -> Result<Self> {
         let k = spec.kernel;
         let kernel = if device.is_cpu() {
-            Kernel::Cpu(FusedConv {
-                weight: Arc::new(weight),
-                bias: Arc::new(bias),
-                in_channels: spec.in_channels,
-                out_channels: out,
-                kernel: k,
-                stride: spec.stride,
-                padding: spec.padding,
-                relu: false,
-            })
+            Kernel::Cpu(FusedConv::new(
+                weight,
+                bias,
+                spec.in_channels,
+                out,
+                (k, spec.stride, spec.padding),
+            ))
         } else {
             Kernel::Device {
                 weight: upload(weight, (out, spec.in_channels, k, k), device)?,

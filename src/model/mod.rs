@@ -13,6 +13,7 @@ pub mod roi_align;
 pub mod roi_heads;
 pub mod rpn;
 pub mod transform;
+pub mod winograd;
 
 use std::path::Path;
 use std::time::Instant;
