@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::model::transform::Transform;
 use crate::model::{Detections, MaskRcnn, Timings, Workspace};
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -98,12 +99,9 @@ pub fn run(
         progress();
     }
     let stages = stage_stats(&samples);
-    let (rh, rw) = crate::model::transform::Transform::resized_size(
-        size,
-        (settings.min_size, settings.max_size),
-    );
-    let pad = |s: usize| s.div_ceil(crate::config::SIZE_DIVISIBLE) * crate::config::SIZE_DIVISIBLE;
-    let macs = model.backbone.macs(pad(rh), pad(rw));
+    let (rw, rh) = result.input_size;
+    let (ph, pw) = Transform::padded_size((rh, rw));
+    let macs = model.backbone.macs(ph, pw);
     let backbone_ms = stages.get("backbone").map_or(f64::NAN, |s| s.median_ms);
     Ok(BenchReport {
         stages,

@@ -2,42 +2,18 @@
 //! that meet a latency budget at p99, and keeps them in a human-readable profile
 //! (`calibration/<device>.toml`) that `drape run` loads.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::bench::percentile;
 use crate::error::{Error, Result};
+use crate::model::transform::Transform;
 use crate::model::{Detections, FrameSettings, MaskRcnn, Workspace};
 use crate::pipeline::{BudgetController, CostModel};
 
 /// Share of the budget the chosen settings may use at p99 (as the pipeline plans).
 const PROFILE_HEADROOM: f64 = 0.9;
-
-/// Hex sha256 of a file, streamed.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
 
 /// A name for this device and thread count, used as the profile's file name.
 pub fn device_name(threads: usize) -> String {
@@ -216,9 +192,8 @@ pub fn calibrate(
         full
     };
     let mpx = |m: &Measured| {
-        let pad =
-            |s: usize| s.div_ceil(crate::config::SIZE_DIVISIBLE) * crate::config::SIZE_DIVISIBLE;
-        (pad(m.input[0]) * pad(m.input[1])) as f64 / 1e6
+        let (h, w) = Transform::padded_size((m.input[1], m.input[0]));
+        (h * w) as f64 / 1e6
     };
     let costs = CostModel {
         fixed_ms_per_mpx: m.fixed_median_ms / mpx(m),

@@ -17,9 +17,9 @@ use memmap2::Mmap;
 use safetensors::SafeTensors;
 use serde::Serialize;
 
-use crate::convert::sha256_hex;
 use crate::error::{Error, Result};
 use crate::model::Architecture;
+use crate::weights::sha256_hex;
 use crate::MaskRcnn;
 
 /// Tensors only one head variant has, to name it (torchvision's `maskrcnn_resnet50_fpn` is v1

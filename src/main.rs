@@ -418,7 +418,7 @@ fn stream(
             .unwrap_or_else(|| Profile::default_path(threads));
         if path.exists() || outputs.profile.is_some() {
             let profile = Profile::load(&path)?;
-            let sha = drape::calibrate::sha256_file(&model_args.weights)?;
+            let sha = drape::weights::sha256_file(&model_args.weights)?;
             if profile.model_sha256 != sha {
                 tracing::warn!(profile = %path.display(), "profile was calibrated for another model; ignoring it");
             } else {
@@ -554,7 +554,7 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
     let profile = Profile {
         device: drape::calibrate::device_name(threads),
         threads,
-        model_sha256: drape::calibrate::sha256_file(&args.model.weights)?,
+        model_sha256: drape::weights::sha256_file(&args.model.weights)?,
         budget_ms: args.budget_ms,
         level,
         min_size: measured[level].min_size,

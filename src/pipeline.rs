@@ -213,10 +213,8 @@ impl BudgetController {
 
     /// Megapixels of the padded model input for a frame of `size` at ladder `level`.
     fn mpx(&self, size: (usize, usize), level: usize) -> f64 {
-        let (h, w) = Transform::resized_size(size, self.ladder[level]);
-        let pad =
-            |s: usize| s.div_ceil(crate::config::SIZE_DIVISIBLE) * crate::config::SIZE_DIVISIBLE;
-        (pad(h) * pad(w)) as f64 / 1e6
+        let (h, w) = Transform::padded_size(Transform::resized_size(size, self.ladder[level]));
+        (h * w) as f64 / 1e6
     }
 
     fn fixed_ms(&self, size: (usize, usize), level: usize) -> Option<f64> {

@@ -26,10 +26,10 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use memmap2::Mmap;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-use sha2::{Digest, Sha256};
 
 use crate::labels::IMATERIALIST_2019;
 use crate::model::{Architecture, DEFAULT_BN_EPS};
+use crate::weights::sha256_hex;
 use crate::MaskRcnn;
 use checkpoint::{Checkpoint, Format};
 use pickle::{Pickle, PickleError, StorageType, TensorRef, Value};
@@ -266,13 +266,6 @@ pub struct Summary {
     pub source_sha256: String,
     /// Tensors with values that became zero or subnormal, most affected first.
     pub tiny: Vec<TinyValues>,
-}
-
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Reads class names: a JSON list of strings, or any other file as one name per line.

@@ -58,6 +58,13 @@ impl Transform {
         (out(h), out(w))
     }
 
+    /// The batch tensor's (height, width) for a resized image: each side rounded up to a
+    /// multiple of 32, as `batch_images` pads.
+    pub fn padded_size((h, w): (usize, usize)) -> (usize, usize) {
+        let pad = |s: usize| s.div_ceil(SIZE_DIVISIBLE) * SIZE_DIVISIBLE;
+        (pad(h), pad(w))
+    }
+
     /// Preprocesses an interleaved 8-bit RGB image of `(height, width)` into `out`
     /// (`[3, padded.0, padded.1]`). `out` and `scratch` only grow, so a stream of same-sized
     /// frames allocates nothing after the first.
@@ -76,8 +83,7 @@ impl Transform {
             )));
         }
         let (rh, rw) = Self::resized_size((height, width), sizes);
-        let pad = |s: usize| s.div_ceil(SIZE_DIVISIBLE) * SIZE_DIVISIBLE;
-        let (ph, pw) = (pad(rh), pad(rw));
+        let (ph, pw) = Self::padded_size((rh, rw));
         scratch.plane.resize(height * width, 0.0);
         out.clear();
         out.resize(3 * ph * pw, 0.0);
