@@ -199,10 +199,6 @@ impl BudgetController {
         &self.ladder
     }
 
-    pub fn level(&self) -> usize {
-        self.level
-    }
-
     pub fn costs(&self) -> Option<CostModel> {
         Some(CostModel {
             fixed_ms_per_mpx: self.fixed_ms_per_mpx?,

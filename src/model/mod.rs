@@ -271,10 +271,6 @@ impl MaskRcnn {
             .map_or("background", String::as_str)
     }
 
-    pub fn transform(&self) -> &Transform {
-        &self.transform
-    }
-
     /// The configured input size, every mask: torchvision's behaviour.
     pub fn default_settings(&self) -> FrameSettings {
         FrameSettings {
@@ -291,14 +287,6 @@ impl MaskRcnn {
         let mut batch = self.transform.apply(rgb, size, sizes, &self.device)?;
         batch.tensor = batch.tensor.to_dtype(self.dtype)?;
         Ok(batch)
-    }
-
-    /// Backbone body and FPN: P2..P6.
-    pub fn features(&self, images: &Tensor) -> Result<Vec<Tensor>> {
-        let _span = tracing::debug_span!("backbone").entered();
-        let c = self.backbone.forward(images)?;
-        let _span = tracing::debug_span!("fpn").entered();
-        self.fpn.forward(&c)
     }
 
     /// Runs the whole model on one interleaved 8-bit RGB image of `(height, width)`.
