@@ -12,8 +12,15 @@ pub mod poolers;
 pub mod roi_align;
 pub mod roi_heads;
 pub mod rpn;
+pub mod topk;
 pub mod transform;
 pub mod winograd;
+
+/// `kernels/*.cu` as PTX, compiled by build.rs.
+#[cfg(feature = "cuda")]
+mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+}
 
 use std::path::Path;
 use std::time::Instant;

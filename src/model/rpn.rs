@@ -8,6 +8,7 @@ use super::anchors::grid_anchors;
 use super::box_ops::{self, Box, BoxCoder, Candidates};
 use super::layers::{Conv2d, ConvSpec};
 use super::sigmoid;
+use super::topk::top_n;
 use crate::config::{Config, RPN_MIN_SIZE};
 use crate::error::Result;
 use crate::weights::Weights;
@@ -101,31 +102,37 @@ impl Rpn {
             for conv in &self.convs {
                 t = conv.forward_relu(&t)?;
             }
-            // [1, A, H, W] -> [H, W, A], the anchors' order. Top-k, decoding and NMS run on the
-            // host in f32 (f16 on GPUs until here): per level this is one copy of A*H*W logits
-            // and 4x as many deltas, which candle's CUDA argsort could not sort anyway (its
-            // bitonic sort is limited to 8192 elements per row).
-            let logits: Vec<f32> = self
+            // [1, A, H, W] -> [H, W, A], the anchors' order. The top-n runs on the device
+            // (see `topk`); only the winners' logits and box deltas come to the host, where
+            // decoding and NMS run in f32 (the deltas are f16 on GPUs until here).
+            let logits = self
                 .cls_logits
                 .forward(&t)?
                 .permute((0, 2, 3, 1))?
-                .flatten_all()?
-                .to_dtype(DType::F32)?
-                .to_vec1()?;
+                .flatten_all()?;
+            let top = top_n(&logits, self.pre_nms_top_n)?;
             // [1, 4A, H, W] -> [1, A, 4, H, W] -> [H, W, A, 4].
             let (_, _, h, w) = t.dims4()?;
+            let winners = Tensor::from_slice(&top.indices, top.indices.len(), t.device())?;
             let deltas: Vec<f32> = self
                 .bbox_pred
                 .forward(&t)?
                 .reshape((1, self.num_anchors, 4, h, w))?
                 .permute((0, 3, 4, 1, 2))?
+                .reshape((h * w * self.num_anchors, 4))?
+                .index_select(&winners, 0)?
                 .flatten_all()?
                 .to_dtype(DType::F32)?
                 .to_vec1()?;
-            for i in top_n(&logits, self.pre_nms_top_n) {
-                let b = self.coder.decode(&anchors[i], &deltas[4 * i..4 * i + 4]);
+            for ((&i, &logit), deltas) in top
+                .indices
+                .iter()
+                .zip(&top.values)
+                .zip(deltas.chunks_exact(4))
+            {
+                let b = self.coder.decode(&anchors[i as usize], deltas);
                 let b = box_ops::clip_to_image(&b, image_size);
-                let score = sigmoid(logits[i]);
+                let score = sigmoid(logit);
                 if box_ops::is_large_enough(&b, RPN_MIN_SIZE) && score >= self.score_thresh {
                     cand.push(b, score, level);
                 }
@@ -140,30 +147,5 @@ impl Rpn {
                 .map(|&i| cand.boxes[i]),
         );
         Ok(())
-    }
-}
-
-/// Indices of the `n` largest values, largest first (`torch.topk(..., sorted=True)`).
-fn top_n(values: &[f32], n: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..values.len()).collect();
-    let cmp = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
-    if n < idx.len() {
-        idx.select_nth_unstable_by(n, cmp);
-        idx.truncate(n);
-    }
-    idx.sort_unstable_by(cmp);
-    idx
-}
-
-#[cfg(test)]
-mod tests {
-    use super::top_n;
-
-    #[test]
-    fn top_n_is_sorted_and_bounded() {
-        let v = [0.5, 3.0, -1.0, 2.0, 3.0];
-        assert_eq!(top_n(&v, 3), vec![1, 4, 3]);
-        assert_eq!(top_n(&v, 10), vec![1, 4, 3, 0, 2]);
-        assert!(top_n(&[], 5).is_empty());
     }
 }

@@ -1,0 +1,375 @@
+//! `torch.topk(logits, n, sorted=True)` for the RPN's per-level pre-NMS selection, done where
+//! the logits are. candle has no top-k, and its CUDA argsort is a shared-memory bitonic sort
+//! limited to 8192 elements per row, while P2 alone has about 160k anchors at 800 px.
+//!
+//! A radix select over order-preserving 32-bit keys: three histogram passes (11, 11 and 10
+//! bits) find the key of the n-th largest value, one collect pass gathers the keys above it and
+//! the indices of the keys equal to it, and the host sorts those n. Only three 8 KiB histograms
+//! and the n winners leave the device, not the whole level's logits. The two passes are candle
+//! custom ops with a CPU kernel (the one the CPU path runs, so parity tests exercise this very
+//! selection logic) and a CUDA kernel (`kernels/topk.cu`). Metal copies the level to the CPU.
+//!
+//! Ties at the threshold are broken by the lowest index, which is also what the sort gives
+//! among equal values, so the result is deterministic on every device.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+
+use crate::error::Result;
+
+/// The key's digits, most significant first: (shift, bits). The bins of the widest digit are
+/// what the CUDA kernel keeps in shared memory (`TOPK_MAX_BINS`).
+const DIGITS: [(u32, u32); 3] = [(21, 11), (10, 11), (0, 10)];
+
+/// Maps an f32 to a u32 that sorts as `f32::total_cmp` does.
+fn order_key(v: f32) -> u32 {
+    let bits = v.to_bits();
+    if bits & 0x8000_0000 != 0 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    }
+}
+
+/// The inverse of [`order_key`].
+fn from_key(key: u32) -> f32 {
+    f32::from_bits(if key & 0x8000_0000 != 0 {
+        key & 0x7fff_ffff
+    } else {
+        !key
+    })
+}
+
+/// The largest values of a level, largest first, ties in index order.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct TopN {
+    pub indices: Vec<u32>,
+    pub values: Vec<f32>,
+}
+
+/// The `n` largest entries of the 1-D `values` (f32, or f16 on CUDA), as f32.
+pub fn top_n(values: &Tensor, n: usize) -> Result<TopN> {
+    let len = values.dim(0)?;
+    let n = n.min(len);
+    if n == 0 {
+        return Ok(TopN::default());
+    }
+    let values = match values.device() {
+        Device::Metal(_) => values.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
+        _ => values.contiguous()?,
+    };
+    // How many of the n winners are still to be found among the keys that share `prefix`.
+    let mut need = n as u32;
+    let mut prefix = 0u32;
+    let mut at_threshold = 0u32;
+    for (shift, bits) in DIGITS {
+        let op = Histogram {
+            prefix,
+            prefix_shift: shift + bits,
+            shift,
+            bits,
+        };
+        let hist: Vec<u32> = values.apply_op1_no_bwd(&op)?.to_vec1()?;
+        let mut digit = None;
+        for (d, &count) in hist.iter().enumerate().rev() {
+            if count >= need {
+                digit = Some(d as u32);
+                at_threshold = count;
+                break;
+            }
+            need -= count;
+        }
+        let Some(digit) = digit else {
+            // The matching keys were counted as at least `need` one pass earlier.
+            let msg = format!("top_n: histogram of {len} values lost entries at shift {shift}");
+            return Err(candle_core::Error::Msg(msg).into());
+        };
+        prefix = (prefix << bits) | digit;
+    }
+    let above = n as u32 - need;
+    let collected = values
+        .apply_op1_no_bwd(&Collect {
+            threshold: prefix,
+            above,
+            equal: at_threshold,
+        })?
+        .narrow(0, 2, (2 * above + at_threshold) as usize)?
+        .to_vec1::<u32>()?;
+    let (pairs, equal) = collected.split_at(2 * above as usize);
+    let mut winners: Vec<(u32, u32)> = pairs.chunks_exact(2).map(|p| (p[0], p[1])).collect();
+    winners.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut equal = equal.to_vec();
+    equal.sort_unstable();
+    winners.extend(equal.iter().take(need as usize).map(|&i| (prefix, i)));
+    Ok(TopN {
+        indices: winners.iter().map(|w| w.1).collect(),
+        values: winners.iter().map(|w| from_key(w.0)).collect(),
+    })
+}
+
+/// Per digit value at `shift`, how many keys whose bits from `prefix_shift` up equal `prefix`
+/// have it: `[2^bits]` u32.
+struct Histogram {
+    prefix: u32,
+    prefix_shift: u32,
+    shift: u32,
+    bits: u32,
+}
+
+impl Histogram {
+    fn matches(&self, key: u32) -> bool {
+        self.prefix_shift >= 32 || key >> self.prefix_shift == self.prefix
+    }
+}
+
+/// Every key above `threshold` with its index, and the indices of the keys equal to it, when
+/// there are `above` and `equal` of them: `[2 + 2 * above + equal]` u32, the first two words
+/// being slot counters (see `kernels/topk.cu`).
+struct Collect {
+    threshold: u32,
+    above: u32,
+    equal: u32,
+}
+
+impl Collect {
+    fn len(&self) -> usize {
+        2 + 2 * self.above as usize + self.equal as usize
+    }
+}
+
+fn cpu_values<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op}: values must be f32 on the CPU, got {:?}", s.dtype());
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => candle_core::bail!("{op}: values must be contiguous"),
+    }
+}
+
+impl CustomOp1 for Histogram {
+    fn name(&self) -> &'static str {
+        "topk_histogram"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let values = cpu_values(s, l, self.name())?;
+        let bins = 1usize << self.bits;
+        let mut hist = vec![0u32; bins];
+        for &v in values {
+            let key = order_key(v);
+            if self.matches(key) {
+                hist[(key >> self.shift) as usize & (bins - 1)] += 1;
+            }
+        }
+        Ok((CpuStorage::U32(hist), Shape::from(bins)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let bins = 1usize << self.bits;
+        let args = [self.prefix, self.prefix_shift, self.shift, self.bits];
+        let out = cuda::launch(s, l, "topk_histogram", &args, bins)?;
+        Ok((out, Shape::from(bins)))
+    }
+}
+
+impl CustomOp1 for Collect {
+    fn name(&self) -> &'static str {
+        "topk_collect"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let values = cpu_values(s, l, self.name())?;
+        let mut out = vec![0u32; self.len()];
+        let (counts, rest) = out.split_at_mut(2);
+        let (above, equal) = rest.split_at_mut(2 * self.above as usize);
+        let (mut n_above, mut n_equal) = (0usize, 0usize);
+        for (i, &v) in values.iter().enumerate() {
+            let key = order_key(v);
+            if key > self.threshold {
+                if let Some(slot) = above.get_mut(2 * n_above..2 * n_above + 2) {
+                    slot.copy_from_slice(&[key, i as u32]);
+                }
+                n_above += 1;
+            } else if key == self.threshold {
+                if let Some(slot) = equal.get_mut(n_equal) {
+                    *slot = i as u32;
+                }
+                n_equal += 1;
+            }
+        }
+        if (n_above, n_equal) != (self.above as usize, self.equal as usize) {
+            candle_core::bail!(
+                "topk_collect: {n_above} keys above and {n_equal} at the threshold, the \
+                 histograms counted {} and {}",
+                self.above,
+                self.equal
+            );
+        }
+        counts.copy_from_slice(&[self.above, self.equal]);
+        let len = out.len();
+        Ok((CpuStorage::U32(out), Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let args = [self.threshold, self.above, self.equal];
+        let out = cuda::launch(s, l, "topk_collect", &args, self.len())?;
+        Ok((out, Shape::from(self.len())))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+    use candle_core::{CudaStorage, Layout};
+
+    use super::super::ptx;
+
+    /// Launches `{kernel}_{f32,f16}(values, n, args.., out)` over a zeroed `[out_len]` u32
+    /// output, with enough blocks to cover the values but no more than the GPU keeps busy
+    /// (each block's histogram is merged with global atomics).
+    pub(super) fn launch(
+        s: &CudaStorage,
+        l: &Layout,
+        kernel: &str,
+        args: &[u32],
+        out_len: usize,
+    ) -> candle_core::Result<CudaStorage> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("{kernel}: values must be contiguous");
+        };
+        let dev = &s.device;
+        let n = (end - start) as u32;
+        let out = dev.alloc_zeros::<u32>(out_len)?;
+        const THREADS: u32 = 256;
+        let config = LaunchConfig {
+            grid_dim: (n.div_ceil(THREADS).clamp(1, 1024), 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        macro_rules! run {
+            ($values:expr, $suffix:literal) => {{
+                let name = format!("{kernel}_{}", $suffix);
+                let func = dev.get_or_load_custom_func(&name, "drape_topk", ptx::TOPK)?;
+                let values = $values.slice(start..end);
+                let mut b = func.builder();
+                b.arg(&values);
+                b.arg(&n);
+                for a in args {
+                    b.arg(a);
+                }
+                b.arg(&out);
+                // SAFETY: the arguments match `{kernel}_*` in kernels/topk.cu, `values` holds
+                // `n` elements and `out` the `out_len` words the kernel may write.
+                unsafe { b.launch(config) }.w()?;
+            }};
+        }
+        match &s.slice {
+            CudaStorageSlice::F32(v) => run!(v, "f32"),
+            CudaStorageSlice::F16(v) => run!(v, "f16"),
+            _ => candle_core::bail!("{kernel}: values must be f32 or f16, got {:?}", s.dtype()),
+        }
+        Ok(CudaStorage {
+            slice: CudaStorageSlice::U32(out),
+            device: dev.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference: a full sort by value, ties by index.
+    fn sorted_top(values: &[f32], n: usize) -> TopN {
+        let mut idx: Vec<u32> = (0..values.len() as u32).collect();
+        idx.sort_by(|&a, &b| {
+            values[b as usize]
+                .total_cmp(&values[a as usize])
+                .then(a.cmp(&b))
+        });
+        idx.truncate(n);
+        TopN {
+            values: idx.iter().map(|&i| values[i as usize]).collect(),
+            indices: idx,
+        }
+    }
+
+    fn check(values: Vec<f32>, n: usize) {
+        let want = sorted_top(&values, n);
+        let t = Tensor::from_vec(values.clone(), values.len(), &Device::Cpu).unwrap();
+        let got = top_n(&t, n).unwrap();
+        assert_eq!(got.indices, want.indices, "n={n} of {}", values.len());
+        // Bit-exact, including the sign of zero.
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got.values), bits(&want.values));
+    }
+
+    #[test]
+    fn keys_sort_like_total_cmp_and_round_trip() {
+        let v = [
+            f32::NEG_INFINITY,
+            -3.5,
+            -f32::MIN_POSITIVE,
+            -0.0,
+            0.0,
+            1e-40,
+            2.0,
+            f32::INFINITY,
+        ];
+        for w in v.windows(2) {
+            assert!(order_key(w[0]) < order_key(w[1]), "{w:?}");
+        }
+        for x in v {
+            assert_eq!(from_key(order_key(x)).to_bits(), x.to_bits());
+        }
+    }
+
+    #[test]
+    fn matches_a_full_sort() {
+        // A fixed LCG: logits spread over several binades, both signs.
+        let mut state = 0x2545_f491_u32;
+        let values: Vec<f32> = (0..50_000)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 8) as f32 / (1 << 24) as f32 * 40.0 - 25.0
+            })
+            .collect();
+        for n in [1, 7, 1000, 2000, 49_999, 50_000, 60_000] {
+            check(values.clone(), n);
+        }
+    }
+
+    #[test]
+    fn ties_at_the_threshold_go_to_the_lowest_indices() {
+        // Logits quantised as f16 is: only 9 distinct values, so the threshold is shared by
+        // thousands of entries.
+        let values: Vec<f32> = (0..10_000).map(|i| ((i * 7919) % 9) as f32 - 4.0).collect();
+        for n in [1, 1000, 1111, 1112, 5000] {
+            check(values.clone(), n);
+        }
+        check(vec![0.5; 3000], 1000);
+        check(vec![-0.0, 0.0, -0.0, 0.0], 3);
+    }
+
+    #[test]
+    fn small_and_empty_inputs() {
+        check(vec![3.0, -1.0, 2.0], 5);
+        check(vec![f32::NEG_INFINITY, f32::INFINITY], 1);
+        let empty = Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(top_n(&empty, 10).unwrap(), TopN::default());
+        let one = Tensor::new(&[1f32], &Device::Cpu).unwrap();
+        assert_eq!(top_n(&one, 0).unwrap(), TopN::default());
+    }
+}
