@@ -2,8 +2,11 @@
 //! torchvision's `transform.postprocess` (`resize_boxes`, `paste_masks_in_image`) followed by
 //! thresholding and COCO run-length encoding, as `pycocotools.mask.encode` writes it.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+
+use crate::error::Result;
 use crate::model::box_ops::Box;
 use crate::model::roi_heads::{Detection, MASK_SIZE};
 use crate::model::transform::{linear_taps, LinearTap};
@@ -28,29 +31,48 @@ impl Rle {
             width,
             counts: Vec::new(),
         };
-        rle.encode_into(mask, height, width);
+        let all = Rect {
+            x0: 0,
+            y0: 0,
+            x1: width,
+            y1: height,
+        };
+        rle.encode_region_into(mask, all, (height, width));
         rle
     }
 
-    /// [`Self::encode`] reusing this value's buffer: no allocation once it has held a mask
-    /// with as many runs.
-    pub fn encode_into(&mut self, mask: &[u8], height: usize, width: usize) {
+    /// Encodes a `height`×`width` mask that is zero outside `rect`, given only `rect`'s
+    /// pixels (row-major), reusing this value's buffer: no allocation once it has held a mask
+    /// with as many runs, and no pass over the zeros around the box.
+    pub fn encode_region_into(
+        &mut self,
+        pixels: &[u8],
+        rect: Rect,
+        (height, width): (usize, usize),
+    ) {
         self.height = height;
         self.width = width;
         self.counts.clear();
         let mut current = 0u8;
         let mut run = 0u32;
-        for x in 0..width {
-            for y in 0..height {
-                let v = mask[y * width + x];
-                if v != current {
-                    self.counts.push(run);
-                    run = 0;
-                    current = v;
-                }
-                run += 1;
+        let mut push = |counts: &mut Vec<u32>, value: u8, n: usize| {
+            if value != current && n > 0 {
+                counts.push(run);
+                run = 0;
+                current = value;
             }
+            run += n as u32;
+        };
+        let rect_w = rect.x1 - rect.x0;
+        push(&mut self.counts, 0, rect.x0 * height);
+        for x in 0..rect_w {
+            push(&mut self.counts, 0, rect.y0);
+            for y in 0..rect.y1 - rect.y0 {
+                push(&mut self.counts, pixels[y * rect_w + x], 1);
+            }
+            push(&mut self.counts, 0, height - rect.y1);
         }
+        push(&mut self.counts, 0, (width - rect.x1) * height);
         self.counts.push(run);
     }
 
@@ -133,12 +155,78 @@ pub struct Instance {
     pub mask: Option<Rle>,
 }
 
-/// Maps detections (and their 28×28 probability maps, concatenated) from the resized image
-/// back to the original: scaled boxes, pasted masks thresholded at `mask_thresh`. Owns every
-/// buffer it needs, so a stream of frames allocates nothing once the buffers have grown.
+/// A pixel rectangle `[x0, x1) × [y0, y1)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rect {
+    pub x0: usize,
+    pub y0: usize,
+    pub x1: usize,
+    pub y1: usize,
+}
+
+impl Rect {
+    fn area(&self) -> usize {
+        (self.x1 - self.x0) * (self.y1 - self.y0)
+    }
+}
+
+/// Where one mask lands: `expand_boxes` then `paste_mask_in_image`'s integer box, which the
+/// padded 30×30 mask is resized to, and its part inside the image, the only part evaluated.
+#[derive(Debug, Clone, Copy)]
+struct Region {
+    /// Top-left corner of the resized mask; may lie outside the image.
+    x0: i64,
+    y0: i64,
+    /// Size of the resized mask.
+    w: usize,
+    h: usize,
+    inside: Rect,
+    /// Start of this mask's pixels in [`Paster`]'s buffer.
+    offset: usize,
+}
+
+impl Region {
+    fn new(bbox: &Box, (im_h, im_w): (usize, usize), offset: usize) -> Self {
+        let scale = PADDED_SIDE as f32 / MASK_SIZE as f32;
+        let w_half = (bbox[2] - bbox[0]) * 0.5 * scale;
+        let h_half = (bbox[3] - bbox[1]) * 0.5 * scale;
+        let x_c = (bbox[2] + bbox[0]) * 0.5;
+        let y_c = (bbox[3] + bbox[1]) * 0.5;
+        // `.to(torch.int64)` truncates toward zero.
+        let [x0, y0, x1, y1] =
+            [x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half].map(|v| v as i64);
+        let clip = |v: i64, hi: usize| v.clamp(0, hi as i64) as usize;
+        let (cx0, cy0) = (clip(x0, im_w), clip(y0, im_h));
+        let inside = Rect {
+            x0: cx0,
+            y0: cy0,
+            x1: clip(x1 + 1, im_w).max(cx0),
+            y1: clip(y1 + 1, im_h).max(cy0),
+        };
+        Self {
+            x0,
+            y0,
+            w: (x1 - x0 + 1).max(1) as usize,
+            h: (y1 - y0 + 1).max(1) as usize,
+            inside,
+            offset,
+        }
+    }
+}
+
+/// Side of a mask with its `PASTE_PADDING` border.
+const PADDED_SIDE: usize = MASK_SIZE + 2 * PASTE_PADDING;
+
+/// Maps detections (and their 28×28 probability maps) from the resized image back to the
+/// original: scaled boxes, masks pasted and thresholded at `mask_thresh` where the
+/// probabilities are (a CUDA kernel on CUDA), so only the binary pixels inside each box come
+/// to the host. Owns every buffer it needs, so a stream of frames allocates nothing on the
+/// CPU path once the buffers have grown.
 pub struct Paster {
-    /// Full-image binary mask, reused across instances.
-    canvas: Vec<u8>,
+    /// The masks of the last call: each region's pixels inside the image, row-major,
+    /// concatenated.
+    pixels: Vec<u8>,
+    regions: Vec<Region>,
     padded: Vec<f32>,
     /// Masks of instances from earlier frames, kept for their buffers.
     spare: Vec<Rle>,
@@ -156,10 +244,10 @@ impl Default for Paster {
 
 impl Paster {
     pub fn new() -> Self {
-        let side = MASK_SIZE + 2 * PASTE_PADDING;
         Self {
-            canvas: Vec::new(),
-            padded: vec![0.0; side * side],
+            pixels: Vec::new(),
+            regions: Vec::new(),
+            padded: vec![0.0; PADDED_SIDE * PADDED_SIDE],
             spare: Vec::new(),
             cols: Vec::new(),
             paste_ms: 0.0,
@@ -172,121 +260,229 @@ impl Paster {
         (self.paste_ms, self.rle_ms)
     }
 
-    /// Replaces `out` with one instance per detection; the first `mask_probs.len() / 784`
-    /// detections get masks (the rest were beyond the mask cap).
+    /// Replaces `out` with one instance per detection; the first `D` detections get masks from
+    /// `mask_probs` (`[D, 28, 28]` f32 on any device; the rest were beyond the mask cap).
     pub fn paste_into(
         &mut self,
         detections: &[Detection],
-        mask_probs: &[f32],
+        mask_probs: Option<&Tensor>,
         (resized, original): ((usize, usize), (usize, usize)),
         mask_thresh: f32,
         out: &mut Vec<Instance>,
-    ) {
+    ) -> Result<()> {
         self.spare.extend(out.drain(..).filter_map(|i| i.mask));
         let (oh, ow) = original;
         // `resize_boxes`: ratios in f32, original / resized.
         let ratio_h = oh as f32 / resized.0 as f32;
         let ratio_w = ow as f32 / resized.1 as f32;
-        let side = MASK_SIZE + 2 * PASTE_PADDING;
-        let mut masks = mask_probs.chunks_exact(MASK_SIZE * MASK_SIZE);
-        let (mut paste, mut rle) = (Duration::ZERO, Duration::ZERO);
-        for det in detections {
+        out.extend(detections.iter().map(|det| {
             let b = det.bbox;
-            let bbox = [
-                b[0] * ratio_w,
-                b[1] * ratio_h,
-                b[2] * ratio_w,
-                b[3] * ratio_h,
-            ];
-            let mask = masks.next().map(|probs| {
-                let started = Instant::now();
-                for (dst, src) in self.padded[PASTE_PADDING * side..]
-                    .chunks_exact_mut(side)
-                    .zip(probs.chunks_exact(MASK_SIZE))
-                {
-                    dst[PASTE_PADDING..PASTE_PADDING + MASK_SIZE].copy_from_slice(src);
-                }
-                self.canvas.clear();
-                self.canvas.resize(oh * ow, 0);
-                paste_one(
-                    &self.padded,
-                    side,
-                    &bbox,
-                    (&mut self.canvas, original),
-                    mask_thresh,
-                    &mut self.cols,
-                );
-                let pasted = Instant::now();
-                let mut encoded = self.spare.pop().unwrap_or(Rle {
-                    height: 0,
-                    width: 0,
-                    counts: Vec::new(),
-                });
-                encoded.encode_into(&self.canvas, oh, ow);
-                paste += pasted - started;
-                rle += pasted.elapsed();
-                encoded
-            });
-            out.push(Instance {
+            Instance {
                 class_id: det.label,
                 score: det.score,
-                bbox,
-                mask,
-            });
+                bbox: [
+                    b[0] * ratio_w,
+                    b[1] * ratio_h,
+                    b[2] * ratio_w,
+                    b[3] * ratio_h,
+                ],
+                mask: None,
+            }
+        }));
+        let masked = match mask_probs {
+            Some(p) => p.dim(0)?,
+            None => 0,
+        };
+        if masked > detections.len() {
+            let msg = format!("{masked} masks for {} detections", detections.len());
+            return Err(candle_core::Error::Msg(msg).into());
         }
-        self.paste_ms = paste.as_secs_f64() * 1e3;
-        self.rle_ms = rle.as_secs_f64() * 1e3;
+        self.regions.clear();
+        let mut offset = 0;
+        for instance in &out[..masked] {
+            let region = Region::new(&instance.bbox, original, offset);
+            offset += region.inside.area();
+            self.regions.push(region);
+        }
+        self.pixels.clear();
+        self.pixels.resize(offset, 0);
+        let started = Instant::now();
+        if let Some(probs) = mask_probs.filter(|_| masked > 0) {
+            self.paste(probs, mask_thresh)?;
+        }
+        let pasted = Instant::now();
+        for (instance, region) in out.iter_mut().zip(&self.regions) {
+            let mut rle = self.spare.pop().unwrap_or(Rle {
+                height: 0,
+                width: 0,
+                counts: Vec::new(),
+            });
+            let pixels = &self.pixels[region.offset..][..region.inside.area()];
+            rle.encode_region_into(pixels, region.inside, original);
+            instance.mask = Some(rle);
+        }
+        self.paste_ms = (pasted - started).as_secs_f64() * 1e3;
+        self.rle_ms = pasted.elapsed().as_secs_f64() * 1e3;
+        Ok(())
+    }
+
+    /// Fills `pixels` from the probabilities, on their device.
+    fn paste(&mut self, probs: &Tensor, thresh: f32) -> Result<()> {
+        if self.pixels.is_empty() {
+            return Ok(());
+        }
+        {
+            let (storage, layout) = probs.storage_and_layout();
+            match (&*storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(p)), Some((start, end))) => {
+                    self.paste_cpu(&p[start..end], thresh);
+                    return Ok(());
+                }
+                #[cfg(feature = "cuda")]
+                (Storage::Cuda(p), Some((start, end))) => {
+                    cuda::paste(p, start..end, &self.regions, thresh, &mut self.pixels)?;
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+        // Metal (no kernel: unified memory makes this copy cheap), or an unexpected layout.
+        let cpu = probs
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .contiguous()?;
+        self.paste(&cpu, thresh)
+    }
+
+    fn paste_cpu(&mut self, probs: &[f32], thresh: f32) {
+        let side = PADDED_SIDE;
+        for (region, probs) in self
+            .regions
+            .iter()
+            .zip(probs.chunks_exact(MASK_SIZE * MASK_SIZE))
+        {
+            for (dst, src) in self.padded[PASTE_PADDING * side..]
+                .chunks_exact_mut(side)
+                .zip(probs.chunks_exact(MASK_SIZE))
+            {
+                dst[PASTE_PADDING..PASTE_PADDING + MASK_SIZE].copy_from_slice(src);
+            }
+            let dst = &mut self.pixels[region.offset..][..region.inside.area()];
+            paste_one(&self.padded, region, dst, thresh, &mut self.cols);
+        }
     }
 }
 
-/// `expand_boxes` + `paste_mask_in_image` for one mask, thresholded into `canvas`.
+/// `paste_mask_in_image` for one padded mask: the bilinear resize (torch's `interpolate`,
+/// `align_corners=False`) of the part inside the image, thresholded into `dst`.
+/// `kernels/paste.cu` is the same loop per pixel.
 fn paste_one(
     padded: &[f32],
-    side: usize,
-    bbox: &Box,
-    (canvas, (im_h, im_w)): (&mut [u8], (usize, usize)),
+    region: &Region,
+    dst: &mut [u8],
     thresh: f32,
     cols: &mut Vec<LinearTap>,
 ) {
-    let scale = side as f32 / MASK_SIZE as f32;
-    let w_half = (bbox[2] - bbox[0]) * 0.5 * scale;
-    let h_half = (bbox[3] - bbox[1]) * 0.5 * scale;
-    let x_c = (bbox[2] + bbox[0]) * 0.5;
-    let y_c = (bbox[3] + bbox[1]) * 0.5;
-    // `.to(torch.int64)` truncates toward zero.
-    let [x0, y0, x1, y1] =
-        [x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half].map(|v| v as i64);
-    let w = (x1 - x0 + 1).max(1) as usize;
-    let h = (y1 - y0 + 1).max(1) as usize;
-    let cx0 = x0.max(0);
-    let cx1 = (x1 + 1).min(im_w as i64);
-    let cy0 = y0.max(0);
-    let cy1 = (y1 + 1).min(im_h as i64);
-    if cx0 >= cx1 || cy0 >= cy1 {
+    let side = PADDED_SIDE;
+    let inside = region.inside;
+    if inside.area() == 0 {
         return;
     }
-    // Only the part of the resized mask that lands inside the image is evaluated.
     cols.clear();
     cols.extend(
-        linear_taps(side, w)
-            .skip((cx0 - x0) as usize)
-            .take((cx1 - cx0) as usize),
+        linear_taps(side, region.w)
+            .skip((inside.x0 as i64 - region.x0) as usize)
+            .take(inside.x1 - inside.x0),
     );
-    for (row, t) in linear_taps(side, h)
-        .enumerate()
-        .skip((cy0 - y0) as usize)
-        .take((cy1 - cy0) as usize)
-    {
-        let y = row as i64 + y0;
+    let rows = linear_taps(side, region.h)
+        .skip((inside.y0 as i64 - region.y0) as usize)
+        .take(inside.y1 - inside.y0);
+    for (t, dst) in rows.zip(dst.chunks_exact_mut(cols.len())) {
         let r0 = &padded[t.i0 * side..][..side];
         let r1 = &padded[t.i1 * side..][..side];
         let (h1, h0) = (t.l1, 1.0 - t.l1);
-        let dst = &mut canvas[y as usize * im_w + cx0 as usize..][..cols.len()];
         for (o, c) in dst.iter_mut().zip(cols.iter()) {
             let (w1, w0) = (c.l1, 1.0 - c.l1);
             let p = h0 * (w0 * r0[c.i0] + w1 * r0[c.i1]) + h1 * (w0 * r1[c.i0] + w1 * r1[c.i1]);
             *o = (p > thresh) as u8;
         }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::ops::Range;
+
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+    use candle_core::CudaStorage;
+
+    use super::Region;
+    use crate::model::ptx;
+
+    /// Words per region in the kernel's table (see `kernels/paste.cu`).
+    const WORDS: usize = 9;
+
+    /// Runs `paste_masks` over `probs[range]` (`[D, 28, 28]` f32) and copies the thresholded
+    /// pixels, the regions' parts inside the image, into `pixels`.
+    pub(super) fn paste(
+        probs: &CudaStorage,
+        range: Range<usize>,
+        regions: &[Region],
+        thresh: f32,
+        pixels: &mut [u8],
+    ) -> candle_core::Result<()> {
+        let CudaStorageSlice::F32(p) = &probs.slice else {
+            candle_core::bail!("paste_masks: probabilities must be f32");
+        };
+        let dev = &probs.device;
+        let word = |v: usize| -> candle_core::Result<u32> {
+            u32::try_from(v)
+                .map_err(|_| candle_core::Error::Msg(format!("paste_masks: {v} exceeds u32")))
+        };
+        let mut table = Vec::with_capacity(regions.len() * WORDS);
+        let mut widest = 0;
+        for r in regions {
+            let i = r.inside;
+            // Corners outside the image are negative; the kernel reads them back as int32.
+            let corner = |v: i64| v as i32 as u32;
+            table.extend([
+                corner(r.x0),
+                corner(r.y0),
+                word(r.w)?,
+                word(r.h)?,
+                word(i.x0)?,
+                word(i.y0)?,
+                word(i.x1)?,
+                word(i.y1)?,
+                word(r.offset)?,
+            ]);
+            widest = widest.max(i.area());
+        }
+        let table = dev.clone_htod(&table)?;
+        // SAFETY: the kernel writes every pixel of every region, and the regions tile `pixels`.
+        let out = unsafe { dev.alloc::<u8>(pixels.len())? };
+        const THREADS: u32 = 256;
+        let config = LaunchConfig {
+            grid_dim: (
+                word(widest)?.div_ceil(THREADS).clamp(1, 64),
+                word(regions.len())?,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let func = dev.get_or_load_custom_func("paste_masks", "drape_paste", ptx::PASTE)?;
+        let probs = p.slice(range);
+        let mut b = func.builder();
+        b.arg(&probs);
+        b.arg(&table);
+        b.arg(&thresh);
+        b.arg(&out);
+        // SAFETY: the arguments match `paste_masks` in kernels/paste.cu; `probs` holds 784
+        // values per region and `table` WORDS words per region.
+        unsafe { b.launch(config) }.w()?;
+        dev.memcpy_dtoh(&out, pixels)
     }
 }
 
@@ -304,6 +500,89 @@ mod tests {
         // Column-major: 1 1 | 0 0 | 1 0
         assert_eq!(r.counts, vec![0, 2, 2, 1, 1]);
         assert_eq!(r.area(), 3);
+    }
+
+    #[test]
+    fn region_encoding_matches_the_full_canvas() {
+        let (h, w) = (7, 9);
+        let mut state = 12345u32;
+        let mut bit = || {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            ((state >> 16) & 1) as u8
+        };
+        let rects = [
+            (0, 0, 9, 7),
+            (2, 1, 5, 6),
+            (0, 3, 1, 7),
+            (8, 0, 9, 1),
+            (4, 4, 4, 6),
+        ];
+        for (x0, y0, x1, y1) in rects {
+            let rect = Rect { x0, y0, x1, y1 };
+            let pixels: Vec<u8> = (0..rect.area()).map(|_| bit()).collect();
+            let mut canvas = vec![0u8; h * w];
+            for y in y0..y1 {
+                for x in x0..x1 {
+                    canvas[y * w + x] = pixels[(y - y0) * (x1 - x0) + (x - x0)];
+                }
+            }
+            let mut rle = Rle::encode(&[], 0, 0);
+            rle.encode_region_into(&pixels, rect, (h, w));
+            assert_eq!(rle, Rle::encode(&canvas, h, w), "{rect:?}");
+        }
+    }
+
+    #[test]
+    fn any_layout_of_the_probabilities_pastes_alike() {
+        let det = |x0: f32, y0: f32, x1: f32, y1: f32| Detection {
+            bbox: [x0, y0, x1, y1],
+            score: 0.9,
+            label: 1,
+        };
+        // One box inside, one across the top-left corner, one past the bottom-right.
+        let dets = [
+            det(5.0, 6.0, 30.0, 20.0),
+            det(-8.0, -3.0, 12.0, 9.0),
+            det(35.0, 25.0, 60.0, 50.0),
+        ];
+        let probs: Vec<f32> = (0..3 * MASK_SIZE * MASK_SIZE)
+            .map(|i| ((i * 37) % 101) as f32 / 100.0)
+            .collect();
+        let t = Tensor::from_vec(probs, (3, MASK_SIZE, MASK_SIZE), &Device::Cpu).unwrap();
+        // The transpose of a transpose: the same values, not contiguous, so the copy path.
+        let strided = t
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        assert!(!strided.is_contiguous());
+        let run = |probs: &Tensor| {
+            let mut out = Vec::new();
+            Paster::new()
+                .paste_into(&dets, Some(probs), ((40, 40), (40, 40)), 0.5, &mut out)
+                .unwrap();
+            out.into_iter().map(|i| i.mask.unwrap()).collect::<Vec<_>>()
+        };
+        let masks = run(&t);
+        assert_eq!(masks, run(&strided));
+        assert!(masks
+            .iter()
+            .all(|m| m.area() > 0 && (m.height, m.width) == (40, 40)));
+        // Two masks, three detections: the last is beyond the cap.
+        let mut out = Vec::new();
+        let two = t.narrow(0, 0, 2).unwrap();
+        Paster::new()
+            .paste_into(&dets, Some(&two), ((40, 40), (40, 40)), 0.5, &mut out)
+            .unwrap();
+        assert_eq!(
+            out.iter().map(|i| i.mask.is_some()).collect::<Vec<_>>(),
+            [true, true, false]
+        );
+        assert!(Paster::new()
+            .paste_into(&dets[..1], Some(&two), ((40, 40), (40, 40)), 0.5, &mut out)
+            .is_err());
     }
 
     #[test]

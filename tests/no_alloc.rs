@@ -10,6 +10,8 @@ mod common;
 
 use std::time::Duration;
 
+use candle_core::{Device, Tensor};
+
 use drape::alloc::{counts, CountingAlloc};
 use drape::capture::{self, Frame};
 use drape::model::box_ops::Candidates;
@@ -72,7 +74,12 @@ fn steady_state_host_stages_do_not_allocate() {
             }
         })
         .collect();
-    let probs = noise(100 * MASK_SIZE * MASK_SIZE, 13);
+    let probs = Tensor::from_vec(
+        noise(100 * MASK_SIZE * MASK_SIZE, 13),
+        (100, MASK_SIZE, MASK_SIZE),
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut paster = Paster::new();
     let mut result = Detections::default();
     let mut line = Vec::new();
@@ -127,13 +134,15 @@ fn steady_state_host_stages_do_not_allocate() {
         }
         candidates.batched_nms(0.7);
         tally(4, per_stage);
-        paster.paste_into(
-            &detections,
-            &probs,
-            (g.image_size, g.original),
-            0.5,
-            &mut result.instances,
-        );
+        paster
+            .paste_into(
+                &detections,
+                Some(&probs),
+                (g.image_size, g.original),
+                0.5,
+                &mut result.instances,
+            )
+            .unwrap();
         tally(5, per_stage);
         result.width = front.width;
         result.height = front.height;

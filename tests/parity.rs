@@ -311,7 +311,7 @@ fn mask_branch_matches_torchvision() {
             .unwrap();
         assert_close(
             &format!("{model}/{img} mask_probs"),
-            &probs,
+            &to_vec(&probs),
             r.data("mask_probs"),
             DENSE_TOL,
         );

@@ -18,7 +18,7 @@ pub mod winograd;
 
 /// `kernels/*.cu` as PTX, compiled by build.rs.
 #[cfg(feature = "cuda")]
-mod ptx {
+pub(crate) mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
 }
 
@@ -392,7 +392,7 @@ impl MaskRcnn {
 
         let masked = detections.len().min(settings.max_masks);
         let probs = if masked == 0 {
-            Vec::new()
+            None
         } else {
             let boxes: Vec<_> = detections[..masked].iter().map(|d| d.bbox).collect();
             let labels: Vec<_> = detections[..masked].iter().map(|d| d.label).collect();
@@ -404,17 +404,17 @@ impl MaskRcnn {
             let _span = tracing::debug_span!("mask_head").entered();
             let probs = heads.mask_probs_from_pooled(&pooled, &labels)?;
             t.mask_head = clock.lap()?;
-            probs
+            Some(probs)
         };
         {
             let _span = tracing::debug_span!("paste").entered();
             ws.paster.paste_into(
                 detections,
-                &probs,
+                probs.as_ref(),
                 (batch.image_size, batch.original),
                 self.config.mask_thresh,
                 &mut out.instances,
-            );
+            )?;
         }
         clock.lap()?;
         (t.paste, t.rle) = ws.paster.last_timings();

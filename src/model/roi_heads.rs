@@ -9,7 +9,6 @@ use candle_core::{DType, Device, Tensor};
 use super::box_ops::{self, Box, BoxCoder, Candidates};
 use super::layers::{upload, Conv2d, ConvSpec, Linear};
 use super::poolers::MultiScaleRoIAlign;
-use super::sigmoid;
 use crate::config::{Config, BOX_MIN_SIZE};
 use crate::error::{Error, Result};
 use crate::weights::Weights;
@@ -49,7 +48,8 @@ pub struct RoiHeads {
     /// `mask_fcn_logits` weight `[K, C]` and bias, indexed by the predicted class so only
     /// that class's logits are computed.
     mask_logits_weight: Tensor,
-    mask_logits_bias: Vec<f32>,
+    /// f32 on every device: added after the logits are widened, before the sigmoid.
+    mask_logits_bias: Tensor,
     num_classes: usize,
     coder: BoxCoder,
     score_thresh: f32,
@@ -212,7 +212,7 @@ impl RoiHeads {
             deconv_bias: upload(deconv_bias, (1, deconv_out, 1), device)?,
             deconv_out,
             mask_logits_weight: upload(logits_weight, (num_classes, deconv_out), device)?,
-            mask_logits_bias,
+            mask_logits_bias: Tensor::from_vec(mask_logits_bias, num_classes, device)?,
             num_classes,
             coder: BoxCoder::new(BOX_CODER_WEIGHTS),
             score_thresh: cfg.box_score_thresh,
@@ -319,11 +319,17 @@ impl RoiHeads {
     }
 
     /// Mask head and predictor on pooled features, then `maskrcnn_inference`: the sigmoid of
-    /// each detection's own class. Returns `D` row-major 28×28 probability maps, concatenated.
-    pub fn mask_probs_from_pooled(&self, pooled: &Tensor, labels: &[usize]) -> Result<Vec<f32>> {
+    /// each detection's own class. Returns `[D, 28, 28]` f32 probabilities on the device, which
+    /// [`crate::postprocess::Paster`] pastes there.
+    pub fn mask_probs_from_pooled(&self, pooled: &Tensor, labels: &[usize]) -> Result<Tensor> {
         let d = labels.len();
+        let device = pooled.device();
         if d == 0 {
-            return Ok(Vec::new());
+            return Ok(Tensor::zeros(
+                (0, MASK_SIZE, MASK_SIZE),
+                DType::F32,
+                device,
+            )?);
         }
         let mut x = pooled.clone();
         for conv in &self.mask_convs {
@@ -342,37 +348,30 @@ impl RoiHeads {
         let labels_t = Tensor::from_vec(
             labels.iter().map(|&l| l as u32).collect::<Vec<_>>(),
             d,
-            pooled.device(),
+            device,
         )?;
         let selected = self
             .mask_logits_weight
             .index_select(&labels_t, 0)?
             .unsqueeze(2)?;
-        let logits: Vec<f32> = y
+        let bias = self
+            .mask_logits_bias
+            .index_select(&labels_t, 0)?
+            .reshape((d, 1, 1))?;
+        let logits = y
             .reshape((d, h * w, self.deconv_out, 4))?
             .permute((0, 1, 3, 2))?
             .reshape((d, h * w * 4, self.deconv_out))?
-            .matmul(&selected)?
-            .flatten_all()?
-            // f16 on GPUs; the sigmoid and everything after it run on the host in f32.
+            .matmul(&selected)?;
+        // Index (i*w + j)*4 + a*2 + b holds output pixel (2i + a, 2j + b): [D, h, a, w, b].
+        let logits = logits
+            .reshape((d, h, w, 2, 2))?
+            .permute((0, 1, 3, 2, 4))?
+            .reshape((d, 2 * h, 2 * w))?
+            // f16 on GPUs; the bias and sigmoid are applied in f32.
             .to_dtype(DType::F32)?
-            .to_vec1()?;
-        // Index (i*w + j)*4 + a*2 + b holds output pixel (2i + a, 2j + b).
-        let (oh, ow) = (2 * h, 2 * w);
-        let mut probs = vec![0f32; d * oh * ow];
-        for (det, (src, dst)) in logits
-            .chunks_exact(h * w * 4)
-            .zip(probs.chunks_exact_mut(oh * ow))
-            .enumerate()
-        {
-            let bias = self.mask_logits_bias[labels[det]];
-            for (idx, &v) in src.iter().enumerate() {
-                let (ij, ab) = (idx / 4, idx % 4);
-                let (i, j, a, b) = (ij / w, ij % w, ab / 2, ab % 2);
-                dst[(2 * i + a) * ow + 2 * j + b] = sigmoid(v + bias);
-            }
-        }
-        Ok(probs)
+            .broadcast_add(&bias)?;
+        Ok(candle_nn::ops::sigmoid(&logits)?)
     }
 }
 
