@@ -246,6 +246,11 @@ struct BenchArgs {
     /// Print one JSON object instead of a table (no progress bar).
     #[arg(long)]
     json: bool,
+    /// Bench torchvision's full-size ResNet-50-FPN layout (47 classes) with random weights
+    /// instead of --weights: realistic latency with nothing to download (the detections are
+    /// meaningless; add --score-thresh 0 to run the mask head on all 100).
+    #[arg(long, conflicts_with = "weights")]
+    random_r50: bool,
 }
 
 fn detect(args: DetectArgs) -> Result<()> {
@@ -291,8 +296,23 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }
+    let mut model_args = args.model;
+    // Held until the model is loaded; the file is removed with it.
+    let _synthetic = if args.random_r50 {
+        let dir = tempfile::tempdir().context("creating a temp dir for the random weights")?;
+        model_args.weights = dir.path().join("random-r50.safetensors");
+        drape::synthetic::write_random_weights(
+            &model_args.weights,
+            &drape::synthetic::SyntheticSpec::resnet50_fpn(),
+            1,
+        )
+        .context("writing random ResNet-50-FPN weights")?;
+        Some(dir)
+    } else {
+        None
+    };
     let load_start = Instant::now();
-    let model = args.model.load()?;
+    let model = model_args.load()?;
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     let image = image_io::load_rgb(&args.image)?;
     let size = (image.height() as usize, image.width() as usize);
@@ -305,7 +325,7 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
                 .expect("static template"),
         )
     };
-    bar.set_message(format!("bench {}", args.model.weights.display()));
+    bar.set_message(format!("bench {}", model_args.weights.display()));
     let report = drape::bench::run(
         &model,
         image.as_raw(),

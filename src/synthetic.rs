@@ -1,7 +1,10 @@
 //! Writes torchvision-layout Mask R-CNN weights with random values, so benchmarks and
 //! pipeline tests run a full-size model without downloading anything. The values are
-//! He-initialised convs with identity BatchNorm: activations keep a sane scale, detections are
-//! meaningless.
+//! He-initialised convs with identity BatchNorm, except that each residual branch's last
+//! BatchNorm scales by `RESIDUAL_GAMMA` and the RPN head starts as torchvision initialises it
+//! (std 0.01): otherwise 16 residual additions grow the FPN features into the thousands, every
+//! proposal decodes off the image, and a benchmark would time an empty second half. The
+//! detections are meaningless but there are plenty of them.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -35,6 +38,13 @@ impl SyntheticSpec {
         }
     }
 }
+
+/// Scale of each residual branch's last BatchNorm: the variance then grows by about
+/// (1 + 0.2²)^16 ≈ 1.9 over ResNet-50's 16 blocks instead of 2^16.
+const RESIDUAL_GAMMA: f32 = 0.2;
+
+/// torchvision's `RPNHead` initialisation: normal weights with this std, zero bias.
+const RPN_HEAD_STD: f32 = 0.01;
 
 /// xorshift64*: deterministic, dependency-free; quality is irrelevant for weights like these.
 struct Rng(u64);
@@ -72,13 +82,14 @@ impl Writer {
         self.put(name, vec![len], std::iter::repeat_n(v, len));
     }
 
-    /// A conv with He-uniform weights; bias-free convs get an identity BatchNorm `bn`.
-    fn conv(&mut self, prefix: &str, out: usize, inp: usize, k: usize, bn: Option<&str>) {
+    /// A conv with He-uniform weights; bias-free convs get a BatchNorm `bn` that scales by
+    /// `gamma` and is otherwise the identity.
+    fn conv(&mut self, prefix: &str, out: usize, inp: usize, k: usize, bn: Option<(&str, f32)>) {
         let bound = (6.0 / (inp * k * k) as f32).sqrt();
         self.random(format!("{prefix}.weight"), vec![out, inp, k, k], bound);
         match bn {
-            Some(bn) => {
-                self.constant(format!("{bn}.weight"), out, 1.0);
+            Some((bn, gamma)) => {
+                self.constant(format!("{bn}.weight"), out, gamma);
                 self.constant(format!("{bn}.bias"), out, 0.0);
                 self.constant(format!("{bn}.running_mean"), out, 0.0);
                 self.constant(format!("{bn}.running_var"), out, 1.0);
@@ -106,7 +117,7 @@ pub fn write_random_weights(path: &Path, spec: &SyntheticSpec, seed: u64) -> Res
         spec.stem,
         3,
         7,
-        Some(&format!("{b}.bn1")),
+        Some((&format!("{b}.bn1"), 1.0)),
     );
     let expansion = if spec.bottleneck { 4 } else { 1 };
     let mut inp = spec.stem;
@@ -118,13 +129,13 @@ pub fn write_random_weights(path: &Path, spec: &SyntheticSpec, seed: u64) -> Res
             let c = |j: usize| (format!("{p}.conv{j}"), format!("{p}.bn{j}"));
             if spec.bottleneck {
                 let ((c1, b1), (c2, b2), (c3, b3)) = (c(1), c(2), c(3));
-                w.conv(&c1, planes, inp, 1, Some(&b1));
-                w.conv(&c2, planes, planes, 3, Some(&b2));
-                w.conv(&c3, planes * 4, planes, 1, Some(&b3));
+                w.conv(&c1, planes, inp, 1, Some((&b1, 1.0)));
+                w.conv(&c2, planes, planes, 3, Some((&b2, 1.0)));
+                w.conv(&c3, planes * 4, planes, 1, Some((&b3, RESIDUAL_GAMMA)));
             } else {
                 let ((c1, b1), (c2, b2)) = (c(1), c(2));
-                w.conv(&c1, planes, inp, 3, Some(&b1));
-                w.conv(&c2, planes, planes, 3, Some(&b2));
+                w.conv(&c1, planes, inp, 3, Some((&b1, 1.0)));
+                w.conv(&c2, planes, planes, 3, Some((&b2, RESIDUAL_GAMMA)));
             }
             let out = planes * expansion;
             if i == 0 && (s > 0 || inp != out) {
@@ -133,7 +144,7 @@ pub fn write_random_weights(path: &Path, spec: &SyntheticSpec, seed: u64) -> Res
                     out,
                     inp,
                     1,
-                    Some(&format!("{p}.downsample.1")),
+                    Some((&format!("{p}.downsample.1"), 1.0)),
                 );
             }
             inp = out;
@@ -157,8 +168,16 @@ pub fn write_random_weights(path: &Path, spec: &SyntheticSpec, seed: u64) -> Res
         );
     }
     w.conv("rpn.head.conv.0.0", spec.fpn, spec.fpn, 3, None);
-    w.conv("rpn.head.cls_logits", 3, spec.fpn, 1, None);
-    w.conv("rpn.head.bbox_pred", 12, spec.fpn, 1, None);
+    // Uniform with the normal's std.
+    let bound = RPN_HEAD_STD * 3f32.sqrt();
+    for (name, out) in [("cls_logits", 3), ("bbox_pred", 12)] {
+        w.random(
+            format!("rpn.head.{name}.weight"),
+            vec![out, spec.fpn, 1, 1],
+            bound,
+        );
+        w.constant(format!("rpn.head.{name}.bias"), out, 0.0);
+    }
     w.linear("roi_heads.box_head.fc6", spec.representation, spec.fpn * 49);
     w.linear(
         "roi_heads.box_head.fc7",
