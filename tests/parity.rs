@@ -29,10 +29,6 @@ fn load(model: &str) -> MaskRcnn {
     .unwrap_or_else(|e| panic!("{model}: {e}"))
 }
 
-fn image(name: &str) -> image::RgbImage {
-    drape::image_io::load_rgb(fixtures().join("images").join(format!("{name}.png"))).unwrap()
-}
-
 fn reference(model: &str, img: &str) -> Reference {
     Reference::load(&fixtures().join(model).join(format!("{img}.safetensors")))
 }
@@ -66,7 +62,7 @@ fn cases_with(need: &str) -> Vec<(&'static str, &'static str, MaskRcnn, Referenc
 #[test]
 fn transform_matches_torchvision() {
     for (model, img, m, r) in cases_with("images") {
-        let im = image(img);
+        let im = fixture_image(img);
         let batch = m
             .preprocess(im.as_raw(), (im.height() as usize, im.width() as usize))
             .unwrap();
@@ -81,7 +77,7 @@ fn transform_matches_torchvision() {
     }
     // The resized size of every image, including those stored without the tensor.
     for (model, img, m, r) in cases_with("image_size") {
-        let im = image(img);
+        let im = fixture_image(img);
         let batch = m
             .preprocess(im.as_raw(), (im.height() as usize, im.width() as usize))
             .unwrap();
@@ -127,7 +123,7 @@ fn features(m: &MaskRcnn, img: &str, r: &Reference) -> (Vec<candle_core::Tensor>
         let padded = (r.shape("images")[2], r.shape("images")[3]);
         return (FPN_LEVELS.iter().map(|n| r.tensor(n)).collect(), padded);
     }
-    let im = image(img);
+    let im = fixture_image(img);
     let batch = m
         .preprocess(im.as_raw(), (im.height() as usize, im.width() as usize))
         .unwrap();
@@ -318,26 +314,6 @@ fn mask_branch_matches_torchvision() {
     }
 }
 
-fn candidates(result: &drape::Detections) -> Vec<Candidate> {
-    result
-        .instances
-        .iter()
-        .map(|i| Candidate {
-            label: i.class_id,
-            score: i.score,
-            bbox: i.bbox,
-            mask: decode_coco_rle(
-                &i.mask
-                    .as_ref()
-                    .expect("every instance is masked")
-                    .to_coco_string(),
-                result.height,
-                result.width,
-            ),
-        })
-        .collect()
-}
-
 /// The bar for the final output: >= 98% of torchvision's instances matched with the
 /// same class, box IoU >= 0.98, |score diff| <= 0.01, mask IoU >= 0.95.
 fn assert_matches(what: &str, report: &MatchReport) {
@@ -364,7 +340,7 @@ fn end_to_end_matches_torchvision() {
     for model in MODELS {
         let m = load(model);
         for img in IMAGES {
-            let im = image(img);
+            let im = fixture_image(img);
             let result = m
                 .detect(im.as_raw(), (im.height() as usize, im.width() as usize))
                 .unwrap();

@@ -23,6 +23,32 @@ pub fn tiny_model() -> drape::MaskRcnn {
     .unwrap()
 }
 
+/// One of the fixture photos, as RGB.
+pub fn fixture_image(name: &str) -> image::RgbImage {
+    drape::image_io::load_rgb(fixtures().join("images").join(format!("{name}.png"))).unwrap()
+}
+
+/// A detection result in the matcher's terms, masks decoded from their COCO strings.
+pub fn candidates(result: &drape::Detections) -> Vec<Candidate> {
+    result
+        .instances
+        .iter()
+        .map(|i| Candidate {
+            label: i.class_id,
+            score: i.score,
+            bbox: i.bbox,
+            mask: decode_coco_rle(
+                &i.mask
+                    .as_ref()
+                    .expect("every instance is masked")
+                    .to_coco_string(),
+                result.height,
+                result.width,
+            ),
+        })
+        .collect()
+}
+
 /// The bundled replay frames, looped at `fps` like a camera.
 pub fn replay_frames(fps: f64) -> drape::capture::SourceSpec {
     drape::capture::SourceSpec {
