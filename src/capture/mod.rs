@@ -315,10 +315,7 @@ fn open_camera(
 }
 
 #[cfg(not(target_os = "linux"))]
-fn open_camera(
-    path: &Path,
-    _: FormatRequest,
-) -> Result<CameraSource<NoCamera, fn(std::time::Duration)>, CaptureError> {
+fn open_camera(path: &Path, _: FormatRequest) -> Result<Camera<NoCamera>, CaptureError> {
     Err(CaptureError::Open {
         device: path.display().to_string(),
         reason: "V4L2 cameras need Linux; replay a directory of images or a .y4m file instead"

@@ -2,19 +2,13 @@
 //!
 //! The CPU kernel follows torchvision's `roi_align_kernel.cpp` step for step (bin grid, the
 //! `-1 < y < height` validity rule, edge clamping, average over the sampling points) so results
-//! agree to float rounding. With the `cuda` feature, `cuda_fwd` runs `kernels/roi_align.cu`, the
-//! same loop as torchvision's `roi_align_forward_kernel`, on f32 or f16 features (accumulating in
-//! f32). Metal has no kernel yet: there [`RoiAlign::apply`] copies the level to the CPU, pools
-//! in f32 and copies the result back (unified memory makes that a memcpy, but a large one).
+//! agree to float rounding. The GPU kernels run the same loop as torchvision's
+//! `roi_align_forward_kernel`, one thread per output element, on f32 or f16 features
+//! (accumulating in f32): `cuda_fwd` launches `kernels/roi_align.cu` (PTX built by build.rs),
+//! `metal_fwd` `kernels/roi_align.metal` (compiled at run time, once per device).
 
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
-
-/// `kernels/*.cu` as PTX, compiled by build.rs.
-#[cfg(feature = "cuda")]
-mod ptx {
-    include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
-}
 
 #[derive(Debug, Clone, Copy)]
 pub struct RoiAlign {
@@ -27,19 +21,10 @@ pub struct RoiAlign {
 }
 
 impl RoiAlign {
-    /// `features`: `[N, C, H, W]` (f32 on CPU; f32 or f16 on CUDA); `rois`: `[K, 5]` f32 rows of
-    /// `(batch_index, x1, y1, x2, y2)` in input-image coordinates. Returns `[K, C, out_h, out_w]`
-    /// in the features' dtype.
+    /// `features`: `[N, C, H, W]` (f32 on CPU; f32 or f16 on CUDA and Metal); `rois`: `[K, 5]`
+    /// f32 rows of `(batch_index, x1, y1, x2, y2)` in input-image coordinates. Returns
+    /// `[K, C, out_h, out_w]` in the features' dtype.
     pub fn apply(&self, features: &Tensor, rois: &Tensor) -> candle_core::Result<Tensor> {
-        if features.device().is_metal() {
-            let cpu = Device::Cpu;
-            return features
-                .to_device(&cpu)?
-                .to_dtype(DType::F32)?
-                .apply_op2_no_bwd(&rois.to_device(&cpu)?, self)?
-                .to_dtype(features.dtype())?
-                .to_device(features.device());
-        }
         features.apply_op2_no_bwd(rois, self)
     }
 
@@ -67,6 +52,49 @@ impl RoiAlign {
             self.output_size.1,
         ))
     }
+
+    /// Scalar arguments of the GPU kernels and their output count, one thread each. Thread ids
+    /// are 32-bit, so the count must fit a `u32`.
+    #[cfg(any(feature = "cuda", feature = "metal"))]
+    fn kernel_params(&self, d: &Dims) -> candle_core::Result<(KernelParams, u32)> {
+        let total = self.out_shape(d).elem_count();
+        let Ok(total) = u32::try_from(total) else {
+            candle_core::bail!("roi_align: {total} outputs exceed one launch");
+        };
+        // Feature-map and output sizes; none comes near u32::MAX.
+        let u = |v: usize| v as u32;
+        let params = KernelParams {
+            num_rois: u(d.num_rois),
+            batch: u(d.batch),
+            channels: u(d.channels),
+            height: u(d.height),
+            width: u(d.width),
+            pooled_h: u(self.output_size.0),
+            pooled_w: u(self.output_size.1),
+            spatial_scale: self.spatial_scale,
+            sampling_ratio: self.sampling_ratio,
+            aligned: u32::from(self.aligned),
+        };
+        Ok((params, total))
+    }
+}
+
+/// The scalar arguments of `roi_align_{f32,f16}`, in the order kernels/roi_align.cu takes them
+/// and kernels/roi_align.metal's `RoiAlignParams` declares them.
+#[cfg(any(feature = "cuda", feature = "metal"))]
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct KernelParams {
+    num_rois: u32,
+    batch: u32,
+    channels: u32,
+    height: u32,
+    width: u32,
+    pooled_h: u32,
+    pooled_w: u32,
+    spatial_scale: f32,
+    sampling_ratio: i32,
+    aligned: u32,
 }
 
 struct Dims {
@@ -237,12 +265,10 @@ impl CustomOp2 for RoiAlign {
         use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
         use candle_core::CudaDevice;
 
+        use super::ptx;
+
         let dims = self.dims(l1, l2)?;
-        let (ph, pw) = self.output_size;
-        let total = dims.num_rois * dims.channels * ph * pw;
-        let Ok(total) = u32::try_from(total) else {
-            candle_core::bail!("roi_align: {total} outputs exceed one launch");
-        };
+        let (params, total) = self.kernel_params(&dims)?;
         let CudaStorageSlice::F32(rois) = &s2.slice else {
             candle_core::bail!("roi_align: rois must be f32, got {:?}", s2.dtype());
         };
@@ -251,8 +277,7 @@ impl CustomOp2 for RoiAlign {
         let dev = &s1.device;
 
         fn run<T: DeviceRepr>(
-            op: &RoiAlign,
-            dims: &Dims,
+            p: KernelParams,
             total: u32,
             name: &str,
             dev: &CudaDevice,
@@ -265,26 +290,25 @@ impl CustomOp2 for RoiAlign {
             if total == 0 {
                 return Ok(out);
             }
-            let u = |v: usize| v as u32;
             let mut b = func.builder();
             b.arg(features);
             b.arg(rois);
             b.arg(&out);
             candle_core::builder_arg!(
                 b,
-                u(dims.num_rois),
-                u(dims.batch),
-                u(dims.channels),
-                u(dims.height),
-                u(dims.width),
-                u(op.output_size.0),
-                u(op.output_size.1),
-                op.spatial_scale,
-                op.sampling_ratio,
-                u32::from(op.aligned)
+                p.num_rois,
+                p.batch,
+                p.channels,
+                p.height,
+                p.width,
+                p.pooled_h,
+                p.pooled_w,
+                p.spatial_scale,
+                p.sampling_ratio,
+                p.aligned
             );
             // SAFETY: the argument list matches `roi_align_{f32,f16}` in kernels/roi_align.cu,
-            // and the buffers hold the sizes `dims` describes.
+            // and the buffers hold the sizes `p` describes.
             unsafe { b.launch(LaunchConfig::for_num_elems(total)) }.w()?;
             Ok(out)
         }
@@ -292,8 +316,7 @@ impl CustomOp2 for RoiAlign {
         let (f0, f1) = contiguous(l1)?;
         let slice = match &s1.slice {
             CudaStorageSlice::F32(f) => CudaStorageSlice::F32(run(
-                self,
-                &dims,
+                params,
                 total,
                 "roi_align_f32",
                 dev,
@@ -301,8 +324,7 @@ impl CustomOp2 for RoiAlign {
                 &rois,
             )?),
             CudaStorageSlice::F16(f) => CudaStorageSlice::F16(run(
-                self,
-                &dims,
+                params,
                 total,
                 "roi_align_f16",
                 dev,
@@ -320,11 +342,115 @@ impl CustomOp2 for RoiAlign {
         };
         Ok((storage, self.out_shape(&dims)))
     }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::{DType, MetalStorage};
+        use objc2_metal::MTLSize;
+
+        let dims = self.dims(l1, l2)?;
+        let (params, total) = self.kernel_params(&dims)?;
+        let dtype = s1.dtype();
+        if s2.dtype() != DType::F32 {
+            candle_core::bail!("roi_align: rois must be f32, got {:?}", s2.dtype());
+        }
+        let ((f0, _), (r0, _)) = (contiguous(l1)?, contiguous(l2)?);
+        let device = s1.device();
+        let pipeline = metal::pipeline(device, dtype)?;
+        let total = total as usize;
+        let out = device
+            .new_buffer_builder()
+            .with_size_for(total, dtype)
+            .with_label("roi_align")
+            .build()?;
+        if total > 0 {
+            let guard = device.command_encoder()?;
+            let encoder = guard.as_ref();
+            encoder.set_compute_pipeline_state(&pipeline);
+            encoder.set_input_buffer(0, Some(s1.buffer()), f0 * dtype.size_in_bytes());
+            encoder.set_input_buffer(1, Some(s2.buffer()), r0 * DType::F32.size_in_bytes());
+            encoder.set_output_buffer(2, Some(&out), 0);
+            encoder.set_bytes(3, &params);
+            let width = pipeline.max_total_threads_per_threadgroup().min(total);
+            let size = |width| MTLSize {
+                width,
+                height: 1,
+                depth: 1,
+            };
+            encoder.dispatch_thread_groups(size(total.div_ceil(width)), size(width));
+        }
+        let storage = MetalStorage::new(out, device.clone(), total, dtype);
+        Ok((storage, self.out_shape(&dims)))
+    }
+}
+
+/// `kernels/roi_align.metal`, compiled at run time once per device.
+#[cfg(feature = "metal")]
+mod metal {
+    use std::sync::Mutex;
+
+    use candle_core::metal_backend::{DeviceId, MetalDevice};
+    use candle_core::{DType, MetalError};
+    use candle_metal_kernels::metal::ComputePipeline;
+    use objc2_metal::MTLCompileOptions;
+
+    const SOURCE: &str = include_str!("../../kernels/roi_align.metal");
+
+    /// The shader's kernel for each feature dtype.
+    const KERNELS: [(DType, &str); 2] =
+        [(DType::F32, "roi_align_f32"), (DType::F16, "roi_align_f16")];
+
+    /// The kernel for `dtype` on `device`. The first call per device compiles the shader, with
+    /// the lock held so concurrent first calls compile it once.
+    pub(super) fn pipeline(
+        device: &MetalDevice,
+        dtype: DType,
+    ) -> candle_core::Result<ComputePipeline> {
+        static CACHE: Mutex<Vec<(DeviceId, DType, ComputePipeline)>> = Mutex::new(Vec::new());
+        let Some(&(_, name)) = KERNELS.iter().find(|(d, _)| *d == dtype) else {
+            candle_core::bail!("roi_align: features must be f32 or f16, got {dtype:?}");
+        };
+        let mut cache = CACHE.lock().map_err(MetalError::from)?;
+        let cached = |cache: &[(DeviceId, DType, ComputePipeline)]| {
+            cache
+                .iter()
+                .find(|(id, d, _)| *id == device.id() && *d == dtype)
+                .map(|(_, _, p)| p.clone())
+        };
+        if let Some(p) = cached(&cache) {
+            return Ok(p);
+        }
+        // Fast math off: the kernel then rounds as the CPU reference does (candle compiles its
+        // own kernels with it on). The shader's pragmas say the same for newer compilers.
+        let options = MTLCompileOptions::new();
+        #[allow(deprecated)]
+        options.setFastMathEnabled(false);
+        let mtl = device.metal_device();
+        let library = mtl
+            .new_library_with_source(SOURCE, Some(&options))
+            .map_err(MetalError::from)?;
+        for (d, name) in KERNELS {
+            let function = library.get_function(name, None).map_err(MetalError::from)?;
+            let pipeline = mtl
+                .new_compute_pipeline_state_with_function(&function)
+                .map_err(MetalError::from)?;
+            cache.push((device.id(), d, pipeline));
+        }
+        cached(&cache).ok_or_else(|| MetalError::Message(format!("roi_align: no {name}")).into())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn averages_bilinear_samples_like_torchvision() {
