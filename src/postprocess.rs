@@ -430,7 +430,7 @@ mod cuda {
         range: Range<usize>,
         regions: &[Region],
         thresh: f32,
-        pixels: &mut [u8],
+        pixels: &mut Vec<u8>,
     ) -> candle_core::Result<()> {
         let CudaStorageSlice::F32(p) = &probs.slice else {
             candle_core::bail!("paste_masks: probabilities must be f32");
