@@ -459,6 +459,10 @@ mod cuda {
             ]);
             widest = widest.max(i.area());
         }
+        // One grid row per region; CUDA allows 65535 rows.
+        if regions.len() > 65_535 {
+            candle_core::bail!("paste_masks: {} masks in one launch", regions.len());
+        }
         let table = dev.clone_htod(&table)?;
         // SAFETY: the kernel writes every pixel of every region, and the regions tile `pixels`.
         let out = unsafe { dev.alloc::<u8>(pixels.len())? };
