@@ -54,8 +54,8 @@ __device__ void topk_histogram(const T* values, uint32_t n, uint32_t prefix, uin
 
 // out: [2 + 2 * cap_above + cap_equal], zeroed by the caller: the count of keys
 // above `threshold` and of keys equal to it, then (key, index) pairs of the keys above, then
-// the indices of the keys equal. The host knows both counts from the histograms; the counters
-// only hand out slots.
+// the indices of the keys equal. The host knows both counts from the histograms and checks the
+// counters against them; slots past the caps are not written.
 template <typename T>
 __device__ void topk_collect(const T* values, uint32_t n, uint32_t threshold, uint32_t cap_above,
                              uint32_t cap_equal, uint32_t* out) {

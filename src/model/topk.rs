@@ -93,8 +93,17 @@ pub fn top_n(values: &Tensor, n: usize) -> Result<TopN> {
             above,
             equal: at_threshold,
         })?
-        .narrow(0, 2, (2 * above + at_threshold) as usize)?
+        .narrow(0, 0, (2 + 2 * above + at_threshold) as usize)?
         .to_vec1::<u32>()?;
+    let (counts, collected) = collected.split_at(2);
+    if counts != [above, at_threshold] {
+        let msg = format!(
+            "top_n: collected {} keys above and {} at the threshold where the histograms \
+             counted {above} and {at_threshold}",
+            counts[0], counts[1]
+        );
+        return Err(candle_core::Error::Msg(msg).into());
+    }
     let (pairs, equal) = collected.split_at(2 * above as usize);
     let mut winners: Vec<(u32, u32)> = pairs.chunks_exact(2).map(|p| (p[0], p[1])).collect();
     winners.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -123,8 +132,9 @@ impl Histogram {
 }
 
 /// Every key above `threshold` with its index, and the indices of the keys equal to it, when
-/// there are `above` and `equal` of them: `[2 + 2 * above + equal]` u32, the first two words
-/// being slot counters (see `kernels/topk.cu`).
+/// the histograms counted `above` and `equal` of them: `[2 + 2 * above + equal]` u32, the
+/// first two words being how many of each were found (the kernel's slot counters), which
+/// `top_n` checks against the histograms.
 struct Collect {
     threshold: u32,
     above: u32,
@@ -203,15 +213,8 @@ impl CustomOp1 for Collect {
                 n_equal += 1;
             }
         }
-        if (n_above, n_equal) != (self.above as usize, self.equal as usize) {
-            candle_core::bail!(
-                "topk_collect: {n_above} keys above and {n_equal} at the threshold, the \
-                 histograms counted {} and {}",
-                self.above,
-                self.equal
-            );
-        }
-        counts.copy_from_slice(&[self.above, self.equal]);
+        // As the CUDA kernel's counters report them, so `top_n` checks both alike.
+        counts.copy_from_slice(&[n_above as u32, n_equal as u32]);
         let len = out.len();
         Ok((CpuStorage::U32(out), Shape::from(len)))
     }
@@ -362,6 +365,20 @@ mod tests {
         }
         check(vec![0.5; 3000], 1000);
         check(vec![-0.0, 0.0, -0.0, 0.0], 3);
+    }
+
+    #[test]
+    fn collect_reports_what_it_found() {
+        let t = Tensor::new(&[1f32, 3.0, 3.0, 2.0], &Device::Cpu).unwrap();
+        // Told of one key above 2.0 and none equal, it finds two above and one equal, writes
+        // only what fits, and says so.
+        let op = Collect {
+            threshold: order_key(2.0),
+            above: 1,
+            equal: 0,
+        };
+        let out: Vec<u32> = t.apply_op1_no_bwd(&op).unwrap().to_vec1().unwrap();
+        assert_eq!(out, vec![2, 1, order_key(3.0), 1]);
     }
 
     #[test]
