@@ -1,6 +1,7 @@
 //! The README's demo in a real browser: `drape demo` on the bundled frames and model, the page
 //! loaded in headless Chromium through ChromeDriver (WebDriver), live instances and latency
-//! stats must appear, and a screenshot is saved to `target/demo-screenshot.png`.
+//! stats must appear, and a screenshot is saved as `demo-screenshot.png` in Cargo's
+//! test scratch directory (`target/tmp` unless `CARGO_TARGET_DIR` moves it).
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them).
 
@@ -253,7 +254,8 @@ fn demo_page_shows_live_instances_in_headless_chromium() {
         .unwrap();
     let shot = image::load_from_memory_with_format(&png, image::ImageFormat::Png).unwrap();
     assert!(shot.width() >= 800);
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/demo-screenshot.png");
+    // Wherever the build goes: a `target/` beside the sources need not exist.
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-screenshot.png");
     std::fs::write(&out, &png).unwrap();
     webdriver(driver_port, "DELETE", &format!("/session/{id}"), None);
 }
