@@ -409,38 +409,28 @@ fn paste_one(
     }
 }
 
-#[cfg(feature = "cuda")]
-mod cuda {
-    use std::ops::Range;
+/// What `kernels/paste.cu` is launched with: a table of 9 words per region and the grid.
+#[cfg(any(test, feature = "cuda"))]
+struct PasteLaunch {
+    table: Vec<u32>,
+    /// Blocks per region (enough for the widest, at most 64) and one grid row per region.
+    grid: (u32, u32),
+}
 
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-    use candle_core::CudaStorage;
+#[cfg(any(test, feature = "cuda"))]
+impl PasteLaunch {
+    const THREADS: u32 = 256;
 
-    use super::Region;
-    use crate::model::ptx;
-
-    /// Words per region in the kernel's table (see `kernels/paste.cu`).
-    const WORDS: usize = 9;
-
-    /// Runs `paste_masks` over `probs[range]` (`[D, 28, 28]` f32) and copies the thresholded
-    /// pixels, the regions' parts inside the image, into `pixels`.
-    pub(super) fn paste(
-        probs: &CudaStorage,
-        range: Range<usize>,
-        regions: &[Region],
-        thresh: f32,
-        pixels: &mut Vec<u8>,
-    ) -> candle_core::Result<()> {
-        let CudaStorageSlice::F32(p) = &probs.slice else {
-            candle_core::bail!("paste_masks: probabilities must be f32");
-        };
-        let dev = &probs.device;
+    fn new(regions: &[Region]) -> candle_core::Result<Self> {
         let word = |v: usize| -> candle_core::Result<u32> {
             u32::try_from(v)
                 .map_err(|_| candle_core::Error::Msg(format!("paste_masks: {v} exceeds u32")))
         };
-        let mut table = Vec::with_capacity(regions.len() * WORDS);
+        // CUDA allows 65535 grid rows.
+        if regions.len() > 65_535 {
+            candle_core::bail!("paste_masks: {} masks in one launch", regions.len());
+        }
+        let mut table = Vec::with_capacity(regions.len() * 9);
         let mut widest = 0;
         for r in regions {
             let i = r.inside;
@@ -459,21 +449,45 @@ mod cuda {
             ]);
             widest = widest.max(i.area());
         }
-        // One grid row per region; CUDA allows 65535 rows.
-        if regions.len() > 65_535 {
-            candle_core::bail!("paste_masks: {} masks in one launch", regions.len());
-        }
-        let table = dev.clone_htod(&table)?;
+        let blocks = word(widest)?.div_ceil(Self::THREADS).clamp(1, 64);
+        Ok(Self {
+            table,
+            grid: (blocks, word(regions.len())?),
+        })
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::ops::Range;
+
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+    use candle_core::CudaStorage;
+
+    use super::{PasteLaunch, Region};
+    use crate::model::ptx;
+
+    /// Runs `paste_masks` over `probs[range]` (`[D, 28, 28]` f32) and copies the thresholded
+    /// pixels, the regions' parts inside the image, into `pixels`.
+    pub(super) fn paste(
+        probs: &CudaStorage,
+        range: Range<usize>,
+        regions: &[Region],
+        thresh: f32,
+        pixels: &mut Vec<u8>,
+    ) -> candle_core::Result<()> {
+        let CudaStorageSlice::F32(p) = &probs.slice else {
+            candle_core::bail!("paste_masks: probabilities must be f32");
+        };
+        let dev = &probs.device;
+        let launch = PasteLaunch::new(regions)?;
+        let table = dev.clone_htod(&launch.table)?;
         // SAFETY: the kernel writes every pixel of every region, and the regions tile `pixels`.
         let out = unsafe { dev.alloc::<u8>(pixels.len())? };
-        const THREADS: u32 = 256;
         let config = LaunchConfig {
-            grid_dim: (
-                word(widest)?.div_ceil(THREADS).clamp(1, 64),
-                word(regions.len())?,
-                1,
-            ),
-            block_dim: (THREADS, 1, 1),
+            grid_dim: (launch.grid.0, launch.grid.1, 1),
+            block_dim: (PasteLaunch::THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let func = dev.get_or_load_custom_func("paste_masks", "drape_paste", ptx::PASTE)?;
@@ -484,7 +498,7 @@ mod cuda {
         b.arg(&thresh);
         b.arg(&out);
         // SAFETY: the arguments match `paste_masks` in kernels/paste.cu; `probs` holds 784
-        // values per region and `table` WORDS words per region.
+        // values per region and `table` 9 words per region.
         unsafe { b.launch(config) }.w()?;
         dev.memcpy_dtoh(&out, pixels)
     }
@@ -533,6 +547,61 @@ mod tests {
             let mut rle = Rle::encode(&[], 0, 0);
             rle.encode_region_into(&pixels, rect, (h, w));
             assert_eq!(rle, Rle::encode(&canvas, h, w), "{rect:?}");
+        }
+    }
+
+    #[test]
+    fn the_cuda_kernel_pastes_what_the_cpu_does() {
+        let mut state = 0x1234_5678_u32;
+        let mut unit = move || {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 8) as f32 / (1 << 24) as f32
+        };
+        for (seed, (resized, original)) in [
+            ((40, 60), (40, 60)),
+            ((480, 640), (720, 960)),
+            ((333, 500), (150, 225)),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (h, w) = (resized.0 as f32, resized.1 as f32);
+            // Boxes inside, across every edge, tiny, and entirely outside.
+            let dets: Vec<Detection> = (0..40)
+                .map(|_| {
+                    let (x, y) = (unit() * 1.4 * w - 0.2 * w, unit() * 1.4 * h - 0.2 * h);
+                    let (bw, bh) = (unit().powi(3) * w, unit().powi(3) * h);
+                    Detection {
+                        bbox: [x, y, x + bw, y + bh],
+                        score: 0.5,
+                        label: 1,
+                    }
+                })
+                .collect();
+            // Multiples of 1/8 put some pixels exactly on the threshold.
+            let probs: Vec<f32> = (0..40 * MASK_SIZE * MASK_SIZE)
+                .map(|_| (unit() * 8.0).floor() / 8.0)
+                .collect();
+            let t = Tensor::from_slice(&probs, (40, MASK_SIZE, MASK_SIZE), &Device::Cpu).unwrap();
+            let mut paster = Paster::new();
+            let sizes = (resized, original);
+            paster
+                .paste_into(&dets, Some(&t), sizes, 0.5, &mut Vec::new())
+                .unwrap();
+            let launch = PasteLaunch::new(&paster.regions).unwrap();
+            // Pixels the kernel never writes would keep this value.
+            let mut pixels = vec![7u8; paster.pixels.len()];
+            let grid = (launch.grid.0, launch.grid.1, PasteLaunch::THREADS);
+            crate::model::cuda_emu::paste_masks(
+                &probs,
+                &launch.table,
+                0.5,
+                &mut pixels,
+                grid,
+                seed as u64,
+            );
+            assert!(paster.pixels.contains(&1));
+            assert!(pixels == paster.pixels, "{resized:?} -> {original:?}");
         }
     }
 

@@ -6,6 +6,8 @@ pub mod anchors;
 pub mod backbone;
 pub mod box_ops;
 pub mod conv;
+#[cfg(test)]
+pub(crate) mod cuda_emu;
 pub mod fpn;
 pub mod layers;
 pub mod poolers;

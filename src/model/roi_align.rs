@@ -55,7 +55,7 @@ impl RoiAlign {
 
     /// Scalar arguments of the GPU kernels and their output count, one thread each. Thread ids
     /// are 32-bit, so the count must fit a `u32`.
-    #[cfg(any(feature = "cuda", feature = "metal"))]
+    #[cfg(any(test, feature = "cuda", feature = "metal"))]
     fn kernel_params(&self, d: &Dims) -> candle_core::Result<(KernelParams, u32)> {
         let total = self.out_shape(d).elem_count();
         let Ok(total) = u32::try_from(total) else {
@@ -81,7 +81,7 @@ impl RoiAlign {
 
 /// The scalar arguments of `roi_align_{f32,f16}`, in the order kernels/roi_align.cu takes them
 /// and kernels/roi_align.metal's `RoiAlignParams` declares them.
-#[cfg(any(feature = "cuda", feature = "metal"))]
+#[cfg(any(test, feature = "cuda", feature = "metal"))]
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct KernelParams {
@@ -474,6 +474,90 @@ mod tests {
             .unwrap();
         // Bin centres (0.5, 0.5), (0.5, 1.5), (1.5, 0.5), (1.5, 1.5).
         assert_eq!(out, vec![2.5, 3.5, 6.5, 7.5]);
+    }
+
+    #[test]
+    fn the_cuda_kernel_pools_what_the_cpu_does() {
+        use crate::model::cuda_emu::{self, Values};
+        use half::f16;
+
+        let mut state = 0x0bad_cafe_u32;
+        let mut unit = move || {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 8) as f32 / (1 << 24) as f32
+        };
+        let (n, c, h, w) = (2, 3, 13, 17);
+        let features: Vec<f32> = (0..n * c * h * w).map(|_| unit() * 4.0 - 2.0).collect();
+        let halves: Vec<f16> = features.iter().map(|&v| f16::from_f32(v)).collect();
+        let widened: Vec<f32> = halves.iter().map(|v| v.to_f32()).collect();
+        // Boxes inside, across every edge, inverted, and on either image.
+        let rois: Vec<f32> = (0..24)
+            .flat_map(|i| {
+                let (x, y) = (unit() * 90.0 - 15.0, unit() * 70.0 - 12.0);
+                let (bw, bh) = (unit() * 60.0 - 5.0, unit() * 50.0 - 5.0);
+                [(i % 2) as f32, x, y, x + bw, y + bh]
+            })
+            // With one sample per bin unaligned, these put samples exactly on y == height and
+            // x == width, the edge of torchvision's validity rule.
+            .chain([0.0, 0.0, 48.0, 40.0, 104.0, 1.0, 64.0, 48.0, 104.0, 104.0])
+            .collect();
+        let rois_t = Tensor::from_slice(&rois, (26, 5), &Device::Cpu).unwrap();
+        for (seed, (sampling_ratio, aligned)) in [(2, false), (0, false), (0, true), (1, false)]
+            .into_iter()
+            .enumerate()
+        {
+            let op = RoiAlign {
+                output_size: (7, 5),
+                spatial_scale: 0.25,
+                sampling_ratio,
+                aligned,
+            };
+            let pooled = |f: &[f32]| {
+                let t = Tensor::from_slice(f, (n, c, h, w), &Device::Cpu).unwrap();
+                op.apply(&t, &rois_t)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            let t = Tensor::from_slice(&features, (n, c, h, w), &Device::Cpu).unwrap();
+            let dims = op.dims(t.layout(), rois_t.layout()).unwrap();
+            let (params, total) = op.kernel_params(&dims).unwrap();
+            // SAFETY: KernelParams is #[repr(C)], ten 4-byte fields.
+            let words: [u32; 10] = unsafe { std::mem::transmute(params) };
+            let launch = (total.div_ceil(1024), 1024);
+
+            let mut out = vec![f32::NAN; total as usize];
+            let values = Values::F32(&features);
+            cuda_emu::roi_align(
+                &values,
+                &rois,
+                out.as_mut_ptr().cast(),
+                &words,
+                launch,
+                seed as u64,
+            );
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&out),
+                bits(&pooled(&features)),
+                "f32 {sampling_ratio} {aligned}"
+            );
+
+            let mut out = vec![f16::NAN; total as usize];
+            let values = Values::F16(&halves);
+            cuda_emu::roi_align(
+                &values,
+                &rois,
+                out.as_mut_ptr().cast(),
+                &words,
+                launch,
+                seed as u64,
+            );
+            let want: Vec<f16> = pooled(&widened).iter().map(|&v| f16::from_f32(v)).collect();
+            assert_eq!(out, want, "f16 {sampling_ratio} {aligned}");
+        }
     }
 
     #[test]

@@ -21,6 +21,17 @@ use crate::error::Result;
 /// what the CUDA kernel keeps in shared memory (`TOPK_MAX_BINS`).
 const DIGITS: [(u32, u32); 3] = [(21, 11), (10, 11), (0, 10)];
 
+/// Threads per block of both CUDA kernels.
+#[cfg(any(test, feature = "cuda"))]
+const THREADS: u32 = 256;
+
+/// Blocks to cover `n` values, but no more than a GPU keeps busy: each block's histogram is
+/// merged into the global one with atomics.
+#[cfg(any(test, feature = "cuda"))]
+fn blocks(n: u32) -> u32 {
+    n.div_ceil(THREADS).clamp(1, 1024)
+}
+
 /// Maps an f32 to a u32 that sorts as `f32::total_cmp` does.
 fn order_key(v: f32) -> u32 {
     let bits = v.to_bits();
@@ -58,18 +69,32 @@ pub fn top_n(values: &Tensor, n: usize) -> Result<TopN> {
         Device::Metal(_) => values.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
         _ => values.contiguous()?,
     };
+    select(
+        len,
+        n,
+        |op| Ok(values.apply_op1_no_bwd(op)?.to_vec1()?),
+        |op| Ok(values.apply_op1_no_bwd(op)?.to_vec1()?),
+    )
+}
+
+/// The host side of the radix select over `len` values, whatever runs the two passes.
+fn select(
+    len: usize,
+    n: usize,
+    mut histogram: impl FnMut(&Histogram) -> Result<Vec<u32>>,
+    collect: impl FnOnce(&Collect) -> Result<Vec<u32>>,
+) -> Result<TopN> {
     // How many of the n winners are still to be found among the keys that share `prefix`.
     let mut need = n as u32;
     let mut prefix = 0u32;
     let mut at_threshold = 0u32;
     for (shift, bits) in DIGITS {
-        let op = Histogram {
+        let hist = histogram(&Histogram {
             prefix,
             prefix_shift: shift + bits,
             shift,
             bits,
-        };
-        let hist: Vec<u32> = values.apply_op1_no_bwd(&op)?.to_vec1()?;
+        })?;
         let mut digit = None;
         for (d, &count) in hist.iter().enumerate().rev() {
             if count >= need {
@@ -87,14 +112,11 @@ pub fn top_n(values: &Tensor, n: usize) -> Result<TopN> {
         prefix = (prefix << bits) | digit;
     }
     let above = n as u32 - need;
-    let collected = values
-        .apply_op1_no_bwd(&Collect {
-            threshold: prefix,
-            above,
-            equal: at_threshold,
-        })?
-        .narrow(0, 0, (2 + 2 * above + at_threshold) as usize)?
-        .to_vec1::<u32>()?;
+    let collected = collect(&Collect {
+        threshold: prefix,
+        above,
+        equal: at_threshold,
+    })?;
     let (counts, collected) = collected.split_at(2);
     if counts != [above, at_threshold] {
         let msg = format!(
@@ -239,10 +261,10 @@ mod cuda {
     use candle_core::{CudaStorage, Layout};
 
     use super::super::ptx;
+    use super::{blocks, THREADS};
 
     /// Launches `{kernel}_{f32,f16}(values, n, args.., out)` over a zeroed `[out_len]` u32
-    /// output, with enough blocks to cover the values but no more than the GPU keeps busy
-    /// (each block's histogram is merged with global atomics).
+    /// output.
     pub(super) fn launch(
         s: &CudaStorage,
         l: &Layout,
@@ -256,9 +278,8 @@ mod cuda {
         let dev = &s.device;
         let n = (end - start) as u32;
         let out = dev.alloc_zeros::<u32>(out_len)?;
-        const THREADS: u32 = 256;
         let config = LaunchConfig {
-            grid_dim: (n.div_ceil(THREADS).clamp(1, 1024), 1, 1),
+            grid_dim: (blocks(n), 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -365,6 +386,58 @@ mod tests {
         }
         check(vec![0.5; 3000], 1000);
         check(vec![-0.0, 0.0, -0.0, 0.0], 3);
+    }
+
+    #[test]
+    fn the_cuda_kernels_select_what_the_cpu_ops_do() {
+        use super::super::cuda_emu::{self, Values};
+        use half::f16;
+
+        let mut state = 0x9e37_79b9_u32;
+        let mut next = move || {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            state >> 8
+        };
+        // Spread values; then a few distinct ones, so thresholds are shared and ties decide.
+        let spread: Vec<f32> = (0..300_000).map(|_| next() as f32 / 1e5 - 80.0).collect();
+        let few: Vec<f32> = (0..20_000).map(|_| (next() % 7) as f32 - 3.0).collect();
+        for (seed, raw) in [&spread[..1], &spread[..300], &spread[..], &few[..]]
+            .into_iter()
+            .enumerate()
+        {
+            let len = raw.len();
+            let halves: Vec<f16> = raw.iter().map(|&v| f16::from_f32(v)).collect();
+            let widened: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
+            for (values, reference) in [(Values::F32(raw), raw), (Values::F16(&halves), &widened)] {
+                let grid = blocks(len as u32);
+                for n in [1, 1000, len] {
+                    let cpu = Tensor::from_slice(reference, len, &Device::Cpu).unwrap();
+                    let want = top_n(&cpu, n).unwrap();
+                    let got = select(
+                        len,
+                        n.min(len),
+                        |op| {
+                            let mut hist = vec![0; 1 << op.bits];
+                            let args = [op.prefix, op.prefix_shift, op.shift, op.bits];
+                            let seed = seed as u64;
+                            cuda_emu::topk_histogram(
+                                &values, len as u32, args, &mut hist, grid, seed,
+                            );
+                            Ok(hist)
+                        },
+                        |op| {
+                            let mut out = vec![0; op.len()];
+                            let args = [op.threshold, op.above, op.equal];
+                            let launch = (grid, THREADS);
+                            cuda_emu::topk_collect(&values, len as u32, args, &mut out, launch, 7);
+                            Ok(out)
+                        },
+                    )
+                    .unwrap();
+                    assert_eq!(got, want, "{len} values, n={n}");
+                }
+            }
+        }
     }
 
     #[test]
