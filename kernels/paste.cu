@@ -4,7 +4,8 @@
 //
 // probs: [D, 28, 28] f32 probabilities. table: 9 words per region: the resized mask's corner
 // (x0, y0; int32, may be negative) and size (w, h), its part inside the image [ix0, ix1) x
-// [iy0, iy1), and where that part's row-major pixels start in `out`. One grid row per region.
+// [iy0, iy1), and where that part's pixels start in `out`, column-major (COCO's order, so the
+// host's RLE scans contiguous columns). One grid row per region.
 //
 // The taps and the interpolation are evaluated in the CPU path's order, and build.rs compiles
 // with --fmad=false, so both paths decide every pixel alike: a probability sitting on the
@@ -48,8 +49,8 @@ extern "C" __global__ void paste_masks(const float* probs, const uint32_t* table
     const float* mask = probs + (uint64_t)blockIdx.y * MASK * MASK;
     const uint32_t area = iw * ih;
     for (uint32_t p = blockIdx.x * blockDim.x + threadIdx.x; p < area; p += blockDim.x * gridDim.x) {
-        const uint32_t row = p / iw;
-        const uint32_t col = p % iw;
+        const uint32_t col = p / ih;
+        const uint32_t row = p % ih;
         int y_0, y_1, x_0, x_1;
         float ly, lx;
         tap(h, (uint32_t)((int)(iy0 + row) - y0), &y_0, &y_1, &ly);

@@ -37,13 +37,17 @@ impl Rle {
             x1: width,
             y1: height,
         };
-        rle.encode_region_into(mask, all, (height, width));
+        let column_major: Vec<u8> = (0..width)
+            .flat_map(|x| (0..height).map(move |y| mask[y * width + x]))
+            .collect();
+        rle.encode_region_into(&column_major, all, (height, width));
         rle
     }
 
     /// Encodes a `height`×`width` mask that is zero outside `rect`, given only `rect`'s
-    /// pixels (row-major), reusing this value's buffer: no allocation once it has held a mask
-    /// with as many runs, and no pass over the zeros around the box.
+    /// pixels in column-major order (COCO's), reusing this value's buffer: no allocation once
+    /// it has held a mask with as many runs, no pass over the zeros around the box, and runs
+    /// found by scanning contiguous columns.
     pub fn encode_region_into(
         &mut self,
         pixels: &[u8],
@@ -63,12 +67,15 @@ impl Rle {
             }
             run += n as u32;
         };
-        let rect_w = rect.x1 - rect.x0;
+        let rect_h = rect.y1 - rect.y0;
         push(&mut self.counts, 0, rect.x0 * height);
-        for x in 0..rect_w {
+        for x in 0..rect.x1 - rect.x0 {
             push(&mut self.counts, 0, rect.y0);
-            for y in 0..rect.y1 - rect.y0 {
-                push(&mut self.counts, pixels[y * rect_w + x], 1);
+            let mut rest = &pixels[x * rect_h..][..rect_h];
+            while let Some(&v) = rest.first() {
+                let n = rest.iter().position(|&p| p != v).unwrap_or(rest.len());
+                push(&mut self.counts, v, n);
+                rest = &rest[n..];
             }
             push(&mut self.counts, 0, height - rect.y1);
         }
@@ -223,14 +230,14 @@ const PADDED_SIDE: usize = MASK_SIZE + 2 * PASTE_PADDING;
 /// to the host. Owns every buffer it needs, so a stream of frames allocates nothing on the
 /// CPU path once the buffers have grown.
 pub struct Paster {
-    /// The masks of the last call: each region's pixels inside the image, row-major,
+    /// The masks of the last call: each region's pixels inside the image, column-major,
     /// concatenated.
     pixels: Vec<u8>,
     regions: Vec<Region>,
     padded: Vec<f32>,
     /// Masks of instances from earlier frames, kept for their buffers.
     spare: Vec<Rle>,
-    cols: Vec<LinearTap>,
+    rows: Vec<LinearTap>,
     /// Milliseconds spent pasting and encoding in the last call.
     paste_ms: f64,
     rle_ms: f64,
@@ -249,7 +256,7 @@ impl Paster {
             regions: Vec::new(),
             padded: vec![0.0; PADDED_SIDE * PADDED_SIDE],
             spare: Vec::new(),
-            cols: Vec::new(),
+            rows: Vec::new(),
             paste_ms: 0.0,
             rle_ms: 0.0,
         }
@@ -368,42 +375,46 @@ impl Paster {
                 dst[PASTE_PADDING..PASTE_PADDING + MASK_SIZE].copy_from_slice(src);
             }
             let dst = &mut self.pixels[region.offset..][..region.inside.area()];
-            paste_one(&self.padded, region, dst, thresh, &mut self.cols);
+            paste_one(&self.padded, region, dst, thresh, &mut self.rows);
         }
     }
 }
 
 /// `paste_mask_in_image` for one padded mask: the bilinear resize (torch's `interpolate`,
-/// `align_corners=False`) of the part inside the image, thresholded into `dst`.
-/// `kernels/paste.cu` is the same loop per pixel.
+/// `align_corners=False`) of the part inside the image, thresholded into `dst` column by
+/// column. `kernels/paste.cu` is the same loop per pixel.
 fn paste_one(
     padded: &[f32],
     region: &Region,
     dst: &mut [u8],
     thresh: f32,
-    cols: &mut Vec<LinearTap>,
+    rows: &mut Vec<LinearTap>,
 ) {
     let side = PADDED_SIDE;
     let inside = region.inside;
     if inside.area() == 0 {
         return;
     }
-    cols.clear();
-    cols.extend(
-        linear_taps(side, region.w)
-            .skip((inside.x0 as i64 - region.x0) as usize)
-            .take(inside.x1 - inside.x0),
+    rows.clear();
+    rows.extend(
+        linear_taps(side, region.h)
+            .skip((inside.y0 as i64 - region.y0) as usize)
+            .take(inside.y1 - inside.y0),
     );
-    let rows = linear_taps(side, region.h)
-        .skip((inside.y0 as i64 - region.y0) as usize)
-        .take(inside.y1 - inside.y0);
-    for (t, dst) in rows.zip(dst.chunks_exact_mut(cols.len())) {
-        let r0 = &padded[t.i0 * side..][..side];
-        let r1 = &padded[t.i1 * side..][..side];
-        let (h1, h0) = (t.l1, 1.0 - t.l1);
-        for (o, c) in dst.iter_mut().zip(cols.iter()) {
-            let (w1, w0) = (c.l1, 1.0 - c.l1);
-            let p = h0 * (w0 * r0[c.i0] + w1 * r0[c.i1]) + h1 * (w0 * r1[c.i0] + w1 * r1[c.i1]);
+    let cols = linear_taps(side, region.w)
+        .skip((inside.x0 as i64 - region.x0) as usize)
+        .take(inside.x1 - inside.x0);
+    for (c, dst) in cols.zip(dst.chunks_exact_mut(rows.len())) {
+        // The column interpolated across once, every padded row: the same products and sums
+        // the per-pixel expression `h0 * (w0 * a + w1 * b) + h1 * (w0 * c + w1 * d)` forms.
+        let (w1, w0) = (c.l1, 1.0 - c.l1);
+        let mut across = [0f32; PADDED_SIDE];
+        for (v, row) in across.iter_mut().zip(padded.chunks_exact(side)) {
+            *v = w0 * row[c.i0] + w1 * row[c.i1];
+        }
+        for (t, o) in rows.iter().zip(dst) {
+            let (h1, h0) = (t.l1, 1.0 - t.l1);
+            let p = h0 * across[t.i0] + h1 * across[t.i1];
             *o = (p > thresh) as u8;
         }
     }
@@ -541,7 +552,7 @@ mod tests {
             let mut canvas = vec![0u8; h * w];
             for y in y0..y1 {
                 for x in x0..x1 {
-                    canvas[y * w + x] = pixels[(y - y0) * (x1 - x0) + (x - x0)];
+                    canvas[y * w + x] = pixels[(x - x0) * (y1 - y0) + (y - y0)];
                 }
             }
             let mut rle = Rle::encode(&[], 0, 0);
