@@ -8,11 +8,12 @@
 // (batch_index, x1, y1, x2, y2). A batch index outside [0, batch) yields zeros, as in the CUDA
 // kernel.
 //
-// drape compiles this library at run time with Metal's default options (`mod metal` in
-// src/model/roi_align.rs says why), which let the compiler fuse multiply-adds, reorder sums and
-// approximate division. The pragmas forbid that here so that the roundings are the CPU
-// reference's: `math_mode(safe)` from MSL 3.2 (macOS 15, iOS 18) on; before that only
-// `contract(off)`, which fast math may override, and results can then differ in the last bits.
+// drape compiles this library at run time with fast math off (`mod metal` in
+// src/model/roi_align.rs), so the compiler neither fuses multiply-adds nor reorders sums nor
+// approximates division, and the roundings are the CPU reference's. The pragmas say the same
+// from inside: `math_mode(safe)` from MSL 3.2 (macOS 15, iOS 18) on, and `contract(off)`.
+// The unit tests compile this file as C++ against tests/kernel_emu/metal_stdlib and compare it
+// bit for bit with the CPU kernel.
 
 #include <metal_stdlib>
 using namespace metal;

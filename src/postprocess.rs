@@ -603,7 +603,7 @@ mod tests {
             // Pixels the kernel never writes would keep this value.
             let mut pixels = vec![7u8; paster.pixels.len()];
             let grid = (launch.grid.0, launch.grid.1, PasteLaunch::THREADS);
-            crate::model::cuda_emu::paste_masks(
+            crate::model::kernel_emu::paste_masks(
                 &probs,
                 &launch.table,
                 0.5,

@@ -6,9 +6,9 @@ pub mod anchors;
 pub mod backbone;
 pub mod box_ops;
 pub mod conv;
-#[cfg(test)]
-pub(crate) mod cuda_emu;
 pub mod fpn;
+#[cfg(test)]
+pub(crate) mod kernel_emu;
 pub mod layers;
 pub mod poolers;
 pub mod roi_align;

@@ -477,8 +477,8 @@ mod tests {
     }
 
     #[test]
-    fn the_cuda_kernel_pools_what_the_cpu_does() {
-        use crate::model::cuda_emu::{self, Values};
+    fn the_gpu_kernels_pool_what_the_cpu_does() {
+        use crate::model::kernel_emu::{self, Values};
         use half::f16;
 
         let mut state = 0x0bad_cafe_u32;
@@ -526,37 +526,36 @@ mod tests {
             let (params, total) = op.kernel_params(&dims).unwrap();
             // SAFETY: KernelParams is #[repr(C)], ten 4-byte fields.
             let words: [u32; 10] = unsafe { std::mem::transmute(params) };
+            let seed = seed as u64;
+            // CUDA's launch (`LaunchConfig::for_num_elems`), and Metal's whole threadgroups
+            // (256 wide here), which run threads past the last output.
             let launch = (total.div_ceil(1024), 1024);
+            let metal_threads = total.div_ceil(256) * 256;
+            let kernels = |input: &Values, out: *mut std::ffi::c_void, which: usize| {
+                if which == 0 {
+                    kernel_emu::roi_align(input, &rois, out, &words, launch, seed);
+                } else {
+                    kernel_emu::metal_roi_align(input, &rois, out, &words, metal_threads, seed);
+                }
+            };
+            let want32 = pooled(&features);
+            let want16: Vec<f16> = pooled(&widened).iter().map(|&v| f16::from_f32(v)).collect();
+            for (which, name) in ["cuda", "metal"].into_iter().enumerate() {
+                // Room for every thread the launch runs; the ones past the end must not write.
+                let mut out = vec![f32::NAN; metal_threads as usize];
+                kernels(&Values::F32(&features), out.as_mut_ptr().cast(), which);
+                let (out, past) = out.split_at(total as usize);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let case = format!("{name} {sampling_ratio} {aligned}");
+                assert_eq!(bits(out), bits(&want32), "f32 {case}");
+                assert!(past.iter().all(|v| v.is_nan()), "{case} wrote past the end");
 
-            let mut out = vec![f32::NAN; total as usize];
-            let values = Values::F32(&features);
-            cuda_emu::roi_align(
-                &values,
-                &rois,
-                out.as_mut_ptr().cast(),
-                &words,
-                launch,
-                seed as u64,
-            );
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(
-                bits(&out),
-                bits(&pooled(&features)),
-                "f32 {sampling_ratio} {aligned}"
-            );
-
-            let mut out = vec![f16::NAN; total as usize];
-            let values = Values::F16(&halves);
-            cuda_emu::roi_align(
-                &values,
-                &rois,
-                out.as_mut_ptr().cast(),
-                &words,
-                launch,
-                seed as u64,
-            );
-            let want: Vec<f16> = pooled(&widened).iter().map(|&v| f16::from_f32(v)).collect();
-            assert_eq!(out, want, "f16 {sampling_ratio} {aligned}");
+                let mut out = vec![f16::NAN; metal_threads as usize];
+                kernels(&Values::F16(&halves), out.as_mut_ptr().cast(), which);
+                let (out, past) = out.split_at(total as usize);
+                assert_eq!(out, &want16[..], "f16 {case}");
+                assert!(past.iter().all(|v| v.is_nan()), "{case} wrote past the end");
+            }
         }
     }
 

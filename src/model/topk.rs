@@ -390,7 +390,7 @@ mod tests {
 
     #[test]
     fn the_cuda_kernels_select_what_the_cpu_ops_do() {
-        use super::super::cuda_emu::{self, Values};
+        use super::super::kernel_emu::{self, Values};
         use half::f16;
 
         let mut state = 0x9e37_79b9_u32;
@@ -420,7 +420,7 @@ mod tests {
                             let mut hist = vec![0; 1 << op.bits];
                             let args = [op.prefix, op.prefix_shift, op.shift, op.bits];
                             let seed = seed as u64;
-                            cuda_emu::topk_histogram(
+                            kernel_emu::topk_histogram(
                                 &values, len as u32, args, &mut hist, grid, seed,
                             );
                             Ok(hist)
@@ -429,7 +429,9 @@ mod tests {
                             let mut out = vec![0; op.len()];
                             let args = [op.threshold, op.above, op.equal];
                             let launch = (grid, THREADS);
-                            cuda_emu::topk_collect(&values, len as u32, args, &mut out, launch, 7);
+                            kernel_emu::topk_collect(
+                                &values, len as u32, args, &mut out, launch, 7,
+                            );
                             Ok(out)
                         },
                     )

@@ -1,8 +1,9 @@
-//! Test support: `kernels/*.cu` compiled unchanged by the host C++ compiler against a small
-//! CUDA stand-in (`tests/cuda_emu/`), and launched one emulated thread at a time in a shuffled
-//! order. The unit tests of each op run its CUDA kernel this way against its Rust twin, so the
-//! kernels' logic is checked on every machine, GPU or not. What this cannot show: scheduling,
-//! real atomics, nvcc's code generation and launch limits (`tests/gpu.rs` does, on a GPU).
+//! Test support: the GPU kernels compiled unchanged by the host C++ compiler against small
+//! stand-ins for CUDA and for the Metal Shading Language (`tests/kernel_emu/`), and launched
+//! one emulated thread at a time in a shuffled order. The unit tests of each op run its GPU
+//! kernels this way against its Rust twin, so the kernels' logic is checked on every machine,
+//! GPU or not. What this cannot show: scheduling, real atomics, the GPU compilers' code and
+//! launch limits (`tests/gpu.rs` does, on a CUDA GPU).
 
 use std::ffi::c_void;
 use std::path::Path;
@@ -27,37 +28,61 @@ impl Values<'_> {
     }
 }
 
-/// The emulation library, compiled once per test binary.
-fn library() -> &'static Library {
+/// Compiles `sources` (relative to the crate root) into a shared library and loads it.
+fn compile(what: &str, args: &[&str], sources: &[&str]) -> Library {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::env::temp_dir().join(format!("drape-{what}-emu-{}.so", std::process::id()));
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    // No contraction into fused multiply-adds: the GPU builds forbid it too (build.rs passes
+    // --fmad=false to nvcc; the Metal library is compiled without fast math).
+    let status = Command::new(&cxx)
+        .current_dir(root)
+        .args(["-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared"])
+        .args([
+            "-Itests/kernel_emu",
+            "-Wno-attributes",
+            "-Wno-unknown-pragmas",
+        ])
+        .args(args)
+        .args(sources)
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .unwrap_or_else(|e| panic!("running {cxx} for the {what} emulation: {e}"));
+    assert!(
+        status.success(),
+        "{cxx} could not compile {sources:?} as C++"
+    );
+    // SAFETY: a library just built from our own sources, with no initialisers that matter.
+    let lib = unsafe { Library::new(&out) }.unwrap_or_else(|e| panic!("loading {what}: {e}"));
+    // Loaded; the file is no longer needed.
+    let _ = std::fs::remove_file(&out);
+    lib
+}
+
+/// `kernels/*.cu` with `tests/kernel_emu/cuda_launch.cpp`, compiled once per test binary.
+fn cuda() -> &'static Library {
     static LIB: OnceLock<Library> = OnceLock::new();
     LIB.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = std::env::temp_dir().join(format!("drape-cuda-emu-{}.so", std::process::id()));
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        // No contraction into fused multiply-adds: build.rs compiles the PTX with --fmad=false.
-        let status = Command::new(&cxx)
-            .current_dir(root)
-            .args(["-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared"])
-            .args(["-Itests/cuda_emu", "-include", "cuda_shim.h", "-x", "c++"])
-            .args([
-                "kernels/topk.cu",
-                "kernels/paste.cu",
-                "kernels/roi_align.cu",
-            ])
-            .arg("tests/cuda_emu/launch.cpp")
-            .arg("-o")
-            .arg(&out)
-            .status()
-            .unwrap_or_else(|e| panic!("running {cxx} for the CUDA emulation: {e}"));
-        assert!(
-            status.success(),
-            "{cxx} could not compile kernels/*.cu as C++"
-        );
-        // SAFETY: a library just built from our own sources, with no initialisers that matter.
-        let lib = unsafe { Library::new(&out) }.expect("loading the CUDA emulation");
-        // Loaded; the file is no longer needed.
-        let _ = std::fs::remove_file(&out);
-        lib
+        let sources = [
+            "kernels/topk.cu",
+            "kernels/paste.cu",
+            "kernels/roi_align.cu",
+            "tests/kernel_emu/cuda_launch.cpp",
+        ];
+        compile("cuda", &["-include", "cuda_shim.h", "-x", "c++"], &sources)
+    })
+}
+
+/// `kernels/roi_align.metal` through `tests/kernel_emu/metal_launch.cpp`.
+fn metal() -> &'static Library {
+    static LIB: OnceLock<Library> = OnceLock::new();
+    LIB.get_or_init(|| {
+        compile(
+            "metal",
+            &["-Ikernels"],
+            &["tests/kernel_emu/metal_launch.cpp"],
+        )
     })
 }
 
@@ -70,9 +95,9 @@ fn serialised() -> MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn symbol<T>(name: &[u8]) -> Symbol<'static, T> {
-    // SAFETY: each caller names its function with the signature launch.cpp declares.
-    unsafe { library().get(name) }.expect("symbol of tests/cuda_emu/launch.cpp")
+fn symbol<T>(lib: &'static Library, name: &[u8]) -> Symbol<'static, T> {
+    // SAFETY: each caller names its function with the signature tests/kernel_emu declares.
+    unsafe { lib.get(name) }.expect("symbol of tests/kernel_emu")
 }
 
 /// `topk_histogram_*` over `gx` blocks of one thread (the emulation has no barriers).
@@ -86,7 +111,7 @@ pub fn topk_histogram(
 ) {
     type F = unsafe extern "C" fn(i32, *const c_void, u32, u32, u32, u32, u32, *mut u32, u32, u64);
     let _one_launch = serialised();
-    let f = symbol::<F>(b"emu_topk_histogram");
+    let f = symbol::<F>(cuda(), b"emu_topk_histogram");
     let (f16, ptr) = values.raw();
     assert_eq!(hist.len(), 1 << bits);
     // SAFETY: `values` holds `n` elements and `hist` its 2^bits bins.
@@ -117,7 +142,7 @@ pub fn topk_collect(
 ) {
     type F = unsafe extern "C" fn(i32, *const c_void, u32, u32, u32, u32, *mut u32, u32, u32, u64);
     let _one_launch = serialised();
-    let f = symbol::<F>(b"emu_topk_collect");
+    let f = symbol::<F>(cuda(), b"emu_topk_collect");
     let (f16, ptr) = values.raw();
     assert_eq!(out.len(), 2 + 2 * cap_above as usize + cap_equal as usize);
     // SAFETY: `values` holds `n` elements and `out` the words the kernel may write.
@@ -148,7 +173,7 @@ pub fn paste_masks(
 ) {
     type F = unsafe extern "C" fn(*const f32, *const u32, f32, *mut u8, u32, u32, u32, u64);
     let _one_launch = serialised();
-    let f = symbol::<F>(b"emu_paste_masks");
+    let f = symbol::<F>(cuda(), b"emu_paste_masks");
     assert_eq!(table.len(), 9 * gy as usize);
     // SAFETY: `probs` holds 784 values per region, and the table's offsets and sizes lie
     // inside `out` (the caller's Paster built both).
@@ -187,7 +212,7 @@ pub fn roi_align(
         u64,
     );
     let _one_launch = serialised();
-    let f = symbol::<F>(b"emu_roi_align");
+    let f = symbol::<F>(cuda(), b"emu_roi_align");
     let (f16, ptr) = input.raw();
     // SAFETY: the caller sized `output` for the params' roi × channel × bin count and `input`
     // and `rois` for theirs.
@@ -200,6 +225,33 @@ pub fn roi_align(
             params.as_ptr(),
             gx,
             bx,
+            seed,
+        )
+    }
+}
+
+/// `roi_align_*` of `kernels/roi_align.metal` over `threads` emulated threads.
+pub fn metal_roi_align(
+    input: &Values,
+    rois: &[f32],
+    output: *mut c_void,
+    params: &[u32; 10],
+    threads: u32,
+    seed: u64,
+) {
+    type F =
+        unsafe extern "C" fn(i32, *const c_void, *const f32, *mut c_void, *const u32, u32, u64);
+    let f = symbol::<F>(metal(), b"emu_metal_roi_align");
+    let (f16, ptr) = input.raw();
+    // SAFETY: as for `roi_align`; threads past the output count must return without writing.
+    unsafe {
+        f(
+            f16,
+            ptr,
+            rois.as_ptr(),
+            output,
+            params.as_ptr(),
+            threads,
             seed,
         )
     }

@@ -1,6 +1,6 @@
 // Plain C++ stand-ins for the CUDA dialect kernels/*.cu use, so the unit tests can compile the
 // kernels unchanged with the host compiler and run them against their Rust twins (see
-// src/model/cuda_emu.rs). launch.cpp sets the "registers" before each emulated thread runs.
+// src/model/cuda_emu.rs). cuda_launch.cpp sets the "registers" before each emulated thread runs.
 #pragma once
 #include <math.h>
 #include <stdint.h>
