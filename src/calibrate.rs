@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::{Device, DeviceLocation};
 use serde::{Deserialize, Serialize};
 
 use crate::bench::percentile;
@@ -15,18 +16,37 @@ use crate::pipeline::{BudgetController, CostModel};
 /// Share of the budget the chosen settings may use at p99 (as the pipeline plans).
 const PROFILE_HEADROOM: f64 = 0.9;
 
-/// A name for this device and thread count, used as the profile's file name.
-pub fn device_name(threads: usize) -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    let slug: String = cpu
+/// A name for the device the model runs on, used as the profile's file name: the CPU model and
+/// thread count on the CPU, the GPU's name on a GPU (where the CPU hardly matters).
+pub fn device_name(device: &Device, threads: usize) -> String {
+    match crate::device::gpu_name(device) {
+        Some(gpu) => {
+            let backend = if device.is_cuda() { "cuda" } else { "metal" };
+            format!("{backend}-{}", slug(&gpu))
+        }
+        None if device.is_cpu() => {
+            let cpu = std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("model name"))
+                        .and_then(|l| l.split(':').nth(1))
+                        .map(str::to_string)
+                })
+                .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+            format!("cpu-{}-{threads}t", slug(&cpu))
+        }
+        // A GPU whose driver gives no name.
+        None => match device.location() {
+            DeviceLocation::Cuda { gpu_id } => format!("cuda{gpu_id}"),
+            _ => "metal".to_string(),
+        },
+    }
+}
+
+/// Lower-case ASCII words joined by single dashes.
+fn slug(name: &str) -> String {
+    let dashed: String = name
         .trim()
         .chars()
         .map(|c| {
@@ -37,12 +57,11 @@ pub fn device_name(threads: usize) -> String {
             }
         })
         .collect();
-    let slug = slug
+    dashed
         .split('-')
         .filter(|s| !s.is_empty())
         .collect::<Vec<_>>()
-        .join("-");
-    format!("cpu-{slug}-{threads}t")
+        .join("-")
 }
 
 /// Costs measured at one ladder size.
@@ -110,9 +129,9 @@ impl Profile {
         })
     }
 
-    /// The default profile location for this device.
-    pub fn default_path(threads: usize) -> PathBuf {
-        PathBuf::from("calibration").join(format!("{}.toml", device_name(threads)))
+    /// The default profile location for `device`.
+    pub fn default_path(device: &Device, threads: usize) -> PathBuf {
+        PathBuf::from("calibration").join(format!("{}.toml", device_name(device, threads)))
     }
 }
 
@@ -204,4 +223,36 @@ pub fn calibrate(
         safety: (m.fixed_p99_ms / m.fixed_median_ms).max(1.0),
     };
     Ok((measured, level, max_masks, costs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_file_name_safe_slugs() {
+        assert_eq!(
+            slug("  NVIDIA GeForce RTX 4090 "),
+            "nvidia-geforce-rtx-4090"
+        );
+        assert_eq!(
+            slug("AMD EPYC 7B13 64-Core Processor"),
+            "amd-epyc-7b13-64-core-processor"
+        );
+        assert_eq!(slug("Apple M3 (Pro)"), "apple-m3-pro");
+    }
+
+    #[test]
+    fn cpu_profiles_name_the_cpu_and_thread_count() {
+        let name = device_name(&Device::Cpu, 2);
+        assert!(name.starts_with("cpu-") && name.ends_with("-2t"), "{name}");
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+            "{name}"
+        );
+        assert_eq!(
+            Profile::default_path(&Device::Cpu, 2),
+            Path::new("calibration").join(format!("{name}.toml"))
+        );
+    }
 }

@@ -178,6 +178,21 @@ pub fn compute_dtype(location: DeviceLocation) -> DType {
     }
 }
 
+/// The GPU's own name (e.g. "Orin", "NVIDIA GeForce RTX 4090", "Apple M3"); `None` on the CPU
+/// or where the driver does not say.
+pub fn gpu_name(device: &Device) -> Option<String> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => d.cuda_stream().context().name().ok(),
+        #[cfg(feature = "metal")]
+        Device::Metal(d) => {
+            use objc2_metal::MTLDevice;
+            Some(d.metal_device().as_ref().name().to_string())
+        }
+        _ => None,
+    }
+}
+
 /// Device memory in MiB, where the backend can say.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct DeviceMemory {

@@ -435,7 +435,7 @@ fn stream(
         let path = outputs
             .profile
             .clone()
-            .unwrap_or_else(|| Profile::default_path(threads));
+            .unwrap_or_else(|| Profile::default_path(model.device(), threads));
         if path.exists() || outputs.profile.is_some() {
             let profile = Profile::load(&path)?;
             let sha = drape::weights::sha256_file(&model_args.weights)?;
@@ -572,7 +572,7 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
         drape::calibrate::calibrate(&model, &frames, args.budget_ms, args.runs, || bar.inc(1))?;
     bar.finish_and_clear();
     let profile = Profile {
-        device: drape::calibrate::device_name(threads),
+        device: drape::calibrate::device_name(model.device(), threads),
         threads,
         model_sha256: drape::weights::sha256_file(&args.model.weights)?,
         budget_ms: args.budget_ms,
@@ -584,7 +584,9 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
         transforms: args.source.transforms(),
         measured,
     };
-    let path = args.out.unwrap_or_else(|| Profile::default_path(threads));
+    let path = args
+        .out
+        .unwrap_or_else(|| Profile::default_path(model.device(), threads));
     profile.save(&path)?;
     println!(
         "{}: input {}/{} with up to {} masks fits {} ms at p99 ({} size fixed p99 {:.0} ms); wrote {}",
