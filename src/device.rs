@@ -5,10 +5,11 @@
 //! Precision: the CPU path is the f32 reference. On CUDA and Metal the weights and every
 //! activation stay f16 (convs, matmuls, RoIAlign's output); what needs f32 is done in f32:
 //! RoIAlign accumulates its bilinear samples in f32, cuBLAS accumulates f16 GEMMs in f32 (candle's
-//! default; convs are im2col + GEMM), and the logits leave the device as f32 for softmax,
-//! sigmoid, box decoding, top-k and NMS, which run on the host as on CPU. Boxes stay f32
-//! throughout. One exception: with the `cudnn` feature candle asks cuDNN for f16 accumulation
-//! in convs.
+//! default; convs are im2col + GEMM), the RPN's top-n ranks the f16 logits widened to f32 on the
+//! device, the mask logits are widened before their bias, sigmoid and paste, and the class and
+//! box logits leave the device as f32 for softmax, box decoding and NMS, which run on the host as
+//! on CPU (their inputs are a few thousand boxes). Boxes stay f32 throughout. One exception: with
+//! the `cudnn` feature candle asks cuDNN for f16 accumulation in convs.
 
 use std::fmt;
 use std::str::FromStr;
