@@ -29,6 +29,8 @@ pub mod pipeline;
 pub mod postprocess;
 pub mod stream;
 pub mod synthetic;
+#[cfg(test)]
+mod test_rng;
 pub mod weights;
 
 pub use config::Config;

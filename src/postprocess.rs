@@ -518,6 +518,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_rng::TestRng;
 
     #[test]
     fn rle_is_column_major_and_starts_with_zeros() {
@@ -534,11 +535,8 @@ mod tests {
     #[test]
     fn region_encoding_matches_the_full_canvas() {
         let (h, w) = (7, 9);
-        let mut state = 12345u32;
-        let mut bit = || {
-            state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
-            ((state >> 16) & 1) as u8
-        };
+        let mut rng = TestRng::new(3);
+        let mut bit = || (rng.unit() < 0.5) as u8;
         let rects = [
             (0, 0, 9, 7),
             (2, 1, 5, 6),
@@ -563,11 +561,8 @@ mod tests {
 
     #[test]
     fn the_cuda_kernel_pastes_what_the_cpu_does() {
-        let mut state = 0x1234_5678_u32;
-        let mut unit = move || {
-            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (state >> 8) as f32 / (1 << 24) as f32
-        };
+        let mut rng = TestRng::new(4);
+        let mut unit = || rng.unit();
         for (seed, (resized, original)) in [
             ((40, 60), (40, 60)),
             ((480, 640), (720, 960)),

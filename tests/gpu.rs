@@ -31,17 +31,6 @@ fn cuda() -> Device {
         .unwrap_or_else(|e| panic!("these tests need a CUDA GPU: {e}"))
 }
 
-/// A fixed LCG in [0, 1).
-fn uniform(n: usize, seed: u32) -> Vec<f32> {
-    let mut state = seed;
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (state >> 8) as f32 / (1 << 24) as f32
-        })
-        .collect()
-}
-
 fn f16_rounded(t: &Tensor) -> Tensor {
     t.to_dtype(DType::F16)
         .unwrap()
@@ -53,10 +42,7 @@ fn f16_rounded(t: &Tensor) -> Tensor {
 fn top_n_matches_the_cpu() {
     let gpu = cuda();
     // P2's anchor count at 800x1067, logits over several binades.
-    let values: Vec<f32> = uniform(160_800, 7)
-        .iter()
-        .map(|v| v * 30.0 - 20.0)
-        .collect();
+    let values: Vec<f32> = noise(160_800, 7).iter().map(|v| v * 30.0 - 20.0).collect();
     let cpu = Tensor::from_vec(values, 160_800, &Device::Cpu).unwrap();
     for n in [1, 1000, 2000, 160_800] {
         let want = top_n(&cpu, n).unwrap();
@@ -73,8 +59,7 @@ fn top_n_matches_the_cpu() {
 fn roi_align_matches_the_cpu() {
     let gpu = cuda();
     let (c, h, w) = (8, 50, 61);
-    let features =
-        Tensor::from_vec(uniform(2 * c * h * w, 11), (2, c, h, w), &Device::Cpu).unwrap();
+    let features = Tensor::from_vec(noise(2 * c * h * w, 11), (2, c, h, w), &Device::Cpu).unwrap();
     // Inside, across every edge, degenerate, and on the second image.
     let rois: Vec<f32> = vec![
         0.0, 10.0, 12.0, 180.0, 150.0, //
@@ -110,7 +95,7 @@ fn roi_align_matches_the_cpu() {
 #[test]
 fn paste_matches_the_cpu() {
     let gpu = cuda();
-    let raw = uniform(400, 5);
+    let raw = noise(400, 5);
     let detections: Vec<Detection> = (0..100)
         .map(|i| {
             // Some boxes run off the frame's edges.
@@ -128,7 +113,7 @@ fn paste_matches_the_cpu() {
         })
         .collect();
     let probs = Tensor::from_vec(
-        uniform(100 * MASK_SIZE * MASK_SIZE, 3),
+        noise(100 * MASK_SIZE * MASK_SIZE, 3),
         (100, MASK_SIZE, MASK_SIZE),
         &Device::Cpu,
     )

@@ -24,19 +24,6 @@ use drape::postprocess::Paster;
 #[global_allocator]
 static GLOBAL: CountingAlloc<std::alloc::System> = CountingAlloc(std::alloc::System);
 
-/// Deterministic pseudo-random floats in [0, 1).
-fn noise(n: usize, seed: u32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(2654435761) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x >> 8) as f32 / (1u32 << 24) as f32
-        })
-        .collect()
-}
-
 #[test]
 fn steady_state_host_stages_do_not_allocate() {
     let model = common::tiny_model();
@@ -50,14 +37,14 @@ fn steady_state_host_stages_do_not_allocate() {
     let (mut scratch, mut input) = (ResizeScratch::default(), Vec::new());
 
     // A camera's YUYV buffer for the conversion path.
-    let yuyv: Vec<u8> = noise(320 * 240 * 2, 7)
+    let yuyv: Vec<u8> = common::noise(320 * 240 * 2, 7)
         .iter()
         .map(|v| (v * 255.0) as u8)
         .collect();
     let mut rgb = vec![0u8; 320 * 240 * 3];
 
     // RPN-sized NMS input and a full set of detections with mask probabilities.
-    let raw = noise(1000 * 5, 11);
+    let raw = common::noise(1000 * 5, 11);
     let mut candidates = Candidates::default();
     let detections: Vec<Detection> = (0..100)
         .map(|i| {
@@ -75,7 +62,7 @@ fn steady_state_host_stages_do_not_allocate() {
         })
         .collect();
     let probs = Tensor::from_vec(
-        noise(100 * MASK_SIZE * MASK_SIZE, 13),
+        common::noise(100 * MASK_SIZE * MASK_SIZE, 13),
         (100, MASK_SIZE, MASK_SIZE),
         &Device::Cpu,
     )

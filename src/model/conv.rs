@@ -335,16 +335,10 @@ impl CustomOp2 for FusedConv {
 mod tests {
     use super::*;
 
+    /// Uniform in [-1, 1).
     fn noise(n: usize, seed: u32) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(2654435761) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-            })
-            .collect()
+        let mut rng = crate::test_rng::TestRng::new(seed);
+        (0..n).map(|_| rng.unit() * 2.0 - 1.0).collect()
     }
 
     #[test]

@@ -481,11 +481,8 @@ mod tests {
         use crate::model::kernel_emu::{self, Values};
         use half::f16;
 
-        let mut state = 0x0bad_cafe_u32;
-        let mut unit = move || {
-            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (state >> 8) as f32 / (1 << 24) as f32
-        };
+        let mut rng = crate::test_rng::TestRng::new(5);
+        let mut unit = || rng.unit();
         let (n, c, h, w) = (2, 3, 13, 17);
         let features: Vec<f32> = (0..n * c * h * w).map(|_| unit() * 4.0 - 2.0).collect();
         let halves: Vec<f16> = features.iter().map(|&v| f16::from_f32(v)).collect();

@@ -315,6 +315,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_rng::TestRng;
 
     /// The reference: a full sort by value, ties by index.
     fn sorted_top(values: &[f32], n: usize) -> TopN {
@@ -363,14 +364,9 @@ mod tests {
 
     #[test]
     fn matches_a_full_sort() {
-        // A fixed LCG: logits spread over several binades, both signs.
-        let mut state = 0x2545_f491_u32;
-        let values: Vec<f32> = (0..50_000)
-            .map(|_| {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (state >> 8) as f32 / (1 << 24) as f32 * 40.0 - 25.0
-            })
-            .collect();
+        // Logits spread over several binades, both signs.
+        let mut rng = TestRng::new(1);
+        let values: Vec<f32> = (0..50_000).map(|_| rng.unit() * 40.0 - 25.0).collect();
         for n in [1, 7, 1000, 2000, 49_999, 50_000, 60_000] {
             check(values.clone(), n);
         }
@@ -393,14 +389,12 @@ mod tests {
         use super::super::kernel_emu::{self, Values};
         use half::f16;
 
-        let mut state = 0x9e37_79b9_u32;
-        let mut next = move || {
-            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            state >> 8
-        };
+        let mut rng = TestRng::new(2);
         // Spread values; then a few distinct ones, so thresholds are shared and ties decide.
-        let spread: Vec<f32> = (0..300_000).map(|_| next() as f32 / 1e5 - 80.0).collect();
-        let few: Vec<f32> = (0..20_000).map(|_| (next() % 7) as f32 - 3.0).collect();
+        let spread: Vec<f32> = (0..300_000).map(|_| rng.unit() * 168.0 - 80.0).collect();
+        let few: Vec<f32> = (0..20_000)
+            .map(|_| (rng.unit() * 7.0).floor() - 3.0)
+            .collect();
         for (seed, raw) in [&spread[..1], &spread[..300], &spread[..], &few[..]]
             .into_iter()
             .enumerate()

@@ -23,6 +23,19 @@ pub fn tiny_model() -> drape::MaskRcnn {
     .unwrap()
 }
 
+/// Deterministic pseudo-random floats in [0, 1).
+pub fn noise(n: usize, seed: u32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(2654435761) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 8) as f32 / (1u32 << 24) as f32
+        })
+        .collect()
+}
+
 /// One of the fixture photos, as RGB.
 pub fn fixture_image(name: &str) -> image::RgbImage {
     drape::image_io::load_rgb(fixtures().join("images").join(format!("{name}.png"))).unwrap()
