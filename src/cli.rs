@@ -44,6 +44,12 @@ impl ModelArgs {
 
     /// Loads the model on `device` (a CPU reference beside a GPU run, say).
     pub fn load_on(&self, device: &Device) -> Result<MaskRcnn> {
+        for (flag, v) in [("--min-size", self.min_size), ("--max-size", self.max_size)] {
+            let max = crate::config::MAX_INPUT_SIDE;
+            if v.is_some_and(|v| v == 0 || v > max) {
+                bail!("{flag} {} must lie in 1..={max}", v.unwrap_or_default());
+            }
+        }
         if let Some(t) = self.score_thresh {
             if !(0.0..=1.0).contains(&t) {
                 bail!("--score-thresh {t} must lie in [0, 1]");

@@ -424,6 +424,20 @@ fn stream(
     if !(budget_ms.is_finite() && budget_ms > 0.0) {
         bail!("--budget-ms must be positive");
     }
+    if let Some(fps) = source_args.fps {
+        drape::capture::check_fps(fps).map_err(|e| anyhow::anyhow!("--fps: {e}"))?;
+    }
+    let duration = outputs
+        .duration
+        .map(|d| {
+            Duration::try_from_secs_f64(d).map_err(|_| {
+                anyhow::anyhow!("--duration {d}: expected a finite number of seconds, at least 0")
+            })
+        })
+        .transpose()?;
+    if outputs.max_clients == 0 {
+        bail!("--max-clients must be at least 1");
+    }
     let model = model_args.load()?;
     let spec = source_args.spec();
     let source = drape::capture::open(&spec).with_context(|| format!("opening {}", spec.source))?;
@@ -509,7 +523,7 @@ fn stream(
     }
     let options = PipelineOptions {
         budget_ms,
-        duration: outputs.duration.map(Duration::from_secs_f64),
+        duration,
         slow_stage: None,
         rle: outputs.rle,
     };
