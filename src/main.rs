@@ -18,13 +18,17 @@ use drape::cli::ModelArgs;
 use drape::output::RleFormat;
 use drape::pipeline::{self, BudgetController, JsonLines, PipelineOptions, Sink};
 use drape::stream::http::{HttpOptions, HttpServer};
-use drape::stream::unix::UnixServer;
+use drape::stream::jsonl::{JsonlFile, RotatePolicy, SinkHealth};
+use drape::stream::unix::{UnixOptions, UnixServer};
 use drape::stream::{labels_by_id, Hub, HubSink};
 use drape::{image_io, output, overlay};
 
 // candle allocates a fresh buffer per tensor op; glibc malloc returns large ones to the kernel
 // and faults them back in every time, mimalloc keeps them (5x on large elementwise ops here).
 // Counted, so `drape bench` can report the model's allocations per frame.
+/// Where `--http-token` is read from when the flag and the config file do not give it.
+const HTTP_TOKEN_ENV: &str = "DRAPE_HTTP_TOKEN";
+
 #[global_allocator]
 static GLOBAL: CountingAlloc<mimalloc::MiMalloc> = CountingAlloc(mimalloc::MiMalloc);
 
@@ -159,12 +163,36 @@ struct OutputArgs {
     /// Also stream JSON lines to clients of this Unix socket.
     #[arg(long)]
     unix: Option<PathBuf>,
+    /// Permission bits of the --unix socket, in octal.
+    #[arg(long, default_value = "660", value_parser = parse_mode)]
+    unix_mode: u32,
+    /// Clients of the --unix socket served at once; more are closed on connect.
+    #[arg(long, default_value_t = 8)]
+    unix_max_clients: usize,
     /// Streaming HTTP clients served at once; more get 503.
     #[arg(long, default_value_t = 8)]
     max_clients: usize,
+    /// HTTP connections of any kind served at once; more get 503 and are closed.
+    #[arg(long, default_value_t = 32)]
+    http_max_connections: usize,
+    /// Bearer token every HTTP route but /healthz requires; mandatory when --http is not a
+    /// loopback address. Prefer `http-token` in the --config file or DRAPE_HTTP_TOKEN: a
+    /// command line is visible to every user of the machine.
+    #[arg(long)]
+    http_token: Option<String>,
+    /// A host name the HTTP server answers to on a non-loopback address, besides IP addresses
+    /// and localhost (repeatable), e.g. mirror-12.local.
+    #[arg(long)]
+    http_allowed_host: Vec<String>,
     /// Stop after this many seconds.
     #[arg(long)]
     duration: Option<f64>,
+    /// Rotate the --jsonl file once it would grow past this many bytes (0: never rotate).
+    #[arg(long, default_value_t = 64 << 20)]
+    jsonl_max_bytes: u64,
+    /// Rotated --jsonl files kept (`out.jsonl.1` is the newest).
+    #[arg(long, default_value_t = 4)]
+    jsonl_keep: usize,
     /// Calibration profile to seed the cost model (default: calibration/<device>.toml if present).
     #[arg(long)]
     profile: Option<PathBuf>,
@@ -435,8 +463,8 @@ fn stream(
             })
         })
         .transpose()?;
-    if outputs.max_clients == 0 {
-        bail!("--max-clients must be at least 1");
+    if outputs.max_clients == 0 || outputs.unix_max_clients == 0 {
+        bail!("--max-clients and --unix-max-clients must be at least 1");
     }
     let model = model_args.load()?;
     let spec = source_args.spec();
@@ -468,23 +496,34 @@ fn stream(
         }
     }
 
+    let hub = Hub::new();
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(path) = jsonl {
-        let writer: Box<dyn Write> = if path == Path::new("-") {
-            Box::new(std::io::stdout().lock())
+        if path == Path::new("-") {
+            sinks.push(Box::new(JsonLines(std::io::stdout().lock())));
         } else {
-            Box::new(std::io::BufWriter::new(
-                std::fs::File::create(&path)
-                    .with_context(|| format!("creating {}", path.display()))?,
-            ))
-        };
-        sinks.push(Box::new(JsonLines(writer)));
+            let health = SinkHealth::new("jsonl");
+            let rotation = RotatePolicy {
+                max_bytes: (outputs.jsonl_max_bytes > 0).then_some(outputs.jsonl_max_bytes),
+                keep: outputs.jsonl_keep,
+            };
+            let file = JsonlFile::open(&path, rotation, Arc::clone(&health))
+                .with_context(|| format!("opening --jsonl {}", path.display()))?;
+            hub.watch_sink(health);
+            sinks.push(Box::new(file));
+        }
     }
-    let hub = Hub::new();
     let _unix = match &outputs.unix {
         Some(path) => Some(
-            UnixServer::bind(path, Arc::clone(&hub))
-                .with_context(|| format!("listening on {}", path.display()))?,
+            UnixServer::bind(
+                path,
+                Arc::clone(&hub),
+                UnixOptions {
+                    mode: outputs.unix_mode,
+                    max_clients: outputs.unix_max_clients,
+                },
+            )
+            .with_context(|| format!("listening on {}", path.display()))?,
         ),
         None => None,
     };
@@ -492,6 +531,12 @@ fn stream(
         Some(addr) => {
             let options = HttpOptions {
                 max_clients: outputs.max_clients,
+                max_connections: outputs.http_max_connections,
+                token: outputs
+                    .http_token
+                    .clone()
+                    .or_else(|| std::env::var(HTTP_TOKEN_ENV).ok()),
+                allowed_hosts: outputs.http_allowed_host.clone(),
                 ..HttpOptions::default()
             };
             let server = HttpServer::bind(addr, Arc::clone(&hub), options)
@@ -530,6 +575,14 @@ fn stream(
     let summary = pipeline::run(&model, source, controller, &mut sinks, &options, &stop)?;
     print_summary(&summary);
     Ok(())
+}
+
+/// `--unix-mode`: octal permission bits, at most 0777.
+fn parse_mode(s: &str) -> std::result::Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("`{s}` is not an octal mode such as 660"))
 }
 
 fn print_summary(s: &drape::pipeline::Summary) {

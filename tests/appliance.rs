@@ -4,7 +4,10 @@
 
 mod common;
 
-use std::io;
+use std::io::{self, BufRead, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -14,6 +17,10 @@ use drape::capture::{
     PixelFormat, RawBuffer, ReconnectPolicy, StreamFormat,
 };
 use drape::pipeline::{self, BudgetController, Emitted, PipelineOptions, Sink};
+use drape::stream::http::{AcceptBackoff, HttpOptions, HttpServer};
+use drape::stream::jsonl::{JsonlFile, RotatePolicy, SinkHealth};
+use drape::stream::unix::{UnixOptions, UnixServer};
+use drape::stream::Hub;
 use drape::Error;
 
 /// Generous: only a hung run takes this long.
@@ -51,6 +58,9 @@ struct Scripted {
     frames: usize,
     after: After,
     delivered: usize,
+    /// When set, frame `i` is delivered only once this many (`i`) frames were processed, so
+    /// no frame is superseded however slow the machine is.
+    gate: Option<Arc<AtomicUsize>>,
 }
 
 #[derive(Clone, Copy)]
@@ -59,16 +69,30 @@ enum After {
     Panic,
     /// Keep delivering frames the model rejects (0x0), forever.
     Unusable,
+    /// End the stream, as a recording does.
+    End,
 }
 
 impl FrameSource for Scripted {
     fn next_frame(&mut self, frame: &mut Frame) -> Result<(), CaptureError> {
         // Paced a little so the loop sees frames one by one; not a timing assumption.
         std::thread::sleep(Duration::from_millis(2));
+        if let (Some(gate), true) = (&self.gate, self.delivered < self.frames) {
+            let waiting = Instant::now();
+            while gate.load(Ordering::Relaxed) < self.delivered {
+                assert!(
+                    waiting.elapsed() < HANG,
+                    "frame {} never processed",
+                    self.delivered
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         if self.delivered >= self.frames {
             match self.after {
                 After::Panic => panic!("decoder bug"),
                 After::Unusable => frame.resize(0, 0),
+                After::End => return Err(CaptureError::EndOfStream),
             }
         } else {
             frame.resize(32, 32);
@@ -95,9 +119,16 @@ impl FrameSource for Scripted {
 }
 
 fn run_scripted(source: Scripted) -> drape::Result<pipeline::Summary> {
+    run_scripted_into(source, vec![Box::new(Discard)])
+}
+
+fn run_scripted_into(
+    source: Scripted,
+    mut sinks: Vec<Box<dyn Sink + Send>>,
+) -> drape::Result<pipeline::Summary> {
     bounded(move || {
         let model = common::tiny_model();
-        let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(Discard)];
+        let mut sinks: Vec<Box<dyn Sink>> = sinks.drain(..).map(|s| s as Box<dyn Sink>).collect();
         pipeline::run(
             &model,
             Box::new(source),
@@ -115,6 +146,7 @@ fn a_panicking_capture_thread_ends_the_run_with_a_named_error() {
         frames: 2,
         after: After::Panic,
         delivered: 0,
+        gate: None,
     })
     .unwrap_err();
     assert!(
@@ -129,6 +161,7 @@ fn an_early_error_in_the_run_loop_stops_a_source_that_never_ends() {
         frames: 1,
         after: After::Unusable,
         delivered: 0,
+        gate: None,
     })
     .unwrap_err();
     assert!(err.to_string().contains("does not hold a 0x0"), "{err}");
@@ -359,4 +392,472 @@ fn bad_flags_are_refused_naming_the_flag() {
         assert!(stderr.contains(flag), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+}
+
+/// `n` frames, each delivered once the previous one was processed, and the sink that counts
+/// them (it must be among the run's sinks).
+fn frames(n: usize) -> (Scripted, Box<Count>) {
+    let processed = Arc::new(AtomicUsize::new(0));
+    let source = Scripted {
+        frames: n,
+        after: After::End,
+        delivered: 0,
+        gate: Some(Arc::clone(&processed)),
+    };
+    (source, Box::new(Count(processed)))
+}
+
+/// Counts the frames it is given.
+struct Count(Arc<AtomicUsize>);
+
+impl Sink for Count {
+    fn frame(&mut self, _: &Emitted<'_>) -> io::Result<()> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn no_rotation() -> RotatePolicy {
+    RotatePolicy {
+        max_bytes: None,
+        keep: 0,
+    }
+}
+
+#[test]
+fn a_restart_appends_to_the_jsonl_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.jsonl");
+    for _ in 0..2 {
+        let sink = JsonlFile::open(&path, no_rotation(), SinkHealth::new("jsonl")).unwrap();
+        let (source, count) = frames(3);
+        run_scripted_into(source, vec![Box::new(sink), count]).unwrap();
+    }
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.lines().count(), 6, "{text}");
+    for line in text.lines() {
+        serde_json::from_str::<serde_json::Value>(line).unwrap();
+    }
+}
+
+#[test]
+fn the_jsonl_file_rotates_by_size_and_keeps_a_capped_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.jsonl");
+    // Lines are about 700 bytes: a file holds one or two.
+    let policy = RotatePolicy {
+        max_bytes: Some(1500),
+        keep: 2,
+    };
+    let sink = JsonlFile::open(&path, policy, SinkHealth::new("jsonl")).unwrap();
+    let (source, count) = frames(12);
+    run_scripted_into(source, vec![Box::new(sink), count]).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["out.jsonl", "out.jsonl.1", "out.jsonl.2"]);
+    for name in &names {
+        let text = std::fs::read_to_string(dir.path().join(name)).unwrap();
+        assert!(text.len() <= 1500, "{name}: {} bytes", text.len());
+        assert!(text.ends_with('\n'), "{name} ends in a whole line");
+    }
+}
+
+#[test]
+fn a_full_disk_disables_the_jsonl_sink_alone() {
+    let health = SinkHealth::new("jsonl");
+    let hub = Hub::new();
+    hub.watch_sink(Arc::clone(&health));
+    let sink = JsonlFile::open(Path::new("/dev/full"), no_rotation(), Arc::clone(&health)).unwrap();
+    let (source, count) = frames(5);
+    let summary = run_scripted_into(source, vec![Box::new(sink), count]).unwrap();
+    assert_eq!(
+        summary.counters.processed, 5,
+        "the other sinks got every frame"
+    );
+    assert!(health.failing());
+    assert!(health.errors() >= 1);
+    let metrics = hub
+        .metrics
+        .render(&drape::stream::http::output_stats(&hub, 0, 0));
+    assert!(
+        metrics.contains(&format!(
+            "drape_sink_errors_total{{sink=\"jsonl\"}} {}",
+            health.errors()
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("drape_sink_up{sink=\"jsonl\"} 0"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn the_unix_socket_has_an_explicit_mode_a_client_cap_and_keeps_a_live_instance() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("drape.sock");
+    let first = UnixServer::bind(
+        &path,
+        Hub::new(),
+        UnixOptions {
+            mode: 0o640,
+            max_clients: 1,
+        },
+    )
+    .unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640);
+
+    // A second instance must not take the socket from the live first one.
+    let err = UnixServer::bind(&path, Hub::new(), UnixOptions::default())
+        .err()
+        .unwrap();
+    assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
+    assert!(path.exists());
+
+    // One client is served; the next is closed at once (EOF, not a hang).
+    let _served = UnixStream::connect(&path).unwrap();
+    let mut refused = UnixStream::connect(&path).unwrap();
+    refused.set_read_timeout(Some(HANG)).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(refused.read(&mut buf).unwrap(), 0);
+
+    // A stale socket (its listener gone) is replaced.
+    drop(first);
+    let stale = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    drop(stale);
+    UnixServer::bind(&path, Hub::new(), UnixOptions::default()).unwrap();
+}
+
+fn http_server(addr: &str, hub: Arc<Hub>, options: HttpOptions) -> HttpServer {
+    HttpServer::bind(addr, hub, options).unwrap()
+}
+
+/// Sends `request` and returns the status code and the whole response.
+fn http_get(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(HANG)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+#[test]
+fn slowloris_clients_are_cut_at_the_head_deadline() {
+    let server = http_server(
+        "127.0.0.1:0",
+        Hub::new(),
+        HttpOptions {
+            max_connections: 64,
+            head_deadline: Duration::from_millis(300),
+            ..HttpOptions::default()
+        },
+    );
+    let addr = server.local_addr();
+    // Each client trickles a header byte every 20 ms, far inside any per-read timeout; a whole
+    // head would take 400 of them. Only the deadline for the whole head can end them early.
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(b"GET / HTTP/1.1\r\nX-Slow: ").unwrap();
+                for sent in 0..400 {
+                    if s.write_all(b"a").is_err() {
+                        return Some(sent);
+                    }
+                    s.set_nonblocking(true).unwrap();
+                    let mut buf = [0u8; 64];
+                    let read = s.read(&mut buf);
+                    s.set_nonblocking(false).unwrap();
+                    match read {
+                        Ok(n) if n > 0 => {
+                            assert!(buf.starts_with(b"HTTP/1.1 408"));
+                            return Some(sent);
+                        }
+                        Ok(_) => return Some(sent),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return Some(sent),
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                None
+            })
+        })
+        .collect();
+    for c in clients {
+        assert!(
+            c.join().unwrap().is_some(),
+            "a trickling client was never cut"
+        );
+    }
+    // And the server still answers.
+    assert_eq!(http_get(addr, "GET /healthz HTTP/1.1\r\n\r\n").0, 200);
+}
+
+#[test]
+fn connections_over_the_cap_get_503_at_once() {
+    let server = http_server(
+        "127.0.0.1:0",
+        Hub::new(),
+        HttpOptions {
+            max_connections: 2,
+            head_deadline: HANG,
+            ..HttpOptions::default()
+        },
+    );
+    let addr = server.local_addr();
+    // Two idle connections hold both places (the acceptor takes connections in order, so both
+    // are counted before the third is looked at).
+    let _idle: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let mut third = TcpStream::connect(addr).unwrap();
+    third.set_read_timeout(Some(HANG)).unwrap();
+    let mut text = String::new();
+    third.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("limit 2"), "{text}");
+}
+
+#[test]
+fn a_lan_bind_needs_a_token_and_a_host_that_cannot_be_rebound() {
+    let err = HttpServer::bind("0.0.0.0:0", Hub::new(), HttpOptions::default())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("--http-token"), "{err}");
+
+    let hub = Hub::new();
+    hub.jpeg.publish(Arc::new(vec![0xFF, 0xD8, 0xFF, 0xD9]));
+    let server = http_server(
+        "0.0.0.0:0",
+        hub,
+        HttpOptions {
+            token: Some("s3cret".into()),
+            allowed_hosts: vec!["mirror-12.local".into()],
+            ..HttpOptions::default()
+        },
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], server.local_addr().port()));
+    let host = format!("127.0.0.1:{}", addr.port());
+    let bearer = "Authorization: Bearer s3cret\r\n";
+    // (request, expected status, text the response must contain)
+    let cases = [
+        (
+            format!("GET /frame.jpg HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+            401,
+            "token",
+        ),
+        (
+            format!(
+                "GET /frame.jpg HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer nope\r\n\r\n"
+            ),
+            401,
+            "token",
+        ),
+        (
+            format!("GET /frame.jpg HTTP/1.1\r\nHost: {host}\r\n{bearer}\r\n"),
+            200,
+            "image/jpeg",
+        ),
+        (
+            format!("GET /frame.jpg HTTP/1.1\r\nHost: attacker.example\r\n{bearer}\r\n"),
+            403,
+            "attacker.example",
+        ),
+        (
+            format!("GET /frame.jpg HTTP/1.1\r\n{bearer}\r\n"),
+            403,
+            "not served",
+        ),
+        (
+            format!("GET /frame.jpg HTTP/1.1\r\nHost: mirror-12.local:8080\r\n{bearer}\r\n"),
+            200,
+            "image/jpeg",
+        ),
+        (
+            format!("GET /frame.jpg HTTP/1.1\r\nHost: [::1]:8080\r\n{bearer}\r\n"),
+            200,
+            "image/jpeg",
+        ),
+        (
+            format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+            200,
+            "status",
+        ),
+        (
+            format!("GET /?token=s3cret HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+            200,
+            "Set-Cookie: drape_token=s3cret",
+        ),
+        (
+            format!(
+                "GET /metrics HTTP/1.1\r\nHost: {host}\r\nCookie: a=b; drape_token=s3cret\r\n\r\n"
+            ),
+            200,
+            "drape_",
+        ),
+    ];
+    for (request, status, needle) in cases {
+        let (got, text) = http_get(addr, &request);
+        assert_eq!(got, status, "{request:?}: {text}");
+        assert!(text.contains(needle), "{request:?}: {text}");
+    }
+}
+
+/// The value of an unlabelled-or-labelled series in a /metrics page.
+fn metric(addr: SocketAddr, series: &str) -> f64 {
+    let (_, text) = http_get(addr, "GET /metrics HTTP/1.1\r\n\r\n");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{series} missing"))
+}
+
+#[test]
+fn mjpeg_clients_get_a_heartbeat_while_no_frames_come() {
+    let hub = Hub::new();
+    let mut jpeg = Vec::new();
+    image::RgbImage::new(8, 8)
+        .write_to(&mut io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+        .unwrap();
+    hub.jpeg.publish(Arc::new(jpeg.clone()));
+    let server = http_server("127.0.0.1:0", hub, HttpOptions::default());
+    let addr = server.local_addr();
+
+    // One frame was ever published, yet parts keep coming: the outage heartbeat.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(HANG)).unwrap();
+    s.write_all(b"GET /stream.mjpg HTTP/1.1\r\n\r\n").unwrap();
+    let mut r = io::BufReader::new(s);
+    let mut parts = 0;
+    let mut line = Vec::new();
+    while parts < 3 {
+        line.clear();
+        assert!(r.read_until(b'\n', &mut line).unwrap() > 0, "stream ended");
+        if line.starts_with(b"--drapeframe") {
+            parts += 1;
+        }
+    }
+    drop(r);
+
+    // A client that went away is found by the next heartbeat and its place freed.
+    let clients = "drape_clients{output=\"http\"}";
+    let start = Instant::now();
+    while metric(addr, clients) > 0.0 {
+        assert!(start.elapsed() < HANG, "the dead client kept its place");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn accept_backoff_doubles_up_to_a_cap_and_logs_once_per_outage() {
+    let mut b = AcceptBackoff::default();
+    let (first, log_first) = b.failed();
+    let (second, log_second) = b.failed();
+    assert!(log_first && !log_second);
+    assert_eq!(second, first * 2);
+    let last = (0..40).map(|_| b.failed().0).last().unwrap();
+    assert_eq!(last, Duration::from_secs(1));
+    b.succeeded();
+    assert!(b.failed().1, "a new outage is logged again");
+}
+
+/// Env var that turns [`emfile_child`] into the child process of the EMFILE test.
+const EMFILE_CHILD: &str = "DRAPE_TEST_EMFILE_CHILD";
+
+/// The child of [`an_acceptor_out_of_descriptors_backs_off_and_recovers`]: serves HTTP with a
+/// small descriptor limit, uses up every descriptor when told, frees them when told again.
+#[test]
+#[ignore = "run as the child process of an_acceptor_out_of_descriptors_backs_off_and_recovers"]
+fn emfile_child() {
+    if std::env::var_os(EMFILE_CHILD).is_none() {
+        return;
+    }
+    tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_ansi(false)
+        .init();
+    let limit = libc::rlimit {
+        rlim_cur: 64,
+        rlim_max: 64,
+    };
+    // SAFETY: setrlimit reads the struct we pass and changes only this process's limit.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    let server = http_server("127.0.0.1:0", Hub::new(), HttpOptions::default());
+    // Markers, not whole lines: the test harness may print on the same line.
+    println!("port={}", server.local_addr().port());
+    let mut stdin = io::stdin().lines();
+    stdin.next();
+    let mut hogs = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        hogs.push(f);
+    }
+    println!("hogging {}", hogs.len());
+    stdin.next();
+    drop(hogs);
+    println!("released");
+    stdin.next();
+    drop(server);
+}
+
+#[test]
+fn an_acceptor_out_of_descriptors_backs_off_and_recovers() {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "emfile_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(EMFILE_CHILD, "1")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to_child = child.stdin.take().unwrap();
+    let mut from_child = io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next_line = |want: &str| loop {
+        let line = from_child.next().expect("child output").unwrap();
+        if let Some(at) = line.find(want) {
+            return line[at + want.len()..].to_string();
+        }
+    };
+    let port: u16 = next_line("port=").trim().parse().unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    writeln!(to_child).unwrap();
+    next_line("hogging");
+    // This connection waits in the backlog while accept() fails with EMFILE.
+    let mut waiting = TcpStream::connect(addr).unwrap();
+    waiting.set_read_timeout(Some(HANG)).unwrap();
+    waiting.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    // Let a few accept attempts fail (the backoff's first waits are 10, 20, 40 ms); how many
+    // does not matter, only that the server survives them.
+    std::thread::sleep(Duration::from_millis(200));
+    writeln!(to_child).unwrap();
+    next_line("released");
+    let mut text = String::new();
+    waiting.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    writeln!(to_child).unwrap();
+    drop(to_child);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stderr.matches("http accept failed").count(),
+        1,
+        "logged once per outage, not once per attempt: {stderr}"
+    );
 }

@@ -70,6 +70,8 @@ pub struct OutputStats {
     pub socket_clients: usize,
     pub socket_dropped: u64,
     pub mjpeg_skipped: u64,
+    /// (name, write errors, failing now) per independently failing sink.
+    pub sinks: Vec<(&'static str, u64, bool)>,
 }
 
 impl Metrics {
@@ -151,6 +153,26 @@ impl Metrics {
             "Preview frames MJPEG clients were too slow for.",
             &[("", outputs.mjpeg_skipped)],
         );
+        let sink_errors: Vec<(String, u64)> = outputs
+            .sinks
+            .iter()
+            .map(|(name, errors, _)| (format!("sink=\"{name}\""), *errors))
+            .collect();
+        let sink_errors: Vec<(&str, u64)> =
+            sink_errors.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        counter(
+            "sink_errors_total",
+            "Failed writes to an output that is retried on its own, by sink.",
+            &sink_errors,
+        );
+        let _ = writeln!(out, "# HELP drape_sink_up Whether an output is writing (0 while it fails and waits to retry).\n# TYPE drape_sink_up gauge");
+        for (name, _, failing) in &outputs.sinks {
+            let _ = writeln!(
+                out,
+                "drape_sink_up{{sink=\"{name}\"}} {}",
+                u8::from(!failing)
+            );
+        }
         let _ = writeln!(out, "# HELP drape_clients Connected streaming clients, by output.\n# TYPE drape_clients gauge");
         let _ = writeln!(
             out,

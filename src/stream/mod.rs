@@ -7,6 +7,7 @@
 //! the newest JPEG and skip what they missed.
 
 pub mod http;
+pub mod jsonl;
 pub mod metrics;
 pub mod unix;
 
@@ -113,15 +114,31 @@ pub struct Hub {
     pub socket: LineFanout,
     pub jpeg: LatestJpeg,
     pub metrics: Metrics,
+    /// Outputs that fail on their own (the JSON Lines file), for `/metrics` and `/healthz`.
+    pub sinks: Mutex<Vec<Arc<jsonl::SinkHealth>>>,
 }
 
 impl Hub {
+    /// Lists `health` in `/metrics` and `/healthz`.
+    pub fn watch_sink(&self, health: Arc<jsonl::SinkHealth>) {
+        lock(&self.sinks).push(health);
+    }
+
+    /// (name, errors so far, failing now) of every watched sink.
+    pub fn sink_states(&self) -> Vec<(&'static str, u64, bool)> {
+        lock(&self.sinks)
+            .iter()
+            .map(|s| (s.name, s.errors(), s.failing()))
+            .collect()
+    }
+
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             events: LineFanout::default(),
             socket: LineFanout::default(),
             jpeg: LatestJpeg::default(),
             metrics: Metrics::default(),
+            sinks: Mutex::default(),
         })
     }
 }
