@@ -567,10 +567,9 @@ fn stream(
             .context("installing signal handlers")?;
     }
     let options = PipelineOptions {
-        budget_ms,
         duration,
-        slow_stage: None,
         rle: outputs.rle,
+        ..PipelineOptions::new(budget_ms)
     };
     let summary = pipeline::run(&model, source, controller, &mut sinks, &options, &stop)?;
     print_summary(&summary);

@@ -36,12 +36,7 @@ fn bounded<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
 }
 
 fn options() -> PipelineOptions {
-    PipelineOptions {
-        budget_ms: 10_000.0,
-        duration: None,
-        slow_stage: None,
-        rle: Default::default(),
-    }
+    PipelineOptions::new(10_000.0)
 }
 
 /// A sink that keeps nothing.
