@@ -15,6 +15,8 @@ use drape::alloc::CountingAlloc;
 use drape::calibrate::{Profile, ProfileTransforms};
 use drape::capture::{Crop, PixelFormat, Rotation, SourceSpec, Transforms};
 use drape::cli::ModelArgs;
+use drape::clock::SystemClock;
+use drape::health::RunStatus;
 use drape::output::RleFormat;
 use drape::pipeline::{self, BudgetController, JsonLines, PipelineOptions, Sink};
 use drape::stream::http::{HttpOptions, HttpServer};
@@ -36,7 +38,9 @@ static GLOBAL: CountingAlloc<mimalloc::MiMalloc> = CountingAlloc(mimalloc::MiMal
 #[command(
     name = "drape",
     version,
-    about = "Mask R-CNN garment segmentation, torchvision-compatible, on candle"
+    about = "Mask R-CNN garment segmentation, torchvision-compatible, on candle",
+    // A flag given twice takes its last value, so the command line overrides --config.
+    args_override_self = true
 )]
 struct Cli {
     /// Log filter, e.g. `info`, `drape=debug` (RUST_LOG wins when set).
@@ -160,6 +164,11 @@ struct RunArgs {
 /// Options every streaming command shares.
 #[derive(clap::Args)]
 struct OutputArgs {
+    /// TOML file of settings for this command: keys are long flag names without the dashes
+    /// (`budget-ms = 150`, `flip = true`, `http-allowed-host = ["a", "b"]`); flags on the
+    /// command line override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Also stream JSON lines to clients of this Unix socket.
     #[arg(long)]
     unix: Option<PathBuf>,
@@ -496,7 +505,9 @@ fn stream(
         }
     }
 
-    let hub = Hub::new();
+    let notifier = drape::service::Notifier::from_env()
+        .with_context(|| format!("${}", drape::service::NOTIFY_SOCKET))?;
+    let hub = Hub::with_status(RunStatus::new(Arc::new(SystemClock), notifier));
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(path) = jsonl {
         if path == Path::new("-") {
@@ -569,6 +580,7 @@ fn stream(
     let options = PipelineOptions {
         duration,
         rle: outputs.rle,
+        status: Some(Arc::clone(&hub.status)),
         ..PipelineOptions::new(budget_ms)
     };
     let summary = pipeline::run(&model, source, controller, &mut sinks, &options, &stop)?;
@@ -695,14 +707,93 @@ fn cameras(json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Subcommands that take `--config`.
+const CONFIGURABLE: [&str; 2] = ["run", "demo"];
+
+/// The command line with the `--config` file's settings inserted right after the subcommand,
+/// so that flags given on the command line come later and win.
+fn with_config_file(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>> {
+    let Some(sub_at) = args
+        .iter()
+        .position(|a| CONFIGURABLE.iter().any(|c| a == *c))
+    else {
+        return Ok(args);
+    };
+    let mut path = None;
+    for (i, a) in args.iter().enumerate().skip(sub_at + 1) {
+        let a = a.to_string_lossy();
+        if let Some(p) = a.strip_prefix("--config=") {
+            path = Some(PathBuf::from(p));
+        } else if a == "--config" {
+            path = args.get(i + 1).map(PathBuf::from);
+        }
+    }
+    let Some(path) = path else {
+        return Ok(args);
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading --config {}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing --config {}", path.display()))?;
+    let subcommand = args[sub_at].to_string_lossy().into_owned();
+    let command = <Cli as clap::CommandFactory>::command();
+    let known: Vec<String> = command
+        .find_subcommand(&subcommand)
+        .into_iter()
+        .flat_map(|c| c.get_arguments())
+        .chain(command.get_arguments())
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect();
+    let mut inserted = Vec::new();
+    for (key, value) in table {
+        if key == "config" || !known.contains(&key) {
+            bail!(
+                "{}: unknown key `{key}`: keys are the long flags of `drape {subcommand}`",
+                path.display()
+            );
+        }
+        let flag = format!("--{key}");
+        let scalar = |v: &toml::Value| -> Result<String> {
+            match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                toml::Value::Integer(i) => Ok(i.to_string()),
+                toml::Value::Float(f) => Ok(f.to_string()),
+                _ => bail!("{}: `{key}` must be a string or a number", path.display()),
+            }
+        };
+        match &value {
+            toml::Value::Boolean(true) => inserted.push(flag.into()),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                for item in items {
+                    inserted.push(format!("{flag}={}", scalar(item)?).into());
+                }
+            }
+            v => inserted.push(format!("{flag}={}", scalar(v)?).into()),
+        }
+    }
+    let mut out = args;
+    out.splice(sub_at + 1..sub_at + 1, inserted);
+    Ok(out)
+}
+
 fn main() -> ExitCode {
     let process_start = Instant::now();
-    let cli = Cli::parse();
+    let args = match with_config_file(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(args);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    // journald (and any file stderr goes to) gets plain text, a terminal gets colours.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         Command::Detect(args) => detect(args),

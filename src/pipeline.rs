@@ -23,6 +23,7 @@ use serde::{Serialize, Serializer};
 use crate::capture::{CaptureControl, CaptureError, CaptureStats, Frame, FrameSource};
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
+use crate::health::RunStatus;
 use crate::model::transform::Transform;
 use crate::model::{Detections, FrameSettings, MaskRcnn, Timings, Workspace};
 use crate::output::RleFormat;
@@ -427,6 +428,9 @@ pub struct PipelineOptions {
     /// Test hook: may rewrite each frame's measured timings (injected costs) and move an
     /// injected clock, so the budget controller's behaviour does not depend on the machine.
     pub after_inference: Option<AfterInference>,
+    /// Told when the run starts taking frames, after each processed frame and when it ends,
+    /// for `/healthz` and systemd's watchdog.
+    pub status: Option<Arc<RunStatus>>,
 }
 
 impl PipelineOptions {
@@ -438,6 +442,7 @@ impl PipelineOptions {
             rle: RleFormat::default(),
             clock: Arc::new(SystemClock),
             after_inference: None,
+            status: None,
         }
     }
 }
@@ -483,10 +488,14 @@ pub fn run(
     let started = clock.now();
     let deadline = options.duration.map(|d| started + d);
 
+    let status = options.status.as_deref();
+    if let Some(status) = status {
+        status.running(Duration::from_secs_f64(1.0 / fps), Arc::clone(&control));
+    }
     std::thread::scope(|scope| -> Result<Summary> {
         // However this closure ends (the loop's break, an early `?`, a panic), capture is told
         // to stop, so the scope's implicit join never waits on a source that runs forever.
-        let _stop_capture = StopOnDrop(&control);
+        let _stop_capture = StopOnDrop(&control, status);
         let capture = scope.spawn(|| {
             let _span = tracing::info_span!("capture", source = %source.describe()).entered();
             // A panicking source still closes the slot, so the inference loop ends instead of
@@ -560,6 +569,9 @@ pub fn run(
                 options.rle,
             )?;
             counters.processed += 1;
+            if let Some(status) = status {
+                status.processed();
+            }
             if !met {
                 counters.budget_misses += 1;
                 tracing::warn!(
@@ -629,12 +641,16 @@ pub fn run(
     })
 }
 
-/// Stops capture when dropped, whichever way the inference loop is left.
-struct StopOnDrop<'a>(&'a CaptureControl);
+/// Stops capture (and reports the run over) when dropped, whichever way the inference loop is
+/// left.
+struct StopOnDrop<'a>(&'a CaptureControl, Option<&'a RunStatus>);
 
 impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
         self.0.stop();
+        if let Some(status) = self.1 {
+            status.ended("the run has ended");
+        }
     }
 }
 

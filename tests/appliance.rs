@@ -16,6 +16,8 @@ use drape::capture::{
     CameraSource, CaptureControl, CaptureError, CaptureStats, Device, Frame, FrameSource,
     PixelFormat, RawBuffer, ReconnectPolicy, StreamFormat,
 };
+use drape::clock::ManualClock;
+use drape::health::RunStatus;
 use drape::pipeline::{self, BudgetController, Emitted, PipelineOptions, Sink};
 use drape::stream::http::{AcceptBackoff, HttpOptions, HttpServer};
 use drape::stream::jsonl::{JsonlFile, RotatePolicy, SinkHealth};
@@ -855,4 +857,200 @@ fn an_acceptor_out_of_descriptors_backs_off_and_recovers() {
         1,
         "logged once per outage, not once per attempt: {stderr}"
     );
+}
+
+#[test]
+fn the_unit_file_passes_systemd_analyze_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/drape.service"))
+            .unwrap();
+    // verify checks that ExecStart's binary exists: point it at the one just built.
+    let unit = unit.replace("/usr/local/bin/drape", env!("CARGO_BIN_EXE_drape"));
+    let path = dir.path().join("drape.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian package `systemd`) must be installed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+}
+
+#[test]
+fn the_example_config_holds_only_known_keys() {
+    // Every key of deploy/drape.toml is a `drape run` flag: an unknown one would fail first.
+    let (code, stderr) = drape(&["run", "--config", "deploy/drape.toml", "--duration=-1"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--duration"), "{stderr}");
+}
+
+#[test]
+fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "budget-ms = 100\nbudget_msec = 3\n").unwrap();
+    let (code, stderr) = drape(&["run", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("unknown key `budget_msec`"), "{stderr}");
+
+    let cfg = dir.path().join("drape.toml");
+    std::fs::write(&cfg, "budget-ms = 100\nduration = -1\n").unwrap();
+    let (code, stderr) = drape(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "the file's duration is used: {stderr}");
+    assert!(stderr.contains("--duration -1"), "{stderr}");
+
+    // As a service runs it: notify socket set, stderr not a terminal.
+    let notify = dir.path().join("notify");
+    let listener = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    listener.set_read_timeout(Some(HANG)).unwrap();
+    let jsonl = dir.path().join("out.jsonl");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drape"))
+        .args(["run", "--config", cfg.to_str().unwrap(), "--duration", "3"])
+        .args([
+            "--jsonl",
+            jsonl.to_str().unwrap(),
+            "--width",
+            "640",
+            "--log",
+            "info",
+        ])
+        .env("NOTIFY_SOCKET", &notify)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the command line's duration wins: {stderr}"
+    );
+    assert!(
+        stderr.contains("apply to cameras only"),
+        "a warning was logged: {stderr}"
+    );
+    assert!(
+        !stderr.contains('\x1b'),
+        "no colour codes for journald: {stderr}"
+    );
+    let lines = std::fs::read_to_string(&jsonl).unwrap().lines().count();
+    assert!(lines > 0);
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 256];
+    while let Ok(n) = listener.recv(&mut buf) {
+        let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let last = m.starts_with("STOPPING=1");
+        messages.push(m);
+        if last {
+            break;
+        }
+    }
+    assert!(messages[0].starts_with("READY=1"), "{messages:?}");
+    assert!(messages.iter().any(|m| m == "WATCHDOG=1"), "{messages:?}");
+}
+
+/// A source that delivers `frames` frames and then blocks (a stalled camera) until stopped.
+struct Stalling {
+    frames: usize,
+    delivered: usize,
+    control: Option<Arc<CaptureControl>>,
+}
+
+impl FrameSource for Stalling {
+    fn next_frame(&mut self, frame: &mut Frame) -> Result<(), CaptureError> {
+        while self.delivered >= self.frames {
+            if self.control.as_ref().is_some_and(|c| c.stopped()) {
+                return Err(CaptureError::Stopped);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.delivered += 1;
+        frame.resize(32, 32);
+        frame.rgb.fill(90);
+        frame.seq = self.delivered as u64;
+        frame.captured = Instant::now();
+        Ok(())
+    }
+    fn stats(&self) -> CaptureStats {
+        CaptureStats::default()
+    }
+    fn describe(&self) -> String {
+        "stalling".into()
+    }
+    fn fps(&self) -> f64 {
+        1.0
+    }
+    fn attach(&mut self, control: Arc<CaptureControl>) {
+        self.control = Some(control);
+    }
+}
+
+#[test]
+fn healthz_turns_503_with_a_reason_when_frames_stop() {
+    let clock = Arc::new(ManualClock::new());
+    let hub = Hub::with_status(RunStatus::new(clock.clone(), None));
+    let server = http_server("127.0.0.1:0", Arc::clone(&hub), HttpOptions::default());
+    let addr = server.local_addr();
+    let (status, text) = http_get(addr, "GET /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"warming_up\""), "{text}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let run = {
+        let (hub, stop) = (Arc::clone(&hub), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let model = common::tiny_model();
+            let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(drape::stream::HubSink::new(
+                Arc::clone(&hub),
+                drape::stream::labels_by_id(&model),
+            ))];
+            let source = Stalling {
+                frames: 1,
+                delivered: 0,
+                control: None,
+            };
+            let options = PipelineOptions {
+                status: Some(Arc::clone(&hub.status)),
+                ..PipelineOptions::new(10_000.0)
+            };
+            pipeline::run(
+                &model,
+                Box::new(source),
+                BudgetController::new(10_000.0, (64, 64), 100),
+                &mut sinks,
+                &options,
+                &stop,
+            )
+        })
+    };
+    let start = Instant::now();
+    loop {
+        let (status, text) = http_get(addr, "GET /healthz HTTP/1.1\r\n\r\n");
+        if text.contains("\"frames_processed\":1") {
+            assert_eq!(status, 200, "{text}");
+            assert!(text.contains("\"ok\""), "{text}");
+            break;
+        }
+        assert!(start.elapsed() < HANG, "no frame processed: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // 1 fps: stale after 5 periods. The injected clock moves; the machine's does not matter.
+    clock.advance(Duration::from_secs(6));
+    let (status, text) = http_get(addr, "GET /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!(status, 503, "{text}");
+    assert!(
+        text.contains("\"stalled\"") && text.contains("no result for"),
+        "{text}"
+    );
+    let metrics = http_get(addr, "GET /metrics HTTP/1.1\r\n\r\n").1;
+    assert!(
+        metrics.contains("drape_health{state=\"stalled\"} 1"),
+        "{metrics}"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    run.join().unwrap().unwrap();
+    let (status, text) = http_get(addr, "GET /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("\"stopped\""), "{text}");
 }

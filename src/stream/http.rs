@@ -280,6 +280,7 @@ pub fn output_stats(hub: &Hub, http_clients: usize, mjpeg_skipped: u64) -> Outpu
         socket_dropped: hub.socket.dropped(),
         mjpeg_skipped,
         sinks: hub.sink_states(),
+        health: hub.health().state,
     }
 }
 
@@ -500,9 +501,21 @@ fn route(stream: &mut TcpStream, shared: &Shared) -> io::Result<()> {
             &set_cookie,
         ),
         "/healthz" => {
-            let c = hub.metrics.counters();
-            let body = format!("{{\"status\":\"ok\",\"frames_processed\":{}}}", c.processed);
-            respond(stream, 200, "application/json", body.as_bytes(), head_only)
+            let health = hub.health();
+            let body = serde_json::json!({
+                "status": health.state.name(),
+                "reason": health.reason,
+                "frames_processed": hub.metrics.counters().processed,
+                "last_result_age_s": health.last_result_age.map(|a| a.as_secs_f64()),
+            });
+            let code = if health.state.healthy() { 200 } else { 503 };
+            respond(
+                stream,
+                code,
+                "application/json",
+                body.to_string().as_bytes(),
+                head_only,
+            )
         }
         "/metrics" => {
             let stats = output_stats(

@@ -5,6 +5,7 @@
 use std::fmt::Write;
 use std::sync::Mutex;
 
+use crate::health::State as HealthState;
 use crate::model::Timings;
 use crate::pipeline::{Counters, Emitted};
 
@@ -72,6 +73,7 @@ pub struct OutputStats {
     pub mjpeg_skipped: u64,
     /// (name, write errors, failing now) per independently failing sink.
     pub sinks: Vec<(&'static str, u64, bool)>,
+    pub health: HealthState,
 }
 
 impl Metrics {
@@ -171,6 +173,15 @@ impl Metrics {
                 out,
                 "drape_sink_up{{sink=\"{name}\"}} {}",
                 u8::from(!failing)
+            );
+        }
+        let _ = writeln!(out, "# HELP drape_health The state /healthz reports (1 for the current one).\n# TYPE drape_health gauge");
+        for state in HealthState::ALL {
+            let _ = writeln!(
+                out,
+                "drape_health{{state=\"{}\"}} {}",
+                state.name(),
+                u8::from(state == outputs.health)
             );
         }
         let _ = writeln!(out, "# HELP drape_clients Connected streaming clients, by output.\n# TYPE drape_clients gauge");
