@@ -169,12 +169,14 @@ fn two_thousand_frames_leave_heap_threads_and_fds_flat() {
         growth < MAX_GROWTH_BYTES,
         "live heap grew {growth} bytes from frame {MEASURE_FROM} to {FRAMES}: {at_500:?} -> {at_end:?}"
     );
-    assert_eq!(
-        at_end.threads, at_500.threads,
+    // At the last frame the capture thread may already have seen the end of the source and
+    // exited: fewer is fine, more is a leak.
+    assert!(
+        at_end.threads <= at_500.threads,
         "threads: {at_500:?} -> {at_end:?}"
     );
-    assert_eq!(
-        at_end.fds, at_500.fds,
+    assert!(
+        at_end.fds <= at_500.fds,
         "file descriptors: {at_500:?} -> {at_end:?}"
     );
     eprintln!("soak: {at_500:?} -> {at_end:?} ({growth} bytes)");
