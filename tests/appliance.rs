@@ -958,11 +958,13 @@ struct Stalling {
 
 impl FrameSource for Stalling {
     fn next_frame(&mut self, frame: &mut Frame) -> Result<(), CaptureError> {
-        while self.delivered >= self.frames {
-            if self.control.as_ref().is_some_and(|c| c.stopped()) {
-                return Err(CaptureError::Stopped);
+        if self.delivered >= self.frames {
+            loop {
+                if self.control.as_ref().is_some_and(|c| c.stopped()) {
+                    return Err(CaptureError::Stopped);
+                }
+                std::thread::sleep(Duration::from_millis(5));
             }
-            std::thread::sleep(Duration::from_millis(5));
         }
         self.delivered += 1;
         frame.resize(32, 32);
