@@ -57,6 +57,7 @@ impl Running {
                     duration: Some(Duration::from_secs(120)),
                     slow_stage: None,
                     rle: Default::default(),
+                    track: Default::default(),
                 };
                 let controller = BudgetController::new(2000.0, (160, 224), 100);
                 pipeline::run(&model, source, controller, &mut sinks, &options, &stop).unwrap();

@@ -64,6 +64,7 @@ fn replay_at_30_fps_never_starts_on_a_stale_frame_and_counts_every_drop() {
         duration: Some(Duration::from_secs(3)),
         slow_stage: None,
         rle: Default::default(),
+        track: Default::default(),
     };
     let summary = pipeline::run(
         &m,
@@ -174,6 +175,7 @@ fn budget_controller_steps_down_under_a_slow_stage_and_back_up_without_it() {
         duration: Some(Duration::from_secs(60)),
         slow_stage: Some(slow),
         rle: Default::default(),
+        track: Default::default(),
     };
     let summary = pipeline::run(&m, source, controller, &mut sinks, &options, &stop).unwrap();
     let seen = seen.lock().unwrap();
