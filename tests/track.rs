@@ -358,3 +358,27 @@ fn a_panning_view_through_the_tiny_model_keeps_matched_garments_ids() {
     );
     assert!(started > 0);
 }
+
+#[test]
+fn the_smoothed_box_trails_the_raw_one_which_is_reported_unchanged() {
+    let mut run = Run::new(TrackerConfig {
+        box_ema: 0.5,
+        ..TrackerConfig::default()
+    });
+    // A jacket jumping 8 px right per frame: the raw box follows at once, the smoothed one
+    // moves half the remaining way each frame.
+    let mut smoothed_x = Vec::new();
+    for f in 0..4u64 {
+        let jacket = garment(1, 10.0 + 8.0 * f as f32, 20.0, 40.0, 60.0, false);
+        run.frame(f * 33, std::slice::from_ref(&jacket));
+        let t = run.out.instances[0];
+        // Still vertically, so only x moves.
+        assert_eq!(
+            (jacket.bbox[1], jacket.bbox[3]),
+            (t.smoothed_box[1], t.smoothed_box[3])
+        );
+        assert_eq!(t.smoothed_box[2] - t.smoothed_box[0], 40.0);
+        smoothed_x.push(t.smoothed_box[0]);
+    }
+    assert_eq!(smoothed_x, [10.0, 14.0, 20.0, 27.0]);
+}
