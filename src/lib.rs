@@ -10,6 +10,7 @@
 //! ```
 
 pub mod alloc;
+pub mod assets;
 pub mod bench;
 pub mod calibrate;
 pub mod capture;
@@ -34,6 +35,7 @@ pub mod stream;
 pub mod synthetic;
 #[cfg(test)]
 mod test_rng;
+pub mod track;
 pub mod weights;
 
 pub use config::Config;
