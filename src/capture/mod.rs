@@ -403,7 +403,7 @@ pub fn check_fps(fps: f64) -> Result<f64, CaptureError> {
         Ok(fps)
     } else {
         Err(CaptureError::InvalidSpec(format!(
-            "fps must lie in {MIN_FPS}..={MAX_FPS}, got {fps}"
+            "fps must lie in {MIN_FPS}..={MAX_FPS}, got {fps:?}"
         )))
     }
 }
