@@ -14,6 +14,7 @@ pub mod bench;
 pub mod calibrate;
 pub mod capture;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod convert;
 pub mod device;

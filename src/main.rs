@@ -513,10 +513,9 @@ fn stream(
     }
 
     let options = PipelineOptions {
-        budget_ms,
         duration: outputs.duration.map(Duration::from_secs_f64),
-        slow_stage: None,
         rle: outputs.rle,
+        ..PipelineOptions::new(budget_ms)
     };
     let summary = pipeline::run(&model, source, controller, &mut sinks, &options, &stop)?;
     print_summary(&summary);

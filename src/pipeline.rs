@@ -14,13 +14,14 @@
 //! counting any miss that still happens.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Serialize, Serializer};
 
 use crate::capture::{CaptureError, CaptureStats, Frame, FrameSource};
+use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::model::transform::Transform;
 use crate::model::{Detections, FrameSettings, MaskRcnn, Timings, Workspace};
@@ -411,15 +412,34 @@ impl<W: Write> Sink for JsonLines<W> {
     }
 }
 
-#[derive(Debug, Clone)]
+/// Called after each frame's model run, before the budget controller learns from it.
+pub type AfterInference = Arc<dyn Fn(&mut Detections) + Send + Sync>;
+
+#[derive(Clone)]
 pub struct PipelineOptions {
     pub budget_ms: f64,
     /// Stop after this long (None: until the source ends or `stop` is set).
     pub duration: Option<Duration>,
-    /// Test hook: extra milliseconds per megapixel of model input, slept after each frame's
-    /// model run and booked to the backbone, to exercise the budget controller.
-    pub slow_stage: Option<Arc<AtomicU64>>,
     pub rle: RleFormat,
+    /// What frame ages, latencies and the duration are measured on. Sources stamp frames on
+    /// the same clock ([`SystemClock`] for cameras and replays).
+    pub clock: Arc<dyn Clock>,
+    /// Test hook: may rewrite each frame's measured timings (injected costs) and move an
+    /// injected clock, so the budget controller's behaviour does not depend on the machine.
+    pub after_inference: Option<AfterInference>,
+}
+
+impl PipelineOptions {
+    /// Wall-clock options for a live run.
+    pub fn new(budget_ms: f64) -> Self {
+        Self {
+            budget_ms,
+            duration: None,
+            rle: RleFormat::default(),
+            clock: Arc::new(SystemClock),
+            after_inference: None,
+        }
+    }
 }
 
 /// Runs until the source ends, `stop` is set, or `duration` passes. The capture thread is
@@ -458,7 +478,8 @@ pub fn run(
     let source_stats = Mutex::new(CaptureStats::default());
     let capture_done = AtomicBool::new(false);
     let period_ms = 1e3 / fps;
-    let started = Instant::now();
+    let clock = &*options.clock;
+    let started = clock.now();
     let deadline = options.duration.map(|d| started + d);
 
     std::thread::scope(|scope| -> Result<Summary> {
@@ -494,7 +515,7 @@ pub fn run(
         let mut final_input = (0, 0);
 
         loop {
-            if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+            if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| clock.now() >= d) {
                 break;
             }
             match slot.take(&mut front, Duration::from_millis(100)) {
@@ -505,7 +526,7 @@ pub fn run(
                     break;
                 }
             }
-            let age_ms = front.captured.elapsed().as_secs_f64() * 1e3;
+            let age_ms = ms_since(clock, front.captured);
             if age_ms > period_ms {
                 counters.dropped_stale += 1;
                 tracing::debug!(seq = front.seq, age_ms, "stale frame dropped");
@@ -515,17 +536,11 @@ pub fn run(
             let size = (front.height, front.width);
             let settings = controller.plan(size, age_ms);
             model.detect_into(&front.rgb, size, settings, &mut ws, &mut result)?;
-            if let Some(slow) = &options.slow_stage {
-                let (w, h) = result.input_size;
-                let extra = slow.load(Ordering::Relaxed) as f64 * (w * h) as f64 / 1e6;
-                if extra > 0.0 {
-                    std::thread::sleep(Duration::from_secs_f64(extra / 1e3));
-                    result.timings.backbone += extra;
-                    result.timings.total += extra;
-                }
+            if let Some(hook) = &options.after_inference {
+                hook(&mut result);
             }
             controller.observe(size, settings, &result.timings, result.masked);
-            let latency_ms = front.captured.elapsed().as_secs_f64() * 1e3;
+            let latency_ms = ms_since(clock, front.captured);
             let met = latency_ms <= options.budget_ms;
             write_record(
                 &mut line,
@@ -604,6 +619,11 @@ pub fn run(
             costs: controller.costs(),
         })
     })
+}
+
+/// Milliseconds from `then` to `clock`'s now (0 for a stamp in the future).
+fn ms_since(clock: &dyn Clock, then: Instant) -> f64 {
+    clock.now().saturating_duration_since(then).as_secs_f64() * 1e3
 }
 
 /// Replaces `line` with the frame's JSON: the `drape detect` object plus the pipeline's fields.
