@@ -27,29 +27,35 @@ use serde_json::Value;
 
 /// The emulated node: any path works, the emulator only answers for the configured one.
 const DEVICE: &str = "/dev/video73";
-/// The camera's frame rate, and the replay's: slow enough that a loaded machine keeps up.
-const FPS: &str = "5";
+/// The camera's frame rate, and the replay's: slow enough that a loaded machine processes every
+/// frame, so that each of the pictures shown in turn is soon seen.
+const FPS: &str = "2";
 /// Bounds a hang, never a measurement.
 const HANG: Duration = Duration::from_secs(120);
 /// Fixture frames shown in turn (they differ, so a frame shown in the wrong place shows).
 const FRAMES: [&str; 3] = ["frame_000.jpg", "frame_005.jpg", "frame_010.jpg"];
 
-/// Compiles the emulator once per test run into Cargo's scratch directory.
+/// Compiles the emulator once per test run into Cargo's scratch directory. Built under a name
+/// of its own and renamed into place, so another test run loading it never sees a half-written
+/// library.
 fn emulator() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
     LIB.get_or_init(|| {
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("v4l_emu.so");
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let out = dir.join("v4l_emu.so");
+        let building = dir.join(format!("v4l_emu.so.{}", std::process::id()));
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/v4l_emu/v4l_emu.c");
         let status = Command::new("cc")
             .args([
                 "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-o",
             ])
-            .arg(&out)
+            .arg(&building)
             .arg(&src)
             .args(["-ldl", "-lpthread"])
             .status()
             .expect("running the system C compiler `cc`");
         assert!(status.success(), "compiling {}", src.display());
+        std::fs::rename(&building, &out).unwrap();
         out
     })
 }
@@ -469,13 +475,13 @@ fn cameras_lists_the_emulated_device_and_its_formats() {
 fn yuyv_frames_give_the_replay_detections() {
     // The driver stamps buffers 40 ms before delivering them (exposure and transfer).
     let (emu, lines) = check_yuyv_stream(
-        "mode YUYV 320 240 30 15 5\nmode MJPG 320 240 30\nlatency 40\n",
+        "mode YUYV 320 240 30 15 5 2\nmode MJPG 320 240 30\nlatency 40\n",
         &[],
         320,
         240,
     );
     let trace = emu.trace();
-    assert!(trace.contains("VIDIOC_S_PARM asked 1000/5000 s, driver chose 1/5 s"));
+    assert!(trace.contains("VIDIOC_S_PARM asked 1000/2000 s, driver chose 1/2 s"));
     assert!(trace.contains("VIDIOC_REQBUFS asked 4, granted 4"));
     // Frames are aged from the driver's CLOCK_MONOTONIC stamp, not from when drape dequeued
     // them.
@@ -490,7 +496,7 @@ fn odd_width_and_padded_rows_convert_correctly() {
     // 317 pixels are 159 YUYV pairs, 636 bytes, laid out in 768-byte rows; the driver also
     // grants only two of the four buffers asked for.
     let (emu, _) = check_yuyv_stream(
-        "mode YUYV 317 239 5\nstride_align 256\nmax_buffers 2\n",
+        "mode YUYV 317 239 2\nstride_align 256\nmax_buffers 2\n",
         &[],
         317,
         239,
@@ -503,7 +509,7 @@ fn the_size_the_driver_chooses_is_the_one_streamed() {
     // A continuous range in steps of 2, but the driver rounds to multiples of 16: asked for
     // 330x250 (on the advertised grid), it answers 336x256 with 704-byte rows.
     let (emu, _) = check_yuyv_stream(
-        "stepwise YUYV 32 1280 2 32 720 2 5\nalign 16 16\nstride_align 64\n",
+        "stepwise YUYV 32 1280 2 32 720 2 2\nalign 16 16\nstride_align 64\n",
         &["--width", "330", "--height", "250"],
         336,
         256,
@@ -562,7 +568,7 @@ fn mjpeg_frames_with_and_without_huffman_tables_give_the_replay_detections() {
 
     // Frame 4 arrives cut short (no EOI) and frame 5 flagged by the driver: both skipped and
     // counted, the stream goes on.
-    let emu = Emu::new("mode YUYV 320 240 5\nmode MJPG 320 240 30 5\ncorrupt 4\nerror 5\n");
+    let emu = Emu::new("mode YUYV 320 240 2\nmode MJPG 320 240 30 2\ncorrupt 4\nerror 5\n");
     let files = emu.files("mjpeg", &sent);
     emu.configure(&format!("frames MJPG 320 240 {files}"));
     let mut cmd = emu.drape();
@@ -607,7 +613,7 @@ fn metric(port: u16, name: &str) -> u64 {
 fn unplug_reconnects_with_backoff_and_transient_errors_do_not() {
     // Spurious wake-ups before frame 1, a signal during the wait before frame 2, then the camera
     // is unplugged after frame 3 and the next two opens find no node.
-    let emu = Emu::new("mode YUYV 320 240 5\neagain 1 3\neintr 2 2\nunplug 3 2\n");
+    let emu = Emu::new("mode YUYV 320 240 2\neagain 1 3\neintr 2 2\nunplug 3 2\n");
     let frames: Vec<Vec<u8>> = fixture_frames().iter().map(to_yuyv).collect();
     let files = emu.files("yuyv", &frames);
     emu.configure(&format!("frames YUYV 320 240 {files}"));
@@ -678,7 +684,7 @@ fn unplug_reconnects_with_backoff_and_transient_errors_do_not() {
 #[test]
 fn sigterm_during_a_reconnect_exits_promptly() {
     // The camera goes away after frame 1 and never comes back.
-    let emu = Emu::new("mode YUYV 320 240 5\nunplug 1 1000000\n");
+    let emu = Emu::new("mode YUYV 320 240 2\nunplug 1 1000000\n");
     let frames: Vec<Vec<u8>> = fixture_frames().iter().take(1).map(to_yuyv).collect();
     let files = emu.files("yuyv", &frames);
     emu.configure(&format!("frames YUYV 320 240 {files}"));
@@ -716,7 +722,7 @@ fn demo_serves_the_emulated_camera_over_http() {
         "--source",
         DEVICE,
         "--fps",
-        FPS,
+        "5",
         "--http",
         &format!("127.0.0.1:{port}"),
     ]);

@@ -152,7 +152,7 @@ static struct {
     struct fault faults[MAX_FAULTS];
     int nfaults;
     int log_fd;
-} cfg;
+} cfg = {.log_fd = -1};
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
@@ -262,7 +262,6 @@ static void load_config(void) {
     real_readdir = dlsym(RTLD_NEXT, "readdir");
     real_readdir64 = dlsym(RTLD_NEXT, "readdir64");
     real_closedir = dlsym(RTLD_NEXT, "closedir");
-    cfg.log_fd = -1;
 
     const char *path = getenv("DRAPE_V4L_EMU_CONFIG");
     if (!path || !*path)
@@ -298,9 +297,12 @@ static void load_config(void) {
                     strncat(joined, " ", sizeof joined - strlen(joined) - 1);
                 strncat(joined, tok[i], sizeof joined - strlen(joined) - 1);
             }
-            char *dst = !strcmp(key, "card") ? cfg.card : !strcmp(key, "driver") ? cfg.driver : cfg.bus;
-            size_t cap = !strcmp(key, "card") ? sizeof cfg.card : !strcmp(key, "driver") ? sizeof cfg.driver : sizeof cfg.bus;
-            snprintf(dst, cap, "%s", joined);
+            if (!strcmp(key, "card"))
+                snprintf(cfg.card, sizeof cfg.card, "%s", joined);
+            else if (!strcmp(key, "driver"))
+                snprintf(cfg.driver, sizeof cfg.driver, "%s", joined);
+            else
+                snprintf(cfg.bus, sizeof cfg.bus, "%s", joined);
         } else if (!strcmp(key, "mode") || !strcmp(key, "stepwise")) {
             int step = !strcmp(key, "stepwise");
             int fixed = step ? 8 : 4;
