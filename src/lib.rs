@@ -10,6 +10,7 @@
 //! ```
 
 pub mod alloc;
+pub mod assets;
 pub mod bench;
 pub mod calibrate;
 pub mod capture;

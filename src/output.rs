@@ -83,16 +83,18 @@ impl fmt::Display for CountsStr<'_> {
     }
 }
 
-/// `{"width", "height", "timings_ms", "instances"}`, instances by descending score.
+/// `{"width", "height", "input_size", "timings_ms", "instances"}`, instances by descending score.
 pub fn to_json(model: &MaskRcnn, d: &Detections, format: RleFormat) -> serde_json::Value {
     struct Json<'a>(&'a MaskRcnn, &'a Detections, RleFormat);
     impl Serialize for Json<'_> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             let d = self.1;
-            let mut m = s.serialize_map(Some(4))?;
+            let mut m = s.serialize_map(Some(5))?;
             m.serialize_entry("width", &d.width)?;
             m.serialize_entry("height", &d.height)?;
-            m.serialize_entry("timings_ms", &d.timings.summary())?;
+            m.serialize_entry("input_size", &[d.input_size.0, d.input_size.1])?;
+            // The same stage names as `drape run`'s lines and `drape bench`.
+            m.serialize_entry("timings_ms", &d.timings)?;
             m.serialize_entry("instances", &InstancesJson(self.0, &d.instances, self.2))?;
             m.end()
         }

@@ -81,17 +81,6 @@ pub struct Timings {
     pub total: f64,
 }
 
-/// The coarse split `drape detect` reports.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct StageSummary {
-    pub preprocess: f64,
-    pub backbone: f64,
-    pub rpn: f64,
-    pub roi_heads: f64,
-    pub masks: f64,
-    pub total: f64,
-}
-
 impl Timings {
     /// Names and values in pipeline order, for tables and JSON.
     pub fn stages(&self) -> [(&'static str, f64); 10] {
@@ -107,18 +96,6 @@ impl Timings {
             ("rle", self.rle),
             ("total", self.total),
         ]
-    }
-
-    pub fn summary(&self) -> StageSummary {
-        StageSummary {
-            preprocess: self.preprocess,
-            backbone: self.backbone + self.fpn,
-            rpn: self.rpn,
-            // The box branch's share of pooling is not split out; attribute it to roi_heads.
-            roi_heads: self.roi_align + self.box_head,
-            masks: self.mask_head + self.paste + self.rle,
-            total: self.total,
-        }
     }
 }
 
