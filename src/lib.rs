@@ -33,6 +33,7 @@ pub mod stream;
 pub mod synthetic;
 #[cfg(test)]
 mod test_rng;
+pub mod track;
 pub mod weights;
 
 pub use config::Config;

@@ -18,8 +18,10 @@ use drape::cli::ModelArgs;
 use drape::output::RleFormat;
 use drape::pipeline::{self, BudgetController, JsonLines, PipelineOptions, Sink};
 use drape::stream::http::{HttpOptions, HttpServer};
+use drape::stream::mqtt::{MqttConfig, MqttMasks, MqttSink, MqttStats};
 use drape::stream::unix::UnixServer;
 use drape::stream::{labels_by_id, Hub, HubSink};
+use drape::track::TrackerConfig;
 use drape::{image_io, output, overlay};
 
 // candle allocates a fresh buffer per tensor op; glibc malloc returns large ones to the kernel
@@ -185,6 +187,83 @@ struct OutputArgs {
     /// Mask encoding in the JSON lines.
     #[arg(long, value_enum, default_value = "coco")]
     rle: RleFormat,
+    #[command(flatten)]
+    mqtt: MqttArgs,
+    #[command(flatten)]
+    track: TrackArgs,
+}
+
+/// Publishing to a store's MQTT broker (credentials: DRAPE_MQTT_USERNAME/DRAPE_MQTT_PASSWORD).
+#[derive(clap::Args)]
+struct MqttArgs {
+    /// Publish frames, track events and a retained status under TOPIC/ on this broker:
+    /// mqtt://HOST[:PORT]/TOPIC or mqtts://HOST[:PORT]/TOPIC.
+    #[arg(long, value_name = "URL")]
+    mqtt: Option<String>,
+    /// PEM CA certificate that signed an mqtts:// broker's certificate.
+    #[arg(long, value_name = "FILE", requires = "mqtt")]
+    mqtt_ca: Option<PathBuf>,
+    /// Masks in the frame records sent to the broker.
+    #[arg(long, value_enum, default_value = "none", requires = "mqtt")]
+    mqtt_masks: MqttMasks,
+    /// MQTT client id, unique per mirror (default: drape-HOSTNAME).
+    #[arg(long, requires = "mqtt")]
+    mqtt_client_id: Option<String>,
+}
+
+impl MqttArgs {
+    fn config(&self) -> Result<Option<MqttConfig>> {
+        let Some(url) = &self.mqtt else {
+            return Ok(None);
+        };
+        let client_id = match &self.mqtt_client_id {
+            Some(id) => id.clone(),
+            None => format!("drape-{}", hostname()),
+        };
+        let mut config = MqttConfig::from_url(url, &client_id)?.credentials_from_env()?;
+        config.ca = self.mqtt_ca.clone();
+        config.masks = self.mqtt_masks;
+        config.validate()?;
+        Ok(Some(config))
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length, which is what gethostname is told.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(h) if rc == 0 && !h.is_empty() => h.to_string(),
+        _ => "unknown".to_string(),
+    }
+}
+
+/// How garments are tracked across frames.
+#[derive(clap::Args)]
+struct TrackArgs {
+    /// A confirmed track unseen for this long (capture time) ends.
+    #[arg(long, value_name = "MS", default_value_t = drape::track::MAX_AGE.as_millis() as u64)]
+    track_expiry_ms: u64,
+    /// Consecutive frames a new track must be seen in before it starts.
+    #[arg(long, value_name = "N", default_value_t = drape::track::CONFIRM_HITS)]
+    track_confirm: u32,
+    /// Least mask (or box) IoU for a detection to continue a track.
+    #[arg(long, value_name = "IOU", default_value_t = drape::track::MIN_IOU)]
+    track_iou: f32,
+}
+
+impl TrackArgs {
+    fn config(&self) -> Result<TrackerConfig> {
+        let config = TrackerConfig {
+            min_iou: self.track_iou,
+            confirm_hits: self.track_confirm,
+            max_age: Duration::from_millis(self.track_expiry_ms),
+            ..TrackerConfig::default()
+        };
+        config.validate()?;
+        Ok(config)
+    }
 }
 
 #[derive(clap::Args)]
@@ -526,6 +605,8 @@ fn stream(
     if !(budget_ms.is_finite() && budget_ms > 0.0) {
         bail!("--budget-ms must be positive");
     }
+    let track = outputs.track.config()?;
+    let mqtt = outputs.mqtt.config()?;
     let model = model_args.load()?;
     // Installed before the source opens, so a camera waiting to reconnect can be stopped too.
     let stop = Arc::new(AtomicBool::new(false));
@@ -609,13 +690,23 @@ fn stream(
             labels_by_id(&model),
         )));
     }
+    if let Some(config) = mqtt {
+        let url = outputs.mqtt.mqtt.as_deref().unwrap_or_default();
+        let stats = Arc::new(MqttStats::default());
+        hub.metrics.attach_mqtt(Arc::clone(&stats));
+        let sink = MqttSink::start(config, stats)
+            .with_context(|| format!("starting MQTT output to {url}"))?;
+        eprintln!("drape: publishing to {url}");
+        sinks.push(Box::new(sink));
+    }
     if sinks.is_empty() {
-        bail!("no output: give --jsonl, --http or --unix");
+        bail!("no output: give --jsonl, --http, --unix or --mqtt");
     }
 
     let options = PipelineOptions {
         duration: outputs.duration.map(Duration::from_secs_f64),
         rle: outputs.rle,
+        track,
         ..PipelineOptions::new(budget_ms)
     };
     let summary = pipeline::run(&model, source, controller, &mut sinks, &options, &stop)?;

@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::model::transform::Transform;
 use crate::model::{Detections, FrameSettings, MaskRcnn, Timings, Workspace};
 use crate::output::RleFormat;
+use crate::track::{FrameTracks, Tracker, TrackerConfig};
 
 /// Input short sides as fractions of the model's own: 800 → 640 → 512 → 384 for torchvision's
 /// default.
@@ -390,6 +391,9 @@ pub trait Sink {
 /// Everything a sink gets about one processed frame.
 pub struct Emitted<'a> {
     pub line: &'a [u8],
+    /// What `line` was written from, for a sink that writes its own variant of it.
+    pub record: &'a FrameRecord<'a>,
+    pub tracks: &'a FrameTracks,
     pub frame: &'a Frame,
     pub result: &'a Detections,
     pub latency_ms: f64,
@@ -421,6 +425,7 @@ pub struct PipelineOptions {
     /// Stop after this long (None: until the source ends or `stop` is set).
     pub duration: Option<Duration>,
     pub rle: RleFormat,
+    pub track: TrackerConfig,
     /// What frame ages, latencies and the duration are measured on. Sources stamp frames on
     /// the same clock ([`SystemClock`] for cameras and replays).
     pub clock: Arc<dyn Clock>,
@@ -438,6 +443,7 @@ impl PipelineOptions {
             rle: RleFormat::default(),
             clock: Arc::new(SystemClock),
             after_inference: None,
+            track: TrackerConfig::default(),
         }
     }
 }
@@ -513,6 +519,8 @@ pub fn run(
         let mut line = Vec::with_capacity(64 * 1024);
         let mut failure = None;
         let mut final_input = (0, 0);
+        let mut tracker = Tracker::new(options.track)?;
+        let mut tracks = FrameTracks::default();
 
         loop {
             if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| clock.now() >= d) {
@@ -536,22 +544,28 @@ pub fn run(
             let size = (front.height, front.width);
             let settings = controller.plan(size, age_ms);
             model.detect_into(&front.rgb, size, settings, &mut ws, &mut result)?;
+            // Tracked before the hook, so injected costs replace the tracker's measured one too.
+            let track_start = Instant::now();
+            tracker.update(&result.instances, front.captured, &mut tracks);
+            result.timings.track = track_start.elapsed().as_secs_f64() * 1e3;
+            result.timings.total += result.timings.track;
             if let Some(hook) = &options.after_inference {
                 hook(&mut result);
             }
             controller.observe(size, settings, &result.timings, result.masked);
             let latency_ms = ms_since(clock, front.captured);
             let met = latency_ms <= options.budget_ms;
-            write_record(
-                &mut line,
+            let record = FrameRecord {
                 model,
-                &front,
-                &result,
+                frame: &front,
+                result: &result,
+                tracks: &tracks,
                 age_ms,
                 latency_ms,
-                met,
-                options.rle,
-            )?;
+                budget_met: met,
+                masks: Some(options.rle),
+            };
+            write_record(&mut line, &record)?;
             counters.processed += 1;
             if !met {
                 counters.budget_misses += 1;
@@ -566,6 +580,8 @@ pub fn run(
             counters.absorb(&stats, slot.superseded());
             let emitted = Emitted {
                 line: &line,
+                record: &record,
+                tracks: &tracks,
                 frame: &front,
                 result: &result,
                 latency_ms,
@@ -628,47 +644,31 @@ fn ms_since(clock: &dyn Clock, then: Instant) -> f64 {
 
 /// Replaces `line` with the frame's JSON: the `drape detect` object plus the pipeline's fields.
 /// Serialises straight into the reused buffer.
-#[allow(clippy::too_many_arguments)]
-pub fn write_record(
-    line: &mut Vec<u8>,
-    model: &MaskRcnn,
-    frame: &Frame,
-    result: &Detections,
-    age_ms: f64,
-    latency_ms: f64,
-    budget_met: bool,
-    rle: RleFormat,
-) -> Result<()> {
+pub fn write_record(line: &mut Vec<u8>, record: &FrameRecord<'_>) -> Result<()> {
     line.clear();
-    let record = FrameRecord {
-        model,
-        frame,
-        result,
-        age_ms,
-        latency_ms,
-        budget_met,
-        rle,
-    };
-    serde_json::to_writer(line, &record)
-        .map_err(|e| Error::Config(format!("serialising frame {}: {e}", frame.seq)))
+    serde_json::to_writer(line, record)
+        .map_err(|e| Error::Config(format!("serialising frame {}: {e}", record.frame.seq)))
 }
 
 /// One emitted line.
-struct FrameRecord<'a> {
-    model: &'a MaskRcnn,
-    frame: &'a Frame,
-    result: &'a Detections,
-    age_ms: f64,
-    latency_ms: f64,
-    budget_met: bool,
-    rle: RleFormat,
+#[derive(Clone, Copy)]
+pub struct FrameRecord<'a> {
+    pub model: &'a MaskRcnn,
+    pub frame: &'a Frame,
+    pub result: &'a Detections,
+    pub tracks: &'a FrameTracks,
+    pub age_ms: f64,
+    pub latency_ms: f64,
+    pub budget_met: bool,
+    /// Mask encoding; `None` leaves masks out.
+    pub masks: Option<RleFormat>,
 }
 
 impl Serialize for FrameRecord<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let r = self.result;
-        let mut m = s.serialize_map(Some(12))?;
+        let mut m = s.serialize_map(Some(13))?;
         m.serialize_entry("seq", &self.frame.seq)?;
         m.serialize_entry("captured_at", &self.frame.captured_at_unix_ms)?;
         m.serialize_entry("age_ms", &self.age_ms)?;
@@ -679,9 +679,16 @@ impl Serialize for FrameRecord<'_> {
         m.serialize_entry("masked", &r.masked)?;
         m.serialize_entry("width", &r.width)?;
         m.serialize_entry("height", &r.height)?;
+        let instances = crate::output::InstancesJson {
+            model: self.model,
+            instances: &r.instances,
+            masks: self.masks,
+            tracks: Some(&self.tracks.instances),
+        };
+        m.serialize_entry("instances", &instances)?;
         m.serialize_entry(
-            "instances",
-            &crate::output::InstancesJson(self.model, &r.instances, self.rle),
+            "events",
+            &crate::track::EventsJson(self.model, &self.tracks.events),
         )?;
         m.end()
     }

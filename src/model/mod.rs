@@ -78,12 +78,14 @@ pub struct Timings {
     pub mask_head: f64,
     pub paste: f64,
     pub rle: f64,
+    /// Track association (set by the pipeline; 0 for a lone `detect`).
+    pub track: f64,
     pub total: f64,
 }
 
 impl Timings {
     /// Names and values in pipeline order, for tables and JSON.
-    pub fn stages(&self) -> [(&'static str, f64); 10] {
+    pub fn stages(&self) -> [(&'static str, f64); 11] {
         [
             ("preprocess", self.preprocess),
             ("backbone", self.backbone),
@@ -94,6 +96,7 @@ impl Timings {
             ("mask_head", self.mask_head),
             ("paste", self.paste),
             ("rle", self.rle),
+            ("track", self.track),
             ("total", self.total),
         ]
     }
