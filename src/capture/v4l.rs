@@ -42,7 +42,12 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Lists the `/dev/video*` nodes that capture video, sorted by path. Nodes that cannot be opened
 /// or that offer no capture format (UVC metadata nodes) are left out.
 pub fn list_cameras() -> Vec<CameraInfo> {
-    let Ok(entries) = std::fs::read_dir("/dev") else {
+    cameras_in(Path::new("/dev"))
+}
+
+/// The capture devices among `dir`'s `video*` nodes.
+fn cameras_in(dir: &Path) -> Vec<CameraInfo> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
     let mut paths: Vec<PathBuf> = entries
@@ -625,9 +630,15 @@ mod tests {
     }
 
     #[test]
-    fn no_cameras_here_is_an_empty_list() {
-        // The build machine has no camera; on a machine with one this lists it.
-        let cameras = list_cameras();
-        assert!(cameras.iter().all(|c| !c.formats.is_empty()));
+    fn nodes_that_are_not_capture_devices_make_an_empty_list() {
+        // A `video*` name is not enough: a node that is no V4L2 device (here a plain file and a
+        // folder) is left out, as is a missing folder. Real and emulated capture devices are
+        // listed by tests/camera_emu.rs.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("video0"), b"not a device").unwrap();
+        std::fs::create_dir(dir.path().join("video1")).unwrap();
+        std::fs::write(dir.path().join("null"), b"").unwrap();
+        assert!(cameras_in(dir.path()).is_empty());
+        assert!(cameras_in(&dir.path().join("missing")).is_empty());
     }
 }
