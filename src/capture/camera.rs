@@ -10,10 +10,13 @@
 //!                                          └── backoff doubles, capped ──────┘ error
 //! ```
 //!
-//! `next_frame` blocks through the whole outage, so the pipeline simply sees no frames.
+//! `next_frame` blocks through the whole outage, so the pipeline simply sees no frames, unless
+//! the source was given a stop flag ([`CameraSource::with_stop`]): once it is set, the outage
+//! ends with [`CaptureError::EndOfStream`] within one [`STOP_CHECK`].
 
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +29,9 @@ use super::{
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between reopen attempts, so a replugged camera is back within this.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How often a backoff wait looks at the stop flag: a SIGTERM during a reconnect ends the
+/// process this long after it arrives, not a whole backoff later.
+pub const STOP_CHECK: Duration = Duration::from_millis(50);
 
 /// What the device streams in after a successful open.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -88,6 +94,28 @@ impl<F: FnMut(Duration) + Send> Sleep for F {
     }
 }
 
+/// Real sleeps that end early once `stop` is set, looking at it every [`STOP_CHECK`].
+pub struct StoppableSleep {
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl Sleep for StoppableSleep {
+    fn sleep(&mut self, duration: Duration) {
+        let end = Instant::now() + duration;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() || stopped(&self.stop) {
+                return;
+            }
+            std::thread::sleep(left.min(STOP_CHECK));
+        }
+    }
+}
+
+fn stopped(stop: &Option<Arc<AtomicBool>>) -> bool {
+    stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed))
+}
+
 /// How a lost camera is reopened.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ReconnectPolicy {
@@ -128,6 +156,8 @@ pub struct CameraSource<D, S> {
     /// Shared with the pipeline: the reconnect loop reports itself there and gives up between
     /// attempts once the consumer has stopped.
     control: Option<Arc<CaptureControl>>,
+    /// Set by the owner to end a reconnect wait.
+    stop: Option<Arc<AtomicBool>>,
 }
 
 impl<D: Device, S: Sleep> CameraSource<D, S> {
@@ -147,7 +177,15 @@ impl<D: Device, S: Sleep> CameraSource<D, S> {
             next_seq: 0,
             stats: CaptureStats::default(),
             control: None,
+            stop: None,
         })
+    }
+
+    /// Ends a reconnect wait with [`CaptureError::EndOfStream`] once `stop` is set (a signal
+    /// handler's flag), instead of waiting for the camera forever.
+    pub fn with_stop(mut self, stop: Arc<AtomicBool>) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     /// Width and height of the frames now being delivered.
@@ -161,12 +199,16 @@ impl<D: Device, S: Sleep> CameraSource<D, S> {
         let mut waited = Duration::ZERO;
         let mut attempts = 0u32;
         loop {
-            if self.stopped() {
+            if self.consumer_stopped() {
                 return Err(CaptureError::Stopped);
             }
             self.sleeper.sleep(delay);
-            if self.stopped() {
+            if self.consumer_stopped() {
                 return Err(CaptureError::Stopped);
+            }
+            if stopped(&self.stop) {
+                tracing::info!(device = self.device.name(), "stopped while reconnecting");
+                return Err(CaptureError::EndOfStream);
             }
             waited += delay;
             attempts += 1;
@@ -213,7 +255,7 @@ impl<D: Device, S: Sleep> CameraSource<D, S> {
         }
     }
 
-    fn stopped(&self) -> bool {
+    fn consumer_stopped(&self) -> bool {
         self.control.as_ref().is_some_and(|c| c.stopped())
     }
 
