@@ -113,10 +113,10 @@ fn mjpeg_to_rgb_known_colours() {
             ("with DHT", jpeg.clone()),
             ("DHT stripped", without_dht(&jpeg)),
         ] {
-            let size = decoder
-                .decode(&bytes, &mut rgb)
+            decoder
+                .decode(&bytes, (16, 8), &mut rgb)
                 .unwrap_or_else(|e| panic!("{colour:?} {variant}: {e}"));
-            assert_eq!(size, (16, 8));
+            assert_eq!(rgb.len(), 16 * 8 * 3);
             let want = repeat_pixel(colour, 16 * 8);
             assert_close(
                 &rgb,
@@ -135,9 +135,27 @@ fn mjpeg_decoding_reuses_the_frame_buffer() {
     let mut rgb = Vec::with_capacity(32 * 16 * 3);
     let buffer = rgb.as_ptr();
     for _ in 0..3 {
-        decoder.decode(&jpeg, &mut rgb).unwrap();
+        decoder.decode(&jpeg, (32, 16), &mut rgb).unwrap();
     }
     assert_eq!(rgb.as_ptr(), buffer, "the output buffer was reallocated");
+}
+
+#[test]
+fn an_mjpeg_frame_of_another_size_is_refused_before_the_buffer_grows() {
+    // A frame header claiming more than the negotiated format (a damaged header, or a camera
+    // that switched modes) must not resize the frame buffer.
+    let mut decoder = MjpegDecoder::default();
+    let mut rgb = Vec::with_capacity(16 * 8 * 3);
+    for (w, h) in [(64, 32), (8, 8)] {
+        let err = decoder
+            .decode(&solid_jpeg(w, h, [1, 2, 3]), (16, 8), &mut rgb)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("frame is {w}x{h}, not the negotiated 16x8")
+        );
+        assert!(rgb.is_empty() && rgb.capacity() == 16 * 8 * 3);
+    }
 }
 
 #[test]
@@ -151,7 +169,10 @@ fn damaged_mjpeg_is_an_error_not_grey_pixels() {
         ("empty", &jpeg[..0]),
         ("not a JPEG", &b"\x00\x01\x02\x03"[..]),
     ] {
-        assert!(decoder.decode(bytes, &mut rgb).is_err(), "{name} decoded");
+        assert!(
+            decoder.decode(bytes, (16, 16), &mut rgb).is_err(),
+            "{name} decoded"
+        );
     }
 }
 

@@ -390,11 +390,11 @@ fn convert(
             Ok(())
         }
         PixelFormat::Mjpeg => {
-            let (width, height) = mjpeg
-                .decode(data, &mut frame.rgb)
+            mjpeg
+                .decode(data, (format.width, format.height), &mut frame.rgb)
                 .map_err(|e| e.to_string())?;
-            frame.width = width;
-            frame.height = height;
+            frame.width = format.width;
+            frame.height = format.height;
             Ok(())
         }
     }

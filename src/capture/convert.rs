@@ -185,6 +185,13 @@ pub enum MjpegError {
     Malformed(usize),
     #[error("decoding failed: {0}")]
     Decode(String),
+    #[error("frame is {found_width}x{found_height}, not the negotiated {width}x{height}")]
+    SizeMismatch {
+        found_width: usize,
+        found_height: usize,
+        width: usize,
+        height: usize,
+    },
 }
 
 /// Decodes MJPEG frames into RGB8, inserting the standard Huffman tables into frames that omit
@@ -206,9 +213,17 @@ impl MjpegDecoder {
         }
     }
 
-    /// Decodes `jpeg` into `rgb` (resized to the image; it only grows if the image outgrew it)
-    /// and returns the image's width and height.
-    pub fn decode(&mut self, jpeg: &[u8], rgb: &mut Vec<u8>) -> Result<(usize, usize), MjpegError> {
+    /// Decodes `jpeg`, which must be `size` = (width, height), into `rgb` (resized to it).
+    ///
+    /// A frame whose header claims another size is refused before anything is allocated: the
+    /// header is the camera's (or the bus's) word, and a damaged one could otherwise grow the
+    /// frame buffer to hundreds of megabytes, for good.
+    pub fn decode(
+        &mut self,
+        jpeg: &[u8],
+        size: (usize, usize),
+        rgb: &mut Vec<u8>,
+    ) -> Result<(), MjpegError> {
         let jpeg = framed(jpeg)?;
         let input = match missing_dht_insert_at(jpeg)? {
             Some(at) => {
@@ -227,9 +242,17 @@ impl MjpegDecoder {
         let (width, height) = decoder
             .dimensions()
             .ok_or_else(|| MjpegError::Decode("no frame header".into()))?;
+        if (width, height) != size {
+            return Err(MjpegError::SizeMismatch {
+                found_width: width,
+                found_height: height,
+                width: size.0,
+                height: size.1,
+            });
+        }
         rgb.resize(width * height * 3, 0);
         decoder.decode_into(rgb).map_err(decode_err)?;
-        Ok((width, height))
+        Ok(())
     }
 }
 
