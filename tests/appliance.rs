@@ -625,6 +625,53 @@ fn connections_over_the_cap_get_503_at_once() {
     assert!(text.contains("limit 2"), "{text}");
 }
 
+/// Connection threads the failing spawner below still has to refuse.
+static SPAWNS_TO_FAIL: AtomicUsize = AtomicUsize::new(0);
+
+/// Fails while `SPAWNS_TO_FAIL` is positive, as `thread::Builder::spawn` does when the
+/// process is out of memory or threads; then spawns for real.
+fn failing_spawner(work: Box<dyn FnOnce() + Send>) -> io::Result<()> {
+    let left = SPAWNS_TO_FAIL.load(Ordering::SeqCst);
+    if left > 0 {
+        SPAWNS_TO_FAIL.store(left - 1, Ordering::SeqCst);
+        return Err(io::Error::new(
+            io::ErrorKind::OutOfMemory,
+            "Resource temporarily unavailable",
+        ));
+    }
+    drape::stream::http::spawn_connection_thread(work)
+}
+
+#[test]
+fn a_failed_connection_thread_costs_that_connection_only() {
+    SPAWNS_TO_FAIL.store(3, Ordering::SeqCst);
+    let server = http_server(
+        "127.0.0.1:0",
+        Hub::new(),
+        HttpOptions {
+            // Fewer places than failures: a place leaked by a failed spawn would turn the
+            // next client away with 503.
+            max_connections: 2,
+            spawn_connection: failing_spawner,
+            ..HttpOptions::default()
+        },
+    );
+    let addr = server.local_addr();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(HANG)).unwrap();
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n");
+        let mut raw = Vec::new();
+        // Closed without an answer (or reset): never a response, never a hang.
+        let _ = s.read_to_end(&mut raw);
+        assert!(raw.is_empty(), "{}", String::from_utf8_lossy(&raw));
+    }
+    assert_eq!(SPAWNS_TO_FAIL.load(Ordering::SeqCst), 0);
+    // The acceptor is alive and every place is free again.
+    assert_eq!(http_get(addr, "GET /healthz HTTP/1.1\r\n\r\n").0, 200);
+    assert_eq!(http_get(addr, "GET /healthz HTTP/1.1\r\n\r\n").0, 200);
+}
+
 #[test]
 fn a_lan_bind_needs_a_token_and_a_host_that_cannot_be_rebound() {
     let err = HttpServer::bind("0.0.0.0:0", Hub::new(), HttpOptions::default())

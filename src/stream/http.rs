@@ -68,6 +68,21 @@ pub struct HttpOptions {
     /// Host names (without port) accepted besides IP addresses and `localhost` when the
     /// address is not loopback, e.g. the mirror's own `mirror-12.local`.
     pub allowed_hosts: Vec<String>,
+    /// Starts a connection's thread. [`spawn_connection_thread`] unless a test makes it fail,
+    /// to check that the acceptor survives a failed spawn (out of memory or threads), which
+    /// cannot be provoked reliably from a test, least of all as root.
+    pub spawn_connection: SpawnConnection,
+}
+
+/// How the acceptor starts a connection's thread.
+pub type SpawnConnection = fn(Box<dyn FnOnce() + Send>) -> io::Result<()>;
+
+/// A named thread per connection.
+pub fn spawn_connection_thread(work: Box<dyn FnOnce() + Send>) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("http-client".into())
+        .spawn(work)
+        .map(drop)
 }
 
 impl Default for HttpOptions {
@@ -79,6 +94,7 @@ impl Default for HttpOptions {
             head_deadline: Duration::from_secs(10),
             token: None,
             allowed_hosts: Vec::new(),
+            spawn_connection: spawn_connection_thread,
         }
     }
 }
@@ -198,14 +214,12 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
             continue;
         };
         let worker = Arc::clone(shared);
-        let spawned = std::thread::Builder::new()
-            .name("http-client".into())
-            .spawn(move || {
-                let _place = place;
-                if let Err(e) = handle(stream, &worker) {
-                    tracing::debug!("http client: {e}");
-                }
-            });
+        let spawned = (shared.options.spawn_connection)(Box::new(move || {
+            let _place = place;
+            if let Err(e) = handle(stream, &worker) {
+                tracing::debug!("http client: {e}");
+            }
+        }));
         if let Err(e) = spawned {
             // The closure, its stream and its place are dropped: the client sees a close.
             tracing::warn!("http: cannot start a connection thread: {e}");
