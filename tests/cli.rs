@@ -5,9 +5,7 @@ mod common;
 use std::process::Command;
 
 fn drape() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_drape"));
-    c.current_dir(env!("CARGO_MANIFEST_DIR"));
-    c
+    common::drape_command()
 }
 
 fn image() -> String {
