@@ -10,6 +10,12 @@
   category, and COCOeval's iouThrs/recThrs as repr strings (to compare bit for bit).
 * polygons.json: pycocotools' rasterisation (frPyObjects + merge) of a few polygons, as
   uncompressed column-major counts starting with background.
+* e2e_gt.json / e2e_train.csv / e2e_expected.json: ground truth for `drape eval` end to end on
+  the fixture photos, made from torchvision's own detections of the tiny_r50 fixture model
+  (tests/fixtures/tiny_r50/<image>.json, written by make_fixtures.py) that score at least
+  E2E_GT_SCORE, as COCO JSON (Fashionpedia category ids, label - 1) and as an iMaterialist
+  train.csv; and pycocotools' segm AP of torchvision's full detections against it, which drape's
+  detections of the same model must reproduce.
 
 Run from the repo root; output is deterministic:
 
@@ -177,6 +183,73 @@ def coco_set():
     return {"images": images, "annotations": annotations, "categories": categories}, detections
 
 
+E2E_IMAGES = ["landscape", "odd", "portrait"]
+E2E_GT_SCORE = 0.3
+
+
+def kaggle_rle(mask):
+    """iMaterialist's EncodedPixels: 1-indexed column-major 'start length' runs of foreground."""
+    flat = np.concatenate([[0], np.asarray(mask, dtype=np.uint8).flatten(order="F"), [0]])
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    starts, ends = edges[::2], edges[1::2]
+    return " ".join(f"{a} {b - a}" for a, b in zip(starts, ends))
+
+
+def add_gt(annotations, rows, image_id, stem, category, mask):
+    h, w = mask.shape
+    rle = compressed(mask)
+    encoded = {"size": rle["size"], "counts": rle["counts"].encode()}
+    annotations.append({
+        "id": len(annotations) + 1, "image_id": image_id, "category_id": category,
+        "iscrowd": 0, "segmentation": rle, "area": float(mask_utils.area(encoded)),
+        "bbox": [float(v) for v in mask_utils.toBbox(encoded)],
+    })
+    # ClassId with attribute ids, as train.csv has them (drape must ignore them).
+    rows.append(f"{stem},{kaggle_rle(mask)},{h},{w},{category}_115_136")
+
+
+def end_to_end_set():
+    root = OUT.parent
+    images, annotations, detections, rows = [], [], [], ["ImageId,EncodedPixels,Height,Width,ClassId"]
+    for image_id, stem in enumerate(E2E_IMAGES):
+        tv = json.loads((root / "tiny_r50" / f"{stem}.json").read_text())
+        h, w = tv["height"], tv["width"]
+        images.append({"id": image_id, "file_name": f"{stem}.png", "height": h, "width": w})
+        for inst in tv["instances"]:
+            rle = {"size": [h, w], "counts": inst["mask"]["counts"]}
+            category = inst["label"] - 1
+            detections.append({"image_id": image_id, "category_id": category,
+                               "segmentation": rle, "score": inst["score"]})
+            if inst["score"] < E2E_GT_SCORE:
+                continue
+            mask = mask_utils.decode({"size": [h, w], "counts": rle["counts"].encode()})
+            # Ground truth that the detections only partly find, so AP is not trivially 1:
+            # every third object is drawn 3 px further right (lower IoU), every fifth is
+            # labelled with another class (a miss and a false positive).
+            n = len(annotations)
+            if n % 3 == 1:
+                mask = shifted(mask, 0, 3)
+            if n % 5 == 2:
+                category = (category + 7) % 46
+            add_gt(annotations, rows, image_id, stem, category, mask)
+        # An object no detection covers.
+        missed = np.zeros((h, w), dtype=np.uint8)
+        missed[h // 4: h // 2, w // 4: w // 2] = 1
+        add_gt(annotations, rows, image_id, stem, 5, missed)
+    gt = {"images": images, "annotations": annotations,
+          "categories": [{"id": k} for k in range(46)]}
+    return gt, detections, "\n".join(rows) + "\n"
+
+
+def segm_ap(gt_path, dt):
+    coco_gt = COCO(str(gt_path))
+    ev = COCOeval(coco_gt, coco_gt.loadRes(dt), iouType="segm")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return ev.stats
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "polygons.json").write_text(json.dumps(polygon_fixture()) + "\n")
@@ -210,6 +283,16 @@ def main():
     }
     (OUT / "coco_expected.json").write_text(json.dumps(expected, indent=1) + "\n")
     print(f"wrote {OUT}: AP {expected['ap']:.4f} AP50 {expected['ap50']:.4f} AP75 {expected['ap75']:.4f}")
+
+    gt, dt, csv = end_to_end_set()
+    e2e_gt = OUT / "e2e_gt.json"
+    e2e_gt.write_text(json.dumps(gt) + "\n")
+    (OUT / "e2e_train.csv").write_text(csv)
+    stats = segm_ap(e2e_gt, dt)
+    e2e = {"gt_score": E2E_GT_SCORE, "gt_objects": len(gt["annotations"]), "detections": len(dt),
+           "mask_ap": float(stats[0]), "mask_ap50": float(stats[1])}
+    (OUT / "e2e_expected.json").write_text(json.dumps(e2e, indent=1) + "\n")
+    print(f"end to end: {e2e}")
 
 
 if __name__ == "__main__":

@@ -129,9 +129,13 @@ impl Profile {
         })
     }
 
-    /// The default profile location for `device`.
+    /// The default profile location for `device`: the bundled `calibration/` folder, so
+    /// `calibrate` and `run` agree on it from any working directory (relative to the working
+    /// directory only when drape runs without its bundled files).
     pub fn default_path(device: &Device, threads: usize) -> PathBuf {
-        PathBuf::from("calibration").join(format!("{}.toml", device_name(device, threads)))
+        let dir = crate::assets::find(crate::assets::PROFILES)
+            .unwrap_or_else(|_| PathBuf::from(crate::assets::PROFILES));
+        dir.join(format!("{}.toml", device_name(device, threads)))
     }
 }
 
@@ -250,9 +254,11 @@ mod tests {
             name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
             "{name}"
         );
-        assert_eq!(
-            Profile::default_path(&Device::Cpu, 2),
-            Path::new("calibration").join(format!("{name}.toml"))
+        let path = Profile::default_path(&Device::Cpu, 2);
+        assert!(
+            path.ends_with(Path::new("calibration").join(format!("{name}.toml"))),
+            "{}",
+            path.display()
         );
     }
 }

@@ -9,22 +9,19 @@ use candle_core::Device;
 use crate::device::{DeviceSpec, GpuOptions, PoolKeep};
 use crate::MaskRcnn;
 
-/// The model shipped in the repository: a reduced-width ResNet-50-FPN layout with random
-/// (calibrated) weights, for trying drape without a trained garment model.
-pub const DEFAULT_WEIGHTS: &str = "weights/drape-tiny-r50.safetensors";
-
 #[derive(clap::Args)]
 pub struct ModelArgs {
-    /// Safetensors weights with torchvision key names.
-    #[arg(long, default_value = DEFAULT_WEIGHTS)]
-    pub weights: PathBuf,
+    /// Safetensors weights with torchvision key names [default: the bundled demo model,
+    /// weights/drape-tiny-r50.safetensors, found beside the executable or under $DRAPE_HOME].
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
     /// Shorter side the image is resized to (default: the file's metadata, else 800).
     #[arg(long)]
     pub min_size: Option<usize>,
     /// Cap on the longer side (default: the file's metadata, else 1333).
     #[arg(long)]
     pub max_size: Option<usize>,
-    /// Keep detections scoring above this (torchvision's default 0.05).
+    /// Keep detections scoring above this, in [0, 1] (torchvision's default 0.05).
     #[arg(long)]
     pub score_thresh: Option<f32>,
     /// auto (CUDA, then Metal, where built and present, else CPU), cpu, cuda, cuda:N or metal.
@@ -40,8 +37,17 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The weights file: `--weights`, else the bundled demo model.
+    pub fn weights_path(&self) -> Result<PathBuf> {
+        match &self.weights {
+            Some(path) => Ok(path.clone()),
+            None => Ok(crate::assets::find(crate::assets::DEMO_WEIGHTS)?),
+        }
+    }
+
     /// Validates the flags, sizes the thread pool, opens the device and loads the model.
     pub fn load(&self) -> Result<MaskRcnn> {
+        self.validate()?;
         set_threads(self.threads)?;
         let gpu = GpuOptions {
             pool_keep: self.gpu_pool_keep_mb,
@@ -49,15 +55,28 @@ impl ModelArgs {
         self.load_on(&self.device.open(gpu)?)
     }
 
-    /// Loads the model on `device` (a CPU reference beside a GPU run, say).
-    pub fn load_on(&self, device: &Device) -> Result<MaskRcnn> {
+    /// Checks each flag on its own, so a bad value is reported by its flag's name rather than
+    /// as a setting of the loaded model.
+    fn validate(&self) -> Result<()> {
+        for (flag, value) in [("--min-size", self.min_size), ("--max-size", self.max_size)] {
+            if value == Some(0) {
+                bail!("{flag} must be at least 1");
+            }
+        }
         if let Some(t) = self.score_thresh {
             if !(0.0..=1.0).contains(&t) {
                 bail!("--score-thresh {t} must lie in [0, 1]");
             }
         }
+        Ok(())
+    }
+
+    /// Loads the model on `device` (a CPU reference beside a GPU run, say).
+    pub fn load_on(&self, device: &Device) -> Result<MaskRcnn> {
+        self.validate()?;
+        let weights = self.weights_path()?;
         MaskRcnn::load(
-            &self.weights,
+            &weights,
             |cfg| {
                 if let Some(v) = self.min_size {
                     cfg.min_size = v;
@@ -71,7 +90,7 @@ impl ModelArgs {
             },
             device,
         )
-        .with_context(|| format!("loading weights {}", self.weights.display()))
+        .with_context(|| format!("loading weights {}", weights.display()))
     }
 }
 

@@ -58,6 +58,15 @@ pub enum Error {
     Architecture { path: PathBuf, reason: String },
     #[error("image {path}: {reason}")]
     Image { path: PathBuf, reason: String },
+    #[error(
+        "bundled file {name} not found; looked in {}; give its path with a flag, or set \
+         DRAPE_HOME to the folder that holds it (a clone of the repository)",
+        looked_in.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    AssetNotFound {
+        name: String,
+        looked_in: Vec<PathBuf>,
+    },
     #[error("invalid setting: {0}")]
     Config(String),
     #[error("unknown device {0:?}: expected auto, cpu, cuda, cuda:N or metal")]

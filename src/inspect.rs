@@ -9,17 +9,14 @@
 //! from [`MaskRcnn::load`] itself, so `inspect` passes exactly when `detect` would load the file.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use memmap2::Mmap;
-use safetensors::SafeTensors;
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::Architecture;
-use crate::weights::sha256_hex;
+use crate::weights::{sha256_hex, Weights};
 use crate::MaskRcnn;
 
 /// Tensors only one head variant has, to name it (torchvision's `maskrcnn_resnet50_fpn` is v1
@@ -60,44 +57,32 @@ pub struct Report {
 /// Inspects `path`. Errors only when the file cannot be read as safetensors at all; a file
 /// that is safetensors but not a model drape can run is a report with a failed check.
 pub fn inspect(path: &Path) -> Result<Report> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = File::open(path).map_err(io)?;
-    // SAFETY: read-only mapping, as in `weights.rs`.
-    let bytes = unsafe { Mmap::map(&file) }.map_err(io)?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::NotSafetensors {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let tensors = header.tensors();
-    let dtypes: BTreeSet<String> = tensors
-        .values()
-        .map(|info| format!("{:?}", info.dtype))
-        .collect();
-    let parameters = tensors
-        .values()
-        .map(|info| info.shape.iter().product::<usize>() as u64)
+    // The loader's own reading of the file, so a bad file gets the same message here as in
+    // `detect` (truncation, a directory, a header that is not JSON, ...).
+    let weights = Weights::open(path)?;
+    let dtypes: BTreeSet<String> = weights.entries().map(|(_, dtype)| dtype).collect();
+    let parameters = weights
+        .entries()
+        .map(|(shape, _)| shape.iter().product::<usize>() as u64)
         .sum();
+    let tensors = weights.entries().count();
     let head = HEAD_MARKERS
         .iter()
-        .find(|(name, _)| tensors.contains_key(*name))
+        .find(|(name, _)| weights.contains(name))
         .map_or("unknown", |(_, v)| v);
 
     let mut report = Report {
         path: path.to_path_buf(),
-        file_bytes: bytes.len() as u64,
-        sha256: sha256_hex(&bytes),
+        file_bytes: weights.bytes().len() as u64,
+        sha256: sha256_hex(weights.bytes()),
         dtypes: dtypes.into_iter().collect(),
-        tensors: tensors.len(),
+        tensors,
         parameters,
         head,
-        metadata: header
-            .metadata()
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
+        metadata: weights
+            .all_metadata()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         architecture: None,
         labels: None,
@@ -128,83 +113,4 @@ pub fn inspect(path: &Path) -> Result<Report> {
         }
     }
     Ok(report)
-}
-
-/// `drape inspect`'s flags.
-#[derive(clap::Args)]
-pub struct InspectArgs {
-    /// Safetensors weights file.
-    weights: PathBuf,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    json: bool,
-}
-
-/// Prints the report; fails (exit code 1) when the check fails.
-pub fn run(args: InspectArgs) -> anyhow::Result<()> {
-    let report = inspect(&args.weights)?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print_report(&report);
-    }
-    match &report.check.error {
-        None => Ok(()),
-        Some(e) => anyhow::bail!("check failed: {e}"),
-    }
-}
-
-fn print_report(r: &Report) {
-    println!("{}", r.path.display());
-    println!(
-        "  file          {:.1} MB, sha256 {}",
-        r.file_bytes as f64 / 1e6,
-        r.sha256
-    );
-    println!(
-        "  tensors       {}, {} parameters, {}",
-        r.tensors,
-        r.parameters,
-        r.dtypes.join(" + ")
-    );
-    if let Some(a) = &r.architecture {
-        println!("  backbone      {}", a.backbone);
-        println!(
-            "  blocks        {} {:?}, stage channels {:?}",
-            a.block, a.blocks_per_stage, a.stage_channels
-        );
-        println!(
-            "  heads         FPN {}, head variant {} (box head {}, mask head {:?}), bn_eps {}",
-            a.fpn_channels, r.head, a.representation_size, a.mask_layers, a.bn_eps
-        );
-        println!("  classes       {} incl. background", a.num_classes);
-    }
-    if let Some(labels) = &r.labels {
-        let source = if r.metadata.contains_key("labels") {
-            "from the file"
-        } else {
-            "default"
-        };
-        let numbered: Vec<String> = labels
-            .iter()
-            .enumerate()
-            .map(|(i, l)| format!("{}: {l}", i + 1))
-            .collect();
-        println!("  labels        ({source}) {}", numbered.join(" | "));
-    }
-    if let (Some(min), Some(max)) = (r.min_size, r.max_size) {
-        println!("  input size    shorter side {min}, longer side at most {max}");
-    }
-    for (k, v) in &r.metadata {
-        // Labels were shown above, one per class.
-        if k != "labels" {
-            println!("  metadata      {k} = {v}");
-        }
-    }
-    match &r.check.error {
-        None => println!(
-            "  check         ok: every tensor the model needs is present with the right shape"
-        ),
-        Some(e) => println!("  check         FAILED: {e}"),
-    }
 }

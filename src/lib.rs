@@ -10,10 +10,12 @@
 //! ```
 
 pub mod alloc;
+pub mod assets;
 pub mod bench;
 pub mod calibrate;
 pub mod capture;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod convert;
 pub mod device;
@@ -31,6 +33,7 @@ pub mod stream;
 pub mod synthetic;
 #[cfg(test)]
 mod test_rng;
+pub mod track;
 pub mod weights;
 
 pub use config::Config;

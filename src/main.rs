@@ -1,6 +1,6 @@
 //! The `drape` command line: flags are parsed and validated here, then handed to the library.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use drape::alloc::CountingAlloc;
@@ -18,8 +18,10 @@ use drape::cli::ModelArgs;
 use drape::output::RleFormat;
 use drape::pipeline::{self, BudgetController, JsonLines, PipelineOptions, Sink};
 use drape::stream::http::{HttpOptions, HttpServer};
+use drape::stream::mqtt::{MqttConfig, MqttMasks, MqttSink, MqttStats};
 use drape::stream::unix::UnixServer;
 use drape::stream::{labels_by_id, Hub, HubSink};
+use drape::track::TrackerConfig;
 use drape::{image_io, output, overlay};
 
 // candle allocates a fresh buffer per tensor op; glibc malloc returns large ones to the kernel
@@ -51,7 +53,7 @@ enum Command {
     /// Convert a PyTorch checkpoint (.pth/.pt) to the safetensors file drape loads.
     Convert(drape::convert::ConvertArgs),
     /// Describe a weights file and check that drape can run it.
-    Inspect(drape::inspect::InspectArgs),
+    Inspect(InspectArgs),
     /// Accuracy on annotated images: iMaterialist 2019 score and COCO mask AP, per class;
     /// --sweep prices each input size and mask cap in accuracy and latency.
     Eval(drape::eval::EvalArgs),
@@ -74,20 +76,24 @@ enum Command {
 /// Where frames come from and how the installation turns them.
 #[derive(clap::Args)]
 struct SourceArgs {
-    /// A camera (/dev/videoN), a directory of PNG/JPEG images, or a .y4m recording.
-    #[arg(long, default_value = "tests/fixtures/frames")]
-    source: String,
+    /// A camera (/dev/videoN), a directory of PNG/JPEG images, or a .y4m recording
+    /// [default: the bundled frames, tests/fixtures/frames].
+    #[arg(long)]
+    source: Option<String>,
     /// Frame rate to ask the camera for / to replay at (default: the recording's, else 30).
     #[arg(long)]
     fps: Option<f64>,
     /// Replay: start over after the last frame.
     #[arg(long = "loop")]
     looping: bool,
-    /// Camera: preferred width, height and pixel format (yuyv or mjpeg).
+    /// Camera: preferred frame width in pixels (the driver may pick the nearest it has).
     #[arg(long)]
     width: Option<u32>,
+    /// Camera: preferred frame height in pixels (the driver may pick the nearest it has).
     #[arg(long)]
     height: Option<u32>,
+    /// Camera: preferred pixel format, yuyv or mjpeg (default: whichever the camera offers
+    /// at the chosen size, YUYV first).
     #[arg(long)]
     format: Option<PixelFormat>,
     /// Rotate frames clockwise by 0, 90, 180 or 270 degrees (portrait mirrors).
@@ -102,9 +108,15 @@ struct SourceArgs {
 }
 
 impl SourceArgs {
-    fn spec(&self) -> SourceSpec {
-        SourceSpec {
-            source: self.source.clone(),
+    fn spec(&self) -> Result<SourceSpec> {
+        let source = match &self.source {
+            Some(source) => source.clone(),
+            None => drape::assets::find(drape::assets::DEMO_FRAMES)?
+                .display()
+                .to_string(),
+        };
+        Ok(SourceSpec {
+            source,
             fps: self.fps,
             looping: self.looping,
             width: self.width,
@@ -115,7 +127,7 @@ impl SourceArgs {
                 flip_horizontal: self.flip,
                 crop: self.crop,
             },
-        }
+        })
     }
 
     fn transforms(&self) -> ProfileTransforms {
@@ -174,6 +186,83 @@ struct OutputArgs {
     /// Mask encoding in the JSON lines.
     #[arg(long, value_enum, default_value = "coco")]
     rle: RleFormat,
+    #[command(flatten)]
+    mqtt: MqttArgs,
+    #[command(flatten)]
+    track: TrackArgs,
+}
+
+/// Publishing to a store's MQTT broker (credentials: DRAPE_MQTT_USERNAME/DRAPE_MQTT_PASSWORD).
+#[derive(clap::Args)]
+struct MqttArgs {
+    /// Publish frames, track events and a retained status under TOPIC/ on this broker:
+    /// mqtt://HOST[:PORT]/TOPIC or mqtts://HOST[:PORT]/TOPIC.
+    #[arg(long, value_name = "URL")]
+    mqtt: Option<String>,
+    /// PEM CA certificate that signed an mqtts:// broker's certificate.
+    #[arg(long, value_name = "FILE", requires = "mqtt")]
+    mqtt_ca: Option<PathBuf>,
+    /// Masks in the frame records sent to the broker.
+    #[arg(long, value_enum, default_value = "none", requires = "mqtt")]
+    mqtt_masks: MqttMasks,
+    /// MQTT client id, unique per mirror (default: drape-HOSTNAME).
+    #[arg(long, requires = "mqtt")]
+    mqtt_client_id: Option<String>,
+}
+
+impl MqttArgs {
+    fn config(&self) -> Result<Option<MqttConfig>> {
+        let Some(url) = &self.mqtt else {
+            return Ok(None);
+        };
+        let client_id = match &self.mqtt_client_id {
+            Some(id) => id.clone(),
+            None => format!("drape-{}", hostname()),
+        };
+        let mut config = MqttConfig::from_url(url, &client_id)?.credentials_from_env()?;
+        config.ca = self.mqtt_ca.clone();
+        config.masks = self.mqtt_masks;
+        config.validate()?;
+        Ok(Some(config))
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length, which is what gethostname is told.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(h) if rc == 0 && !h.is_empty() => h.to_string(),
+        _ => "unknown".to_string(),
+    }
+}
+
+/// How garments are tracked across frames.
+#[derive(clap::Args)]
+struct TrackArgs {
+    /// A confirmed track unseen for this long (capture time) ends.
+    #[arg(long, value_name = "MS", default_value_t = drape::track::MAX_AGE.as_millis() as u64)]
+    track_expiry_ms: u64,
+    /// Consecutive frames a new track must be seen in before it starts.
+    #[arg(long, value_name = "N", default_value_t = drape::track::CONFIRM_HITS)]
+    track_confirm: u32,
+    /// Least mask (or box) IoU for a detection to continue a track.
+    #[arg(long, value_name = "IOU", default_value_t = drape::track::MIN_IOU)]
+    track_iou: f32,
+}
+
+impl TrackArgs {
+    fn config(&self) -> Result<TrackerConfig> {
+        let config = TrackerConfig {
+            min_iou: self.track_iou,
+            confirm_hits: self.track_confirm,
+            max_age: Duration::from_millis(self.track_expiry_ms),
+            ..TrackerConfig::default()
+        };
+        config.validate()?;
+        Ok(config)
+    }
 }
 
 #[derive(clap::Args)]
@@ -218,8 +307,7 @@ struct DetectArgs {
     image: PathBuf,
     #[command(flatten)]
     model: ModelArgs,
-    /// Write the result as JSON to this file, or `-` for stdout (the default when no
-    /// --overlay is given).
+    /// Write the result as JSON to this file instead of stdout (`-`: stdout, the default).
     #[arg(long)]
     json: Option<PathBuf>,
     /// Write a PNG with masks, boxes and labels drawn over the image.
@@ -234,9 +322,10 @@ struct DetectArgs {
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Image to run on (PNG or JPEG).
-    #[arg(long, default_value = "tests/fixtures/images/landscape.png")]
-    image: PathBuf,
+    /// Image to run on, PNG or JPEG [default: the bundled photo,
+    /// tests/fixtures/images/landscape.png].
+    #[arg(long)]
+    image: Option<PathBuf>,
     /// Timed runs.
     #[arg(long, default_value_t = 10)]
     iters: usize,
@@ -261,33 +350,115 @@ fn detect(args: DetectArgs) -> Result<()> {
         .detect(image.as_raw(), size)
         .with_context(|| format!("running the model on {}", args.image.display()))?;
     eprintln!(
-        "{}: {} instances in {:.0} ms ({}x{} input)",
+        "{}: {} instances in {:.0} ms (image {}x{}, model input {}x{})",
         args.image.display(),
         result.instances.len(),
         result.timings.total,
         size.1,
-        size.0
+        size.0,
+        result.input_size.0,
+        result.input_size.1
     );
 
-    let json_target = match (&args.json, &args.overlay) {
-        (Some(p), _) => Some(p.as_path()),
-        (None, None) => Some(Path::new("-")),
-        (None, Some(_)) => None,
-    };
-    if let Some(target) = json_target {
-        let text = serde_json::to_string(&output::to_json(&model, &result, args.rle))?;
-        if target == Path::new("-") {
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "{text}")?;
-        } else {
-            std::fs::write(target, text + "\n")
-                .with_context(|| format!("writing {}", target.display()))?;
-        }
+    let text = serde_json::to_string(&output::to_json(&model, &result, args.rle))?;
+    match args.json.as_deref() {
+        None => writeln!(std::io::stdout().lock(), "{text}")?,
+        Some(target) if target == Path::new("-") => writeln!(std::io::stdout().lock(), "{text}")?,
+        Some(target) => std::fs::write(target, text + "\n")
+            .with_context(|| format!("writing JSON to {}", target.display()))?,
     }
     if let Some(path) = &args.overlay {
         let mut canvas = image;
         overlay::draw(&mut canvas, &result.instances, |c| model.label(c));
-        image_io::save_png(&canvas, path)?;
+        image_io::save_png(&canvas, path).context("writing the overlay")?;
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    /// Safetensors weights file.
+    weights: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Prints the report; fails (exit code 1) when the check fails.
+fn inspect(args: InspectArgs) -> Result<()> {
+    let report = drape::inspect::inspect(&args.weights)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string(&report)?)?;
+    } else {
+        print_report(&report, &mut out)?;
+    }
+    match &report.check.error {
+        None => Ok(()),
+        Some(e) => bail!("check failed: {e}"),
+    }
+}
+
+fn print_report(r: &drape::inspect::Report, out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(out, "{}", r.path.display())?;
+    writeln!(
+        out,
+        "  file          {:.1} MB, sha256 {}",
+        r.file_bytes as f64 / 1e6,
+        r.sha256
+    )?;
+    writeln!(
+        out,
+        "  tensors       {}, {} parameters, {}",
+        r.tensors,
+        r.parameters,
+        r.dtypes.join(" + ")
+    )?;
+    if let Some(a) = &r.architecture {
+        writeln!(out, "  backbone      {}", a.backbone)?;
+        writeln!(
+            out,
+            "  blocks        {} {:?}, stage channels {:?}",
+            a.block, a.blocks_per_stage, a.stage_channels
+        )?;
+        writeln!(
+            out,
+            "  heads         FPN {}, head variant {} (box head {}, mask head {:?}), bn_eps {}",
+            a.fpn_channels, r.head, a.representation_size, a.mask_layers, a.bn_eps
+        )?;
+        writeln!(out, "  classes       {} incl. background", a.num_classes)?;
+    }
+    if let Some(labels) = &r.labels {
+        let source = if r.metadata.contains_key("labels") {
+            "from the file"
+        } else {
+            "default"
+        };
+        let numbered: Vec<String> = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| format!("{}: {l}", i + 1))
+            .collect();
+        writeln!(out, "  labels        ({source}) {}", numbered.join(" | "))?;
+    }
+    if let (Some(min), Some(max)) = (r.min_size, r.max_size) {
+        writeln!(
+            out,
+            "  input size    shorter side {min}, longer side at most {max}"
+        )?;
+    }
+    for (k, v) in &r.metadata {
+        // Labels were shown above, one per class.
+        if k != "labels" {
+            writeln!(out, "  metadata      {k} = {v}")?;
+        }
+    }
+    match &r.check.error {
+        None => writeln!(
+            out,
+            "  check         ok: every tensor the model needs is present with the right shape"
+        )?,
+        Some(e) => writeln!(out, "  check         FAILED: {e}")?,
     }
     Ok(())
 }
@@ -300,13 +471,14 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
     // Held until the model is loaded; the file is removed with it.
     let _synthetic = if args.random_r50 {
         let dir = tempfile::tempdir().context("creating a temp dir for the random weights")?;
-        model_args.weights = dir.path().join("random-r50.safetensors");
+        let path = dir.path().join("random-r50.safetensors");
         drape::synthetic::write_random_weights(
-            &model_args.weights,
+            &path,
             &drape::synthetic::SyntheticSpec::resnet50_fpn(),
             1,
         )
         .context("writing random ResNet-50-FPN weights")?;
+        model_args.weights = Some(path);
         Some(dir)
     } else {
         None
@@ -314,7 +486,11 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
     let load_start = Instant::now();
     let model = model_args.load()?;
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
-    let image = image_io::load_rgb(&args.image)?;
+    let image_path = match args.image {
+        Some(path) => path,
+        None => drape::assets::find(drape::assets::BENCH_IMAGE)?,
+    };
+    let image = image_io::load_rgb(&image_path)?;
     let size = (image.height() as usize, image.width() as usize);
     let warmup = args.warmup.max(1);
     let bar = if args.json {
@@ -325,7 +501,7 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
                 .expect("static template"),
         )
     };
-    bar.set_message(format!("bench {}", model_args.weights.display()));
+    bar.set_message(format!("bench {}", model_args.weights_path()?.display()));
     let report = drape::bench::run(
         &model,
         image.as_raw(),
@@ -337,12 +513,14 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
         || bar.inc(1),
     )?;
     bar.finish_and_clear();
+    let mut out = std::io::stdout().lock();
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        writeln!(out, "{}", serde_json::to_string(&report)?)?;
         return Ok(());
     }
     let a = model.architecture();
-    println!(
+    writeln!(
+        out,
         "{} ({} classes, FPN {}), input {}x{} from {}x{}, {}, {} threads, {} runs, {} instances",
         a.backbone,
         a.num_classes,
@@ -355,13 +533,14 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
         report.threads,
         report.iters,
         report.instances
-    );
-    println!("{:<12} {:>10} {:>10}", "stage", "median ms", "p99 ms");
+    )?;
+    writeln!(out, "{:<12} {:>10} {:>10}", "stage", "median ms", "p99 ms")?;
     for (name, _) in drape::model::Timings::default().stages() {
         let s = report.stages[name];
-        println!("{name:<12} {:>10.1} {:>10.1}", s.median_ms, s.p99_ms);
+        writeln!(out, "{name:<12} {:>10.1} {:>10.1}", s.median_ms, s.p99_ms)?;
     }
-    println!(
+    writeln!(
+        out,
         "backbone {:.1} GFLOP/s, {:.0} model allocations/frame, peak RSS {}, load {:.0} ms, \
          cold start {:.0} ms",
         report.backbone_gflops,
@@ -371,15 +550,16 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
             .map_or("n/a".into(), |m| format!("{m:.0} MiB")),
         report.load_ms,
         report.cold_start_ms
-    );
+    )?;
     if let Some(m) = report.device_memory {
-        println!(
+        writeln!(
+            out,
             "device memory {:.0} of {:.0} MiB in use, pool peak {}",
             m.used_mb,
             m.total_mb,
             m.pool_peak_mb
                 .map_or("n/a".into(), |p| format!("{p:.0} MiB"))
-        );
+        )?;
     }
     Ok(())
 }
@@ -424,8 +604,10 @@ fn stream(
     if !(budget_ms.is_finite() && budget_ms > 0.0) {
         bail!("--budget-ms must be positive");
     }
+    let track = outputs.track.config()?;
+    let mqtt = outputs.mqtt.config()?;
     let model = model_args.load()?;
-    let spec = source_args.spec();
+    let spec = source_args.spec()?;
     let source = drape::capture::open(&spec).with_context(|| format!("opening {}", spec.source))?;
     eprintln!("drape: {} at a {budget_ms} ms budget", source.describe());
     let threads = rayon::current_num_threads();
@@ -438,7 +620,7 @@ fn stream(
             .unwrap_or_else(|| Profile::default_path(model.device(), threads));
         if path.exists() || outputs.profile.is_some() {
             let profile = Profile::load(&path)?;
-            let sha = drape::weights::sha256_file(&model_args.weights)?;
+            let sha = drape::weights::sha256_file(&model_args.weights_path()?)?;
             if profile.model_sha256 != sha {
                 tracing::warn!(profile = %path.display(), "profile was calibrated for another model; ignoring it");
             } else {
@@ -498,8 +680,17 @@ fn stream(
             labels_by_id(&model),
         )));
     }
+    if let Some(config) = mqtt {
+        let url = outputs.mqtt.mqtt.as_deref().unwrap_or_default();
+        let stats = Arc::new(MqttStats::default());
+        hub.metrics.attach_mqtt(Arc::clone(&stats));
+        let sink = MqttSink::start(config, stats)
+            .with_context(|| format!("starting MQTT output to {url}"))?;
+        eprintln!("drape: publishing to {url}");
+        sinks.push(Box::new(sink));
+    }
     if sinks.is_empty() {
-        bail!("no output: give --jsonl, --http or --unix");
+        bail!("no output: give --jsonl, --http, --unix or --mqtt");
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -508,10 +699,10 @@ fn stream(
             .context("installing signal handlers")?;
     }
     let options = PipelineOptions {
-        budget_ms,
         duration: outputs.duration.map(Duration::from_secs_f64),
-        slow_stage: None,
         rle: outputs.rle,
+        track,
+        ..PipelineOptions::new(budget_ms)
     };
     let summary = pipeline::run(&model, source, controller, &mut sinks, &options, &stop)?;
     print_summary(&summary);
@@ -521,7 +712,7 @@ fn stream(
 fn print_summary(s: &drape::pipeline::Summary) {
     let c = &s.counters;
     eprintln!(
-        "frames: {} captured, {} processed, dropped {} stale / {} superseded / {} corrupt / {} by the driver; {} reconnects; {} budget misses",
+        "frames: {} captured, {} processed, dropped {} stale / {} superseded / {} corrupt; {} skipped at the source (camera driver or replay catching up); {} reconnects; {} budget misses",
         c.captured, c.processed, c.dropped_stale, c.dropped_superseded, c.corrupt, c.driver_dropped, c.reconnects, c.budget_misses
     );
     eprintln!(
@@ -551,8 +742,9 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
     }
     let model = args.model.load()?;
     let threads = rayon::current_num_threads();
-    let mut source = drape::capture::open(&args.source.spec())
-        .with_context(|| format!("opening {}", args.source.source))?;
+    let spec = args.source.spec()?;
+    let mut source =
+        drape::capture::open(&spec).with_context(|| format!("opening {}", spec.source))?;
     // A few distinct frames; replay paces them, so a handful is quick.
     let mut frames = Vec::new();
     let mut frame = drape::capture::Frame::with_capacity(0, 0);
@@ -574,7 +766,7 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
     let profile = Profile {
         device: drape::calibrate::device_name(model.device(), threads),
         threads,
-        model_sha256: drape::weights::sha256_file(&args.model.weights)?,
+        model_sha256: drape::weights::sha256_file(&args.model.weights_path()?)?,
         budget_ms: args.budget_ms,
         level,
         min_size: measured[level].min_size,
@@ -588,7 +780,8 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
         .out
         .unwrap_or_else(|| Profile::default_path(model.device(), threads));
     profile.save(&path)?;
-    println!(
+    writeln!(
+        std::io::stdout().lock(),
         "{}: input {}/{} with up to {} masks fits {} ms at p99 ({} size fixed p99 {:.0} ms); wrote {}",
         profile.device,
         profile.min_size,
@@ -598,32 +791,35 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
         if profile.measured[level].fixed_p99_ms <= profile.budget_ms { "this" } else { "even the smallest" },
         profile.measured[level].fixed_p99_ms,
         path.display()
-    );
+    )?;
     Ok(())
 }
 
 fn cameras(json: bool) -> Result<()> {
     let cameras = drape::capture::list_cameras();
+    let mut out = std::io::stdout().lock();
     if json {
-        println!("{}", serde_json::to_string(&cameras)?);
+        writeln!(out, "{}", serde_json::to_string(&cameras)?)?;
         return Ok(());
     }
     if cameras.is_empty() {
         eprintln!("no V4L2 capture devices found");
     }
     for c in &cameras {
-        println!(
+        writeln!(
+            out,
             "{} — {} ({}, {})",
             c.path.display(),
             c.name,
             c.driver,
             c.bus
-        );
+        )?;
         for f in &c.formats {
-            println!(
+            writeln!(
+                out,
                 "    {} {}x{} @ {:.2} fps",
                 f.fourcc, f.width, f.height, f.fps
-            );
+            )?;
         }
     }
     Ok(())
@@ -631,18 +827,27 @@ fn cameras(json: bool) -> Result<()> {
 
 fn main() -> ExitCode {
     let process_start = Instant::now();
-    let cli = Cli::parse();
+    // `--score-thresh -1` is a bad value to report by its flag's name, not an unknown flag.
+    let matches = Cli::command()
+        .mut_subcommands(|c| c.allow_negative_numbers(true))
+        .get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in files or the journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
         Command::Detect(args) => detect(args),
         Command::Bench(args) => bench(args, process_start),
         Command::Convert(args) => drape::convert::run(args),
-        Command::Inspect(args) => drape::inspect::run(args),
+        Command::Inspect(args) => inspect(args),
         Command::Eval(args) => drape::eval::run_eval(args),
         Command::Submit(args) => drape::eval::run_submit(args),
         Command::Run(args) => run(args),
@@ -652,9 +857,19 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // `drape detect | head`: the reader has what it wanted; not an error worth a message.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

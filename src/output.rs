@@ -9,6 +9,7 @@ use serde::{Serialize, Serializer};
 
 use crate::model::{Detections, MaskRcnn};
 use crate::postprocess::{Instance, Rle};
+use crate::track::InstanceTrack;
 
 /// How masks are written in JSON.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -21,30 +22,52 @@ pub enum RleFormat {
     Kaggle,
 }
 
-/// `[{"class_id", "label", "score", "box", "mask": {...} | null}, ...]`.
-pub struct InstancesJson<'a>(pub &'a MaskRcnn, pub &'a [Instance], pub RleFormat);
+/// `[{"class_id", "label", "score", "box", "mask": {...} | null}, ...]`, each instance with its
+/// track's `track_id`, `track_confirmed` and `smoothed_box` beside the raw values when `tracks`
+/// is given (one per instance, in order).
+pub struct InstancesJson<'a> {
+    pub model: &'a MaskRcnn,
+    pub instances: &'a [Instance],
+    /// `None` leaves the `mask` key out (light records, e.g. for a message broker).
+    pub masks: Option<RleFormat>,
+    pub tracks: Option<&'a [InstanceTrack]>,
+}
 
 impl Serialize for InstancesJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(Some(self.1.len()))?;
-        for i in self.1 {
-            seq.serialize_element(&InstanceJson(self.0, i, self.2))?;
+        let mut seq = s.serialize_seq(Some(self.instances.len()))?;
+        for (k, i) in self.instances.iter().enumerate() {
+            let track = self.tracks.and_then(|t| t.get(k));
+            seq.serialize_element(&InstanceJson(self, i, track))?;
         }
         seq.end()
     }
 }
 
-struct InstanceJson<'a>(&'a MaskRcnn, &'a Instance, RleFormat);
+struct InstanceJson<'a>(
+    &'a InstancesJson<'a>,
+    &'a Instance,
+    Option<&'a InstanceTrack>,
+);
 
 impl Serialize for InstanceJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let (model, i) = (self.0, self.1);
-        let mut m = s.serialize_map(Some(5))?;
+        let (all, i) = (self.0, self.1);
+        let mut m = s.serialize_map(None)?;
+        if let Some(t) = self.2 {
+            m.serialize_entry("track_id", &t.track_id)?;
+        }
         m.serialize_entry("class_id", &i.class_id)?;
-        m.serialize_entry("label", model.label(i.class_id))?;
+        m.serialize_entry("label", all.model.label(i.class_id))?;
         m.serialize_entry("score", &i.score)?;
         m.serialize_entry("box", &i.bbox)?;
-        m.serialize_entry("mask", &i.mask.as_ref().map(|r| MaskJson(r, self.2)))?;
+        if let Some(format) = all.masks {
+            m.serialize_entry("mask", &i.mask.as_ref().map(|r| MaskJson(r, format)))?;
+        }
+        if let Some(t) = self.2 {
+            m.serialize_entry("track_confirmed", &t.confirmed)?;
+            m.serialize_entry("smoothed_box", &t.smoothed_box)?;
+        }
         m.end()
     }
 }
@@ -83,17 +106,25 @@ impl fmt::Display for CountsStr<'_> {
     }
 }
 
-/// `{"width", "height", "timings_ms", "instances"}`, instances by descending score.
+/// `{"width", "height", "input_size", "timings_ms", "instances"}`, instances by descending score.
 pub fn to_json(model: &MaskRcnn, d: &Detections, format: RleFormat) -> serde_json::Value {
     struct Json<'a>(&'a MaskRcnn, &'a Detections, RleFormat);
     impl Serialize for Json<'_> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             let d = self.1;
-            let mut m = s.serialize_map(Some(4))?;
+            let mut m = s.serialize_map(Some(5))?;
             m.serialize_entry("width", &d.width)?;
             m.serialize_entry("height", &d.height)?;
-            m.serialize_entry("timings_ms", &d.timings.summary())?;
-            m.serialize_entry("instances", &InstancesJson(self.0, &d.instances, self.2))?;
+            m.serialize_entry("input_size", &[d.input_size.0, d.input_size.1])?;
+            // The same stage names as `drape run`'s lines and `drape bench`.
+            m.serialize_entry("timings_ms", &d.timings)?;
+            let instances = InstancesJson {
+                model: self.0,
+                instances: &d.instances,
+                masks: Some(self.2),
+                tracks: None,
+            };
+            m.serialize_entry("instances", &instances)?;
             m.end()
         }
     }

@@ -1,5 +1,6 @@
-//! Draws instances over the image: class-coloured translucent masks, boxes, and
-//! "label score" captions in an 8×8 bitmap font (font8x8, public domain).
+//! Draws instances over the image: translucent masks, boxes, and "label score" captions in an
+//! 8×8 bitmap font (font8x8, public domain), coloured by class, or by track in the live preview
+//! so each garment keeps its colour while it moves.
 
 use font8x8::UnicodeFonts;
 use image::{Rgb, RgbImage};
@@ -29,10 +30,50 @@ pub fn class_colour(class_id: usize) -> [u8; 3] {
     PALETTE[class_id % PALETTE.len()]
 }
 
+/// The colour of track `id`: the page (src/stream/page.html) picks the same one.
+pub fn track_colour(id: u64) -> [u8; 3] {
+    PALETTE[(id % PALETTE.len() as u64) as usize]
+}
+
 /// Draws `instances` onto `image`, lowest score first so the best ends on top.
 pub fn draw<'a>(image: &mut RgbImage, instances: &[Instance], label: impl Fn(usize) -> &'a str) {
-    for inst in instances.iter().rev() {
-        let colour = class_colour(inst.class_id);
+    draw_with(
+        image,
+        instances,
+        |i| class_colour(instances[i].class_id),
+        |i| format!("{} {:.2}", label(instances[i].class_id), instances[i].score),
+    );
+}
+
+/// [`draw`], coloured by track and captioned "#id label score"; `track_ids[k]` is the track of
+/// `instances[k]`.
+pub fn draw_tracked<'a>(
+    image: &mut RgbImage,
+    instances: &[Instance],
+    track_ids: &[u64],
+    label: impl Fn(usize) -> &'a str,
+) {
+    let id = |i: usize| track_ids.get(i).copied().unwrap_or(0);
+    draw_with(
+        image,
+        instances,
+        |i| track_colour(id(i)),
+        |i| {
+            let inst = &instances[i];
+            format!("#{} {} {:.2}", id(i), label(inst.class_id), inst.score)
+        },
+    );
+}
+
+/// Instances are addressed by index, so colour and caption may depend on more than the instance.
+fn draw_with(
+    image: &mut RgbImage,
+    instances: &[Instance],
+    colour_of: impl Fn(usize) -> [u8; 3],
+    caption_of: impl Fn(usize) -> String,
+) {
+    for (i, inst) in instances.iter().enumerate().rev() {
+        let colour = colour_of(i);
         let Some(mask) = &inst.mask else { continue };
         mask.for_each_foreground(|y, x| {
             if let Some(p) = image.get_pixel_mut_checked(x as u32, y as u32) {
@@ -42,8 +83,8 @@ pub fn draw<'a>(image: &mut RgbImage, instances: &[Instance], label: impl Fn(usi
             }
         });
     }
-    for inst in instances.iter().rev() {
-        let colour = class_colour(inst.class_id);
+    for (i, inst) in instances.iter().enumerate().rev() {
+        let colour = colour_of(i);
         let [x1, y1, x2, y2] = inst.bbox.map(|v| v.round() as i64);
         for t in 0..BOX_THICKNESS {
             hline(image, x1, x2, y1 + t, colour);
@@ -51,7 +92,7 @@ pub fn draw<'a>(image: &mut RgbImage, instances: &[Instance], label: impl Fn(usi
             vline(image, x1 + t, y1, y2, colour);
             vline(image, x2 - t, y1, y2, colour);
         }
-        let caption = format!("{} {:.2}", label(inst.class_id), inst.score);
+        let caption = caption_of(i);
         let text_y = if y1 >= 10 {
             y1 - 10
         } else {

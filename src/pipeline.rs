@@ -14,17 +14,19 @@
 //! counting any miss that still happens.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Serialize, Serializer};
 
 use crate::capture::{CaptureError, CaptureStats, Frame, FrameSource};
+use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::model::transform::Transform;
 use crate::model::{Detections, FrameSettings, MaskRcnn, Timings, Workspace};
 use crate::output::RleFormat;
+use crate::track::{FrameTracks, Tracker, TrackerConfig};
 
 /// Input short sides as fractions of the model's own: 800 → 640 → 512 → 384 for torchvision's
 /// default.
@@ -389,6 +391,9 @@ pub trait Sink {
 /// Everything a sink gets about one processed frame.
 pub struct Emitted<'a> {
     pub line: &'a [u8],
+    /// What `line` was written from, for a sink that writes its own variant of it.
+    pub record: &'a FrameRecord<'a>,
+    pub tracks: &'a FrameTracks,
     pub frame: &'a Frame,
     pub result: &'a Detections,
     pub latency_ms: f64,
@@ -411,15 +416,36 @@ impl<W: Write> Sink for JsonLines<W> {
     }
 }
 
-#[derive(Debug, Clone)]
+/// Called after each frame's model run, before the budget controller learns from it.
+pub type AfterInference = Arc<dyn Fn(&mut Detections) + Send + Sync>;
+
+#[derive(Clone)]
 pub struct PipelineOptions {
     pub budget_ms: f64,
     /// Stop after this long (None: until the source ends or `stop` is set).
     pub duration: Option<Duration>,
-    /// Test hook: extra milliseconds per megapixel of model input, slept after each frame's
-    /// model run and booked to the backbone, to exercise the budget controller.
-    pub slow_stage: Option<Arc<AtomicU64>>,
     pub rle: RleFormat,
+    pub track: TrackerConfig,
+    /// What frame ages, latencies and the duration are measured on. Sources stamp frames on
+    /// the same clock ([`SystemClock`] for cameras and replays).
+    pub clock: Arc<dyn Clock>,
+    /// Test hook: may rewrite each frame's measured timings (injected costs) and move an
+    /// injected clock, so the budget controller's behaviour does not depend on the machine.
+    pub after_inference: Option<AfterInference>,
+}
+
+impl PipelineOptions {
+    /// Wall-clock options for a live run.
+    pub fn new(budget_ms: f64) -> Self {
+        Self {
+            budget_ms,
+            duration: None,
+            rle: RleFormat::default(),
+            clock: Arc::new(SystemClock),
+            after_inference: None,
+            track: TrackerConfig::default(),
+        }
+    }
 }
 
 /// Runs until the source ends, `stop` is set, or `duration` passes. The capture thread is
@@ -458,7 +484,8 @@ pub fn run(
     let source_stats = Mutex::new(CaptureStats::default());
     let capture_done = AtomicBool::new(false);
     let period_ms = 1e3 / fps;
-    let started = Instant::now();
+    let clock = &*options.clock;
+    let started = clock.now();
     let deadline = options.duration.map(|d| started + d);
 
     std::thread::scope(|scope| -> Result<Summary> {
@@ -492,9 +519,11 @@ pub fn run(
         let mut line = Vec::with_capacity(64 * 1024);
         let mut failure = None;
         let mut final_input = (0, 0);
+        let mut tracker = Tracker::new(options.track)?;
+        let mut tracks = FrameTracks::default();
 
         loop {
-            if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+            if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| clock.now() >= d) {
                 break;
             }
             match slot.take(&mut front, Duration::from_millis(100)) {
@@ -505,7 +534,7 @@ pub fn run(
                     break;
                 }
             }
-            let age_ms = front.captured.elapsed().as_secs_f64() * 1e3;
+            let age_ms = ms_since(clock, front.captured);
             if age_ms > period_ms {
                 counters.dropped_stale += 1;
                 tracing::debug!(seq = front.seq, age_ms, "stale frame dropped");
@@ -515,28 +544,28 @@ pub fn run(
             let size = (front.height, front.width);
             let settings = controller.plan(size, age_ms);
             model.detect_into(&front.rgb, size, settings, &mut ws, &mut result)?;
-            if let Some(slow) = &options.slow_stage {
-                let (w, h) = result.input_size;
-                let extra = slow.load(Ordering::Relaxed) as f64 * (w * h) as f64 / 1e6;
-                if extra > 0.0 {
-                    std::thread::sleep(Duration::from_secs_f64(extra / 1e3));
-                    result.timings.backbone += extra;
-                    result.timings.total += extra;
-                }
+            // Tracked before the hook, so injected costs replace the tracker's measured one too.
+            let track_start = Instant::now();
+            tracker.update(&result.instances, front.captured, &mut tracks);
+            result.timings.track = track_start.elapsed().as_secs_f64() * 1e3;
+            result.timings.total += result.timings.track;
+            if let Some(hook) = &options.after_inference {
+                hook(&mut result);
             }
             controller.observe(size, settings, &result.timings, result.masked);
-            let latency_ms = front.captured.elapsed().as_secs_f64() * 1e3;
+            let latency_ms = ms_since(clock, front.captured);
             let met = latency_ms <= options.budget_ms;
-            write_record(
-                &mut line,
+            let record = FrameRecord {
                 model,
-                &front,
-                &result,
+                frame: &front,
+                result: &result,
+                tracks: &tracks,
                 age_ms,
                 latency_ms,
-                met,
-                options.rle,
-            )?;
+                budget_met: met,
+                masks: Some(options.rle),
+            };
+            write_record(&mut line, &record)?;
             counters.processed += 1;
             if !met {
                 counters.budget_misses += 1;
@@ -551,6 +580,8 @@ pub fn run(
             counters.absorb(&stats, slot.superseded());
             let emitted = Emitted {
                 line: &line,
+                record: &record,
+                tracks: &tracks,
                 frame: &front,
                 result: &result,
                 latency_ms,
@@ -606,49 +637,38 @@ pub fn run(
     })
 }
 
+/// Milliseconds from `then` to `clock`'s now (0 for a stamp in the future).
+fn ms_since(clock: &dyn Clock, then: Instant) -> f64 {
+    clock.now().saturating_duration_since(then).as_secs_f64() * 1e3
+}
+
 /// Replaces `line` with the frame's JSON: the `drape detect` object plus the pipeline's fields.
 /// Serialises straight into the reused buffer.
-#[allow(clippy::too_many_arguments)]
-pub fn write_record(
-    line: &mut Vec<u8>,
-    model: &MaskRcnn,
-    frame: &Frame,
-    result: &Detections,
-    age_ms: f64,
-    latency_ms: f64,
-    budget_met: bool,
-    rle: RleFormat,
-) -> Result<()> {
+pub fn write_record(line: &mut Vec<u8>, record: &FrameRecord<'_>) -> Result<()> {
     line.clear();
-    let record = FrameRecord {
-        model,
-        frame,
-        result,
-        age_ms,
-        latency_ms,
-        budget_met,
-        rle,
-    };
-    serde_json::to_writer(line, &record)
-        .map_err(|e| Error::Config(format!("serialising frame {}: {e}", frame.seq)))
+    serde_json::to_writer(line, record)
+        .map_err(|e| Error::Config(format!("serialising frame {}: {e}", record.frame.seq)))
 }
 
 /// One emitted line.
-struct FrameRecord<'a> {
-    model: &'a MaskRcnn,
-    frame: &'a Frame,
-    result: &'a Detections,
-    age_ms: f64,
-    latency_ms: f64,
-    budget_met: bool,
-    rle: RleFormat,
+#[derive(Clone, Copy)]
+pub struct FrameRecord<'a> {
+    pub model: &'a MaskRcnn,
+    pub frame: &'a Frame,
+    pub result: &'a Detections,
+    pub tracks: &'a FrameTracks,
+    pub age_ms: f64,
+    pub latency_ms: f64,
+    pub budget_met: bool,
+    /// Mask encoding; `None` leaves masks out.
+    pub masks: Option<RleFormat>,
 }
 
 impl Serialize for FrameRecord<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let r = self.result;
-        let mut m = s.serialize_map(Some(12))?;
+        let mut m = s.serialize_map(Some(13))?;
         m.serialize_entry("seq", &self.frame.seq)?;
         m.serialize_entry("captured_at", &self.frame.captured_at_unix_ms)?;
         m.serialize_entry("age_ms", &self.age_ms)?;
@@ -659,9 +679,16 @@ impl Serialize for FrameRecord<'_> {
         m.serialize_entry("masked", &r.masked)?;
         m.serialize_entry("width", &r.width)?;
         m.serialize_entry("height", &r.height)?;
+        let instances = crate::output::InstancesJson {
+            model: self.model,
+            instances: &r.instances,
+            masks: self.masks,
+            tracks: Some(&self.tracks.instances),
+        };
+        m.serialize_entry("instances", &instances)?;
         m.serialize_entry(
-            "instances",
-            &crate::output::InstancesJson(self.model, &r.instances, self.rle),
+            "events",
+            &crate::track::EventsJson(self.model, &self.tracks.events),
         )?;
         m.end()
     }

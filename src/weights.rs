@@ -100,6 +100,13 @@ impl Weights {
             source,
         };
         let file = File::open(&path).map_err(io)?;
+        // Mapping a directory fails with ENODEV ("No such device"), which names the wrong thing.
+        if file.metadata().map_err(io)?.is_dir() {
+            return Err(Error::NotSafetensors {
+                path,
+                reason: "this is a directory; give the .safetensors file inside it".into(),
+            });
+        }
         // SAFETY: the mapping is read-only; a file truncated underneath us by another process
         // is outside what any mmap-based loader can defend against.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
@@ -115,6 +122,23 @@ impl Weights {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The whole file, as mapped.
+    pub fn bytes(&self) -> &[u8] {
+        &self.mmap
+    }
+
+    /// `__metadata__`, every key.
+    pub fn all_metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    /// Every tensor drape reads, as (shape, dtype name).
+    pub fn entries(&self) -> impl Iterator<Item = (&[usize], String)> {
+        self.tensors
+            .values()
+            .map(|e| (e.shape.as_slice(), format!("{:?}", e.dtype)))
     }
 
     pub fn contains(&self, name: &str) -> bool {

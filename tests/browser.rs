@@ -230,18 +230,22 @@ fn demo_page_shows_live_instances_in_headless_chromium() {
     wait_until("latency stats on the page", Duration::from_secs(30), || {
         text_of("#p50").ends_with("ms")
     });
-    // The live view is the MJPEG stream: wait until the image has pixels.
-    wait_until("the live view", Duration::from_secs(30), || {
+    let script = |js: &str| {
         webdriver(
             driver_port,
             "POST",
             &format!("/session/{id}/execute/sync"),
-            Some(json!({"script": "return document.getElementById('live').naturalWidth", "args": []})),
+            Some(json!({"script": js, "args": []})),
         )
-        .as_u64()
-        .unwrap_or(0)
-            > 0
-    });
+    };
+    // The live view shows the newest frame as soon as the server has one, and says it is
+    // waiting until then: it is never an unexplained black box.
+    wait_until(
+        "the first frame in the live view",
+        Duration::from_secs(30),
+        || script("return document.getElementById('waiting').hidden").as_bool() == Some(true),
+    );
+    assert!(script("return document.getElementById('live').naturalWidth").as_u64() > Some(0));
 
     let png = webdriver(
         driver_port,
@@ -252,8 +256,35 @@ fn demo_page_shows_live_instances_in_headless_chromium() {
     let png = base64::engine::general_purpose::STANDARD
         .decode(png.as_str().unwrap())
         .unwrap();
-    let shot = image::load_from_memory_with_format(&png, image::ImageFormat::Png).unwrap();
-    assert!(shot.width() >= 800);
+    let shot = image::load_from_memory_with_format(&png, image::ImageFormat::Png)
+        .unwrap()
+        .to_rgb8();
+    // What a person sees in the live view's box: a painted frame, not the empty black box.
+    let rect = script(
+        "const r = document.getElementById('live').getBoundingClientRect(); \
+         return [r.x, r.y, r.width, r.height, window.devicePixelRatio];",
+    );
+    let r: Vec<f64> = rect
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let (x0, y0) = ((r[0] * r[4]) as u32, (r[1] * r[4]) as u32);
+    let (w, h) = ((r[2] * r[4]) as u32, (r[3] * r[4]) as u32);
+    assert!(w > 100 && h > 100, "live view is {w}x{h}");
+    let pixels = (y0..(y0 + h).min(shot.height()))
+        .flat_map(|y| (x0..(x0 + w).min(shot.width())).map(move |x| (x, y)))
+        .map(|(x, y)| shot.get_pixel(x, y).0);
+    let (mut lit, mut total) = (0usize, 0usize);
+    for p in pixels {
+        total += 1;
+        lit += (p.iter().map(|&c| c as u32).sum::<u32>() > 60) as usize;
+    }
+    assert!(
+        lit * 2 > total,
+        "the live view is mostly black: {lit} of {total} pixels lit"
+    );
     // Wherever the build goes: a `target/` beside the sources need not exist.
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-screenshot.png");
     std::fs::write(&out, &png).unwrap();

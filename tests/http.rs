@@ -53,10 +53,8 @@ impl Running {
                 let mut sinks: Vec<Box<dyn Sink>> =
                     vec![Box::new(HubSink::new(hub, labels_by_id(&model)))];
                 let options = PipelineOptions {
-                    budget_ms: 2000.0,
                     duration: Some(Duration::from_secs(120)),
-                    slow_stage: None,
-                    rle: Default::default(),
+                    ..PipelineOptions::new(2000.0)
                 };
                 let controller = BudgetController::new(2000.0, (160, 224), 100);
                 pipeline::run(&model, source, controller, &mut sinks, &options, &stop).unwrap();

@@ -1,6 +1,6 @@
 //! The host side of the steady state allocates nothing: capture (replay and YUYV conversion),
-//! the latest-frame hand-off, preprocessing, postprocessing (batched NMS, mask paste, RLE) and
-//! emitting, run over many frames from buffers that grew during warm-up.
+//! the latest-frame hand-off, preprocessing, postprocessing (batched NMS, mask paste, RLE),
+//! tracking and emitting, run over many frames from buffers that grew during warm-up.
 //!
 //! Its own test binary, with a counting global allocator and a single test, so nothing else
 //! runs while it counts. candle's tensor ops allocate per op; `drape bench` reports that share
@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
@@ -18,8 +18,9 @@ use drape::model::box_ops::Candidates;
 use drape::model::roi_heads::{Detection, MASK_SIZE};
 use drape::model::transform::{ResizeScratch, Transform};
 use drape::model::Detections;
-use drape::pipeline::{write_record, LatestFrame, Take};
+use drape::pipeline::{write_record, FrameRecord, LatestFrame, Take};
 use drape::postprocess::Paster;
+use drape::track::{EventKind, FrameTracks, Tracker};
 
 #[global_allocator]
 static GLOBAL: CountingAlloc<std::alloc::System> = CountingAlloc(std::alloc::System);
@@ -70,6 +71,13 @@ fn steady_state_host_stages_do_not_allocate() {
     let mut paster = Paster::new();
     let mut result = Detections::default();
     let mut line = Vec::new();
+    // Garments come and go: instances past the first 90 show up in some frames and not in
+    // others, so tracks are born, confirmed, expire and their slots are reused. Frames are
+    // 400 ms apart, so three missed frames outlast the default 1 s expiry.
+    let mut tracker = Tracker::new(Default::default()).unwrap();
+    let mut tracks = FrameTracks::default();
+    let (t0, mut frame_no) = (Instant::now(), 0u64);
+    let (mut started, mut ended) = (0usize, 0usize);
 
     // Allocations per stage, summed over the counted frames, so a failure names the stage.
     let mut per_stage = [
@@ -79,17 +87,18 @@ fn steady_state_host_stages_do_not_allocate() {
         ("preprocess", 0),
         ("nms", 0),
         ("paste+rle", 0),
+        ("track", 0),
         ("emit", 0),
     ];
     let mut mark = counts().0;
-    let mut tally = |stage: usize, per_stage: &mut [(&str, u64); 7]| {
+    let mut tally = |stage: usize, per_stage: &mut [(&str, u64); 8]| {
         let now = counts().0;
         per_stage[stage].1 += now - mark;
         mark = now;
     };
     let mut frame_pass = |source: &mut Box<dyn capture::FrameSource>,
-                          per_stage: &mut [(&str, u64); 7]| {
-        tally(6, per_stage);
+                          per_stage: &mut [(&str, u64); 8]| {
+        tally(7, per_stage);
         source.next_frame(&mut back).unwrap();
         tally(0, per_stage);
         slot.publish(&mut back);
@@ -131,23 +140,35 @@ fn steady_state_host_stages_do_not_allocate() {
             )
             .unwrap();
         tally(5, per_stage);
+        frame_no += 1;
+        let shown = 90 + (frame_no % 11) as usize;
+        let now = t0 + Duration::from_millis(400 * frame_no);
+        tracker.update(&result.instances[..shown], now, &mut tracks);
+        for e in &tracks.events {
+            match e.kind {
+                EventKind::Started => started += 1,
+                EventKind::Ended => ended += 1,
+            }
+        }
+        tally(6, per_stage);
         result.width = front.width;
         result.height = front.height;
-        write_record(
-            &mut line,
-            &model,
-            &front,
-            &result,
-            1.0,
-            2.0,
-            true,
-            Default::default(),
-        )
-        .unwrap();
+        let record = FrameRecord {
+            model: &model,
+            frame: &front,
+            result: &result,
+            tracks: &tracks,
+            age_ms: 1.0,
+            latency_ms: 2.0,
+            budget_met: true,
+            masks: Some(Default::default()),
+        };
+        write_record(&mut line, &record).unwrap();
     };
 
     let mut warmup = per_stage;
-    for _ in 0..5 {
+    // Three periods of the come-and-go pattern, so every track slot has held its largest mask.
+    for _ in 0..33 {
         frame_pass(&mut source, &mut warmup);
     }
     let (before, bytes_before) = counts();
@@ -167,4 +188,9 @@ fn steady_state_host_stages_do_not_allocate() {
     assert_eq!(result.instances.len(), 100);
     assert!(result.instances.iter().all(|i| i.mask.is_some()));
     assert!(line.len() > 1000);
+    // ...and so was the tracking: garments beyond the first 90 started and ended repeatedly.
+    assert!(
+        started > 100 && ended > 30,
+        "{started} started, {ended} ended"
+    );
 }

@@ -9,6 +9,7 @@ mod common;
 use candle_core::Device;
 use common::*;
 use drape::model::box_ops::Candidates;
+use drape::model::transform::Transform;
 use drape::MaskRcnn;
 
 const MODELS: [&str; 4] = ["tiny_r50", "tiny_r18", "tiny_r101", "tiny_v2"];
@@ -422,4 +423,37 @@ fn full_size_r50_matches_torchvision() {
             &match_instances(&reference, &candidates(&result)),
         );
     }
+}
+
+/// `GeneralizedRCNNTransform.resize` and `batch_images` sizes over frame sizes and size
+/// settings (`transform_sizes()` in `calibration/make_fixtures.py`): exact, since the
+/// resized size decides the anchors and every box scale.
+#[test]
+fn resize_and_pad_sizes_match_torchvision() {
+    #[derive(serde::Deserialize)]
+    struct Case {
+        #[serde(rename = "in")]
+        input: (usize, usize),
+        min_size: usize,
+        max_size: usize,
+        resized: (usize, usize),
+        padded: (usize, usize),
+    }
+    let path = fixtures().join("transform_sizes.json");
+    let cases: Vec<Case> = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(cases.len() >= 20, "{} cases", cases.len());
+    let failures: Vec<String> = cases
+        .iter()
+        .filter_map(|c| {
+            let resized = Transform::resized_size(c.input, (c.min_size, c.max_size));
+            let padded = Transform::padded_size(resized);
+            ((resized, padded) != (c.resized, c.padded)).then(|| {
+                format!(
+                    "{:?} at {}/{}: ours {resized:?}/{padded:?}, torchvision {:?}/{:?}",
+                    c.input, c.min_size, c.max_size, c.resized, c.padded
+                )
+            })
+        })
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

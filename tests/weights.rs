@@ -298,10 +298,32 @@ fn f32_and_bf16_files_load() {
     // f16 values widen to f32 exactly: the same file in f32 gives the same result.
     let f32_file = convert("f32.safetensors", Dtype::F32);
     assert!(same_instances(&f16, &detect(&load(&f32_file).unwrap())));
-    // bf16 rounds the weights differently; it must load and run.
-    let bf16_file = convert("bf16.safetensors", Dtype::BF16);
-    let model = load(&bf16_file).unwrap();
-    detect(&model);
+    // bf16 keeps 8 mantissa bits to f16's 10: the weights move by up to 0.4%, so most
+    // confident instances must survive with their class and nearly their box and score (bytes
+    // read with the wrong dtype would give garbage instead).
+    let bf16 = detect(&load(&convert("bf16.safetensors", Dtype::BF16)).unwrap());
+    let confident: Vec<_> = f16.instances.iter().filter(|i| i.score >= 0.3).collect();
+    assert!(
+        confident.len() >= 5,
+        "{} confident instances",
+        confident.len()
+    );
+    let kept = confident
+        .iter()
+        .filter(|a| {
+            bf16.instances.iter().any(|b| {
+                b.class_id == a.class_id
+                    && (b.score - a.score).abs() <= 0.05
+                    && common::box_iou(&a.bbox, &b.bbox) >= 0.9
+            })
+        })
+        .count();
+    // Measured: 16 of 20 on the landscape photo; a misread dtype keeps none.
+    assert!(
+        kept * 10 >= confident.len() * 7,
+        "bf16 kept {kept} of {}",
+        confident.len()
+    );
 }
 
 #[test]

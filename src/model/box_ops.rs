@@ -63,6 +63,19 @@ pub fn area(b: &Box) -> f32 {
     (b[2] - b[0]) * (b[3] - b[1])
 }
 
+/// Intersection over union of two boxes (0 when either is empty).
+pub fn iou(a: &Box, b: &Box) -> f32 {
+    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = w * h;
+    let union = area(a) + area(b) - inter;
+    if union > 0.0 {
+        inter / union
+    } else {
+        0.0
+    }
+}
+
 /// Boxes competing in a batched NMS, and the buffers it works in; owned by the caller and
 /// reused, so per-frame postprocessing allocates nothing once they have grown.
 #[derive(Debug, Default)]

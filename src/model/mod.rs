@@ -78,23 +78,14 @@ pub struct Timings {
     pub mask_head: f64,
     pub paste: f64,
     pub rle: f64,
-    pub total: f64,
-}
-
-/// The coarse split `drape detect` reports.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct StageSummary {
-    pub preprocess: f64,
-    pub backbone: f64,
-    pub rpn: f64,
-    pub roi_heads: f64,
-    pub masks: f64,
+    /// Track association (set by the pipeline; 0 for a lone `detect`).
+    pub track: f64,
     pub total: f64,
 }
 
 impl Timings {
     /// Names and values in pipeline order, for tables and JSON.
-    pub fn stages(&self) -> [(&'static str, f64); 10] {
+    pub fn stages(&self) -> [(&'static str, f64); 11] {
         [
             ("preprocess", self.preprocess),
             ("backbone", self.backbone),
@@ -105,20 +96,9 @@ impl Timings {
             ("mask_head", self.mask_head),
             ("paste", self.paste),
             ("rle", self.rle),
+            ("track", self.track),
             ("total", self.total),
         ]
-    }
-
-    pub fn summary(&self) -> StageSummary {
-        StageSummary {
-            preprocess: self.preprocess,
-            backbone: self.backbone + self.fpn,
-            rpn: self.rpn,
-            // The box branch's share of pooling is not split out; attribute it to roi_heads.
-            roi_heads: self.roi_align + self.box_head,
-            masks: self.mask_head + self.paste + self.rle,
-            total: self.total,
-        }
     }
 }
 

@@ -3,14 +3,16 @@
 //! already run.
 
 use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
+use super::mqtt::MqttStats;
 use crate::model::Timings;
 use crate::pipeline::{Counters, Emitted};
 
 /// Histogram bucket upper bounds, in seconds: 10 ms to 10 s.
 const BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-const STAGES: usize = 10;
+const STAGES: usize = 11;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Histogram {
@@ -61,6 +63,7 @@ struct State {
 #[derive(Debug, Default)]
 pub struct Metrics {
     state: Mutex<State>,
+    mqtt: Mutex<Option<Arc<MqttStats>>>,
 }
 
 /// Extra gauges and counters only the outputs know.
@@ -81,6 +84,11 @@ impl Metrics {
             h.observe(ms / 1e3);
         }
         s.input = out.result.input_size;
+    }
+
+    /// Reports the MQTT output's counters from now on.
+    pub fn attach_mqtt(&self, stats: Arc<MqttStats>) {
+        *self.mqtt.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
     }
 
     pub fn counters(&self) -> Counters {
@@ -151,6 +159,24 @@ impl Metrics {
             "Preview frames MJPEG clients were too slow for.",
             &[("", outputs.mjpeg_skipped)],
         );
+        if let Some(m) = &*self.mqtt.lock().unwrap_or_else(|e| e.into_inner()) {
+            counter(
+                "mqtt_queued_total",
+                "Messages handed to the MQTT network thread.",
+                &[("", m.queued.load(Ordering::Relaxed))],
+            );
+            counter(
+                "mqtt_dropped_total",
+                "MQTT messages lost to a full queue (broker down or slow).",
+                &[("", m.dropped.load(Ordering::Relaxed))],
+            );
+            counter(
+                "mqtt_connects_total",
+                "Connections made to the MQTT broker.",
+                &[("", m.connects.load(Ordering::Relaxed))],
+            );
+            let _ = writeln!(out, "# HELP drape_mqtt_connected Whether the MQTT broker is connected.\n# TYPE drape_mqtt_connected gauge\ndrape_mqtt_connected {}", u8::from(m.connected.load(Ordering::Relaxed)));
+        }
         let _ = writeln!(out, "# HELP drape_clients Connected streaming clients, by output.\n# TYPE drape_clients gauge");
         let _ = writeln!(
             out,

@@ -8,6 +8,7 @@
 
 pub mod http;
 pub mod metrics;
+pub mod mqtt;
 pub mod unix;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -134,6 +135,8 @@ struct RenderJob {
     height: usize,
     rgb: Vec<u8>,
     instances: Vec<Instance>,
+    /// The track of each of `instances`.
+    track_ids: Vec<u64>,
     stop: bool,
 }
 
@@ -173,13 +176,12 @@ impl Sink for HubSink {
         j.rgb.clear();
         j.rgb.extend_from_slice(&out.frame.rgb);
         j.instances.clear();
-        j.instances.extend(
-            out.result
-                .instances
-                .iter()
-                .filter(|i| i.score >= PREVIEW_MIN_SCORE)
-                .cloned(),
-        );
+        j.track_ids.clear();
+        let tracked = out.result.instances.iter().zip(&out.tracks.instances);
+        for (i, t) in tracked.filter(|(i, _)| i.score >= PREVIEW_MIN_SCORE) {
+            j.instances.push(i.clone());
+            j.track_ids.push(t.track_id);
+        }
         j.fresh = true;
         drop(j);
         ready.notify_one();
@@ -218,7 +220,7 @@ fn render_loop(hub: &Hub, job: &(Mutex<RenderJob>, Condvar), labels: &[String]) 
             canvas = RgbImage::new(local.width as u32, local.height as u32);
         }
         canvas.copy_from_slice(&local.rgb);
-        crate::overlay::draw(&mut canvas, &local.instances, |c| {
+        crate::overlay::draw_tracked(&mut canvas, &local.instances, &local.track_ids, |c| {
             labels.get(c).map_or("?", String::as_str)
         });
         let mut jpeg = Vec::with_capacity(local.rgb.len() / 8);

@@ -24,7 +24,6 @@ pub fn drape_command() -> std::process::Command {
         }
         None => std::process::Command::new(bin),
     };
-    c.current_dir(env!("CARGO_MANIFEST_DIR"));
     c
 }
 
