@@ -16,15 +16,14 @@ pub fn drape_command() -> std::process::Command {
     let bin = env!("CARGO_BIN_EXE_drape");
     let runner = std::env::var("DRAPE_TEST_RUNNER").unwrap_or_default();
     let mut words = runner.split_whitespace();
-    let mut c = match words.next() {
+    match words.next() {
         Some(emulator) => {
             let mut c = std::process::Command::new(emulator);
             c.args(words).arg(bin);
             c
         }
         None => std::process::Command::new(bin),
-    };
-    c
+    }
 }
 
 pub fn fixtures() -> PathBuf {
