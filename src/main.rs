@@ -127,6 +127,7 @@ impl SourceArgs {
                 flip_horizontal: self.flip,
                 crop: self.crop,
             },
+            stop: None,
         })
     }
 
@@ -607,7 +608,16 @@ fn stream(
     let track = outputs.track.config()?;
     let mqtt = outputs.mqtt.config()?;
     let model = model_args.load()?;
-    let spec = source_args.spec()?;
+    // Installed before the source opens, so a camera waiting to reconnect can be stopped too.
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing signal handlers")?;
+    }
+    let spec = SourceSpec {
+        stop: Some(Arc::clone(&stop)),
+        ..source_args.spec()?
+    };
     let source = drape::capture::open(&spec).with_context(|| format!("opening {}", spec.source))?;
     eprintln!("drape: {} at a {budget_ms} ms budget", source.describe());
     let threads = rayon::current_num_threads();
@@ -693,11 +703,6 @@ fn stream(
         bail!("no output: give --jsonl, --http, --unix or --mqtt");
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, Arc::clone(&stop))
-            .context("installing signal handlers")?;
-    }
     let options = PipelineOptions {
         duration: outputs.duration.map(Duration::from_secs_f64),
         rle: outputs.rle,

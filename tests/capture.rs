@@ -442,6 +442,42 @@ fn reconnect_gives_up_when_told_to() {
 }
 
 #[test]
+fn a_stop_request_ends_a_reconnect_wait() {
+    let device = FakeDevice::new(yuyv_format(2, 2), vec![Step::Unplug]);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (sleeps, mut sleeper) = recording_sleeper(Arc::clone(&device.state), None);
+    let on_third_sleep = {
+        let stop = Arc::clone(&stop);
+        let sleeps = Arc::clone(&sleeps);
+        move |d: Duration| {
+            sleeper(d);
+            if sleeps.lock().unwrap().len() == 3 {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    };
+    let mut camera = CameraSource::new(device, ReconnectPolicy::default(), on_third_sleep)
+        .unwrap()
+        .with_stop(stop);
+    let err = camera
+        .next_frame(&mut Frame::with_capacity(2, 2))
+        .unwrap_err();
+    // The stream ends cleanly, after the wait in which the stop arrived, without another open.
+    assert!(matches!(err, CaptureError::EndOfStream), "{err}");
+    assert_eq!(sleeps.lock().unwrap().len(), 3);
+}
+
+#[test]
+fn stoppable_sleep_ends_early_once_stopped() {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut sleep = drape::capture::StoppableSleep { stop: Some(stop) };
+    let start = Instant::now();
+    drape::capture::Sleep::sleep(&mut sleep, Duration::from_secs(600));
+    // Bounds a hang only: a stopped sleep returns at once.
+    assert!(start.elapsed() < Duration::from_secs(60));
+}
+
+#[test]
 fn a_camera_missing_at_start_is_an_error() {
     let device = FakeDevice::new(yuyv_format(2, 2), vec![]);
     device.state.lock().unwrap().plugged = false;

@@ -10,10 +10,14 @@
 //!                                          └── backoff doubles, capped ──────┘ error
 //! ```
 //!
-//! `next_frame` blocks through the whole outage, so the pipeline simply sees no frames.
+//! `next_frame` blocks through the whole outage, so the pipeline simply sees no frames, unless
+//! the source was given a stop flag ([`CameraSource::with_stop`]): once it is set, the outage
+//! ends with [`CaptureError::EndOfStream`] within one [`STOP_CHECK`].
 
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::convert::{yuyv_to_rgb, MjpegDecoder};
@@ -23,6 +27,9 @@ use super::{CaptureError, CaptureStats, FpsLabel, Frame, FrameSource, PixelForma
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between reopen attempts, so a replugged camera is back within this.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How often a backoff wait looks at the stop flag: a SIGTERM during a reconnect ends the
+/// process this long after it arrives, not a whole backoff later.
+pub const STOP_CHECK: Duration = Duration::from_millis(50);
 
 /// What the device streams in after a successful open.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -85,6 +92,28 @@ impl<F: FnMut(Duration) + Send> Sleep for F {
     }
 }
 
+/// Real sleeps that end early once `stop` is set, looking at it every [`STOP_CHECK`].
+pub struct StoppableSleep {
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl Sleep for StoppableSleep {
+    fn sleep(&mut self, duration: Duration) {
+        let end = Instant::now() + duration;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() || stopped(&self.stop) {
+                return;
+            }
+            std::thread::sleep(left.min(STOP_CHECK));
+        }
+    }
+}
+
+fn stopped(stop: &Option<Arc<AtomicBool>>) -> bool {
+    stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed))
+}
+
 /// How a lost camera is reopened.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ReconnectPolicy {
@@ -122,6 +151,8 @@ pub struct CameraSource<D, S> {
     /// The sequence number the next buffer gets if it follows the previous one without a gap.
     next_seq: u64,
     stats: CaptureStats,
+    /// Set by the owner to end a reconnect wait.
+    stop: Option<Arc<AtomicBool>>,
 }
 
 impl<D: Device, S: Sleep> CameraSource<D, S> {
@@ -140,7 +171,15 @@ impl<D: Device, S: Sleep> CameraSource<D, S> {
             last_driver_seq: None,
             next_seq: 0,
             stats: CaptureStats::default(),
+            stop: None,
         })
+    }
+
+    /// Ends a reconnect wait with [`CaptureError::EndOfStream`] once `stop` is set (a signal
+    /// handler's flag), instead of waiting for the camera forever.
+    pub fn with_stop(mut self, stop: Arc<AtomicBool>) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     /// Width and height of the frames now being delivered.
@@ -155,6 +194,10 @@ impl<D: Device, S: Sleep> CameraSource<D, S> {
         let mut attempts = 0u32;
         loop {
             self.sleeper.sleep(delay);
+            if stopped(&self.stop) {
+                tracing::info!(device = self.device.name(), "stopped while reconnecting");
+                return Err(CaptureError::EndOfStream);
+            }
             waited += delay;
             attempts += 1;
             match self.device.open() {

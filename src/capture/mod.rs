@@ -35,9 +35,13 @@ use std::fmt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
-pub use camera::{CameraSource, Device, RawBuffer, ReconnectPolicy, Sleep, StreamFormat};
+pub use camera::{
+    CameraSource, Device, RawBuffer, ReconnectPolicy, Sleep, StoppableSleep, StreamFormat,
+};
 pub use negotiate::{negotiate, Capability, FormatRequest, FourCc};
 pub use replay::ReplaySource;
 pub use transform::{Crop, Rotation, TransformedSource, Transforms};
@@ -228,6 +232,9 @@ pub struct SourceSpec {
     pub height: Option<u32>,
     pub format: Option<PixelFormat>,
     pub transforms: Transforms,
+    /// Camera only: once set (by a signal handler, say), a camera waiting to reconnect gives up
+    /// and the stream ends instead of blocking shutdown until the camera returns.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl SourceSpec {
@@ -274,7 +281,7 @@ pub fn open(spec: &SourceSpec) -> Result<Box<dyn FrameSource>, CaptureError> {
             height: spec.height,
             fps: spec.fps.unwrap_or(DEFAULT_FPS),
         };
-        let source = open_camera(path, request)?;
+        let source = open_camera(path, request, spec.stop.clone())?;
         let (width, height) = source.size();
         (Box::new(source), width, height)
     } else {
@@ -299,23 +306,34 @@ pub fn open(spec: &SourceSpec) -> Result<Box<dyn FrameSource>, CaptureError> {
     )?))
 }
 
-/// A camera source as `open` builds it: real sleeps between reconnect attempts.
-type Camera<D> = CameraSource<D, fn(std::time::Duration)>;
+/// A camera source as `open` builds it: real sleeps between reconnect attempts, cut short by the
+/// spec's stop flag.
+type Camera<D> = CameraSource<D, StoppableSleep>;
 
 #[cfg(target_os = "linux")]
 fn open_camera(
     path: &Path,
     request: FormatRequest,
+    stop: Option<Arc<AtomicBool>>,
 ) -> Result<Camera<v4l::V4l2Device>, CaptureError> {
-    CameraSource::new(
+    let sleeper = StoppableSleep { stop: stop.clone() };
+    let camera = CameraSource::new(
         v4l::V4l2Device::new(path, request),
         ReconnectPolicy::default(),
-        std::thread::sleep as fn(_),
-    )
+        sleeper,
+    )?;
+    Ok(match stop {
+        Some(stop) => camera.with_stop(stop),
+        None => camera,
+    })
 }
 
 #[cfg(not(target_os = "linux"))]
-fn open_camera(path: &Path, _: FormatRequest) -> Result<Camera<NoCamera>, CaptureError> {
+fn open_camera(
+    path: &Path,
+    _: FormatRequest,
+    _: Option<Arc<AtomicBool>>,
+) -> Result<Camera<NoCamera>, CaptureError> {
     Err(CaptureError::Open {
         device: path.display().to_string(),
         reason: "V4L2 cameras need Linux; replay a directory of images or a .y4m file instead"

@@ -2,21 +2,28 @@
 //! ([`super::negotiate`]), mmap streaming with four kernel buffers, and driver timestamps mapped
 //! to the process's clocks.
 //!
+//! The buffer queue is driven with the V4L2 ioctls directly ([`MmapQueue`]) rather than through
+//! `v4l::io::mmap::Stream`: that stream requeues the previous buffer inside `next`, so a dequeue
+//! that fails with EAGAIN (a spurious wake-up) or EINTR (a signal during the wait) cannot be
+//! retried — the retry queues the same buffer twice — and every such hiccup would cost a
+//! reconnect; its `Drop` also panics when stopping fails with anything but ENODEV.
+//!
 //! Run `drape cameras` to see what each `/dev/video*` node offers.
 
 use std::io;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ::v4l::buffer::{Flags as BufferFlags, Metadata, Type};
 use ::v4l::frameinterval::FrameIntervalEnum;
 use ::v4l::framesize::FrameSizeEnum;
-use ::v4l::io::mmap::Stream;
-use ::v4l::io::traits::CaptureStream;
+use ::v4l::memory::Memory;
+use ::v4l::v4l2::vidioc;
+use ::v4l::v4l_sys::{v4l2_buffer, v4l2_requestbuffers};
 use ::v4l::video::capture::Parameters;
 use ::v4l::video::Capture;
-use ::v4l::{Format, FourCC, Fraction};
+use ::v4l::{Format, FourCC, Fraction, Timestamp};
 
 use super::camera::{Device, RawBuffer, StreamFormat};
 use super::negotiate::{
@@ -35,7 +42,12 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Lists the `/dev/video*` nodes that capture video, sorted by path. Nodes that cannot be opened
 /// or that offer no capture format (UVC metadata nodes) are left out.
 pub fn list_cameras() -> Vec<CameraInfo> {
-    let Ok(entries) = std::fs::read_dir("/dev") else {
+    cameras_in(Path::new("/dev"))
+}
+
+/// The capture devices among `dir`'s `video*` nodes.
+fn cameras_in(dir: &Path) -> Vec<CameraInfo> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
     let mut paths: Vec<PathBuf> = entries
@@ -163,8 +175,8 @@ pub struct V4l2Device {
 }
 
 struct Streaming {
-    // Field order matters: the stream (its buffers) goes before the device handle it maps.
-    stream: Stream<'static>,
+    // Field order matters: the queue (its mappings) goes before the device handle it maps.
+    queue: MmapQueue,
     _device: ::v4l::Device,
 }
 
@@ -227,9 +239,11 @@ impl V4l2Device {
             }
         };
 
-        let mut stream = Stream::with_buffers(&dev, Type::VideoCapture, BUFFER_COUNT)
+        let mut queue = MmapQueue::new(dev.handle().fd(), BUFFER_COUNT)
             .map_err(|e| open_err(format!("mapping {BUFFER_COUNT} buffers: {e}")))?;
-        stream.set_timeout(STALL_TIMEOUT);
+        queue
+            .start()
+            .map_err(|e| open_err(format!("starting the stream: {e}")))?;
         let format = StreamFormat {
             pixel,
             width: actual.width as usize,
@@ -239,7 +253,7 @@ impl V4l2Device {
         };
         Ok((
             Streaming {
-                stream,
+                queue,
                 _device: dev,
             },
             format,
@@ -264,13 +278,10 @@ impl Device for V4l2Device {
             .open
             .as_mut()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "not streaming"))?;
-        // The first call queues all buffers and starts streaming; each later one requeues the
-        // previous buffer before waiting for the next.
-        let (data, meta) = CaptureStream::next(&mut streaming.stream)?;
-        let used = (meta.bytesused as usize).min(data.len());
-        let (captured, captured_at_unix_ms) = capture_time(meta);
+        let (data, meta) = streaming.queue.dequeue(STALL_TIMEOUT)?;
+        let (captured, captured_at_unix_ms) = capture_time(&meta);
         Ok(RawBuffer {
-            data: &data[..used],
+            data,
             sequence: meta.sequence,
             error: meta.flags.contains(BufferFlags::ERROR),
             captured,
@@ -279,20 +290,248 @@ impl Device for V4l2Device {
     }
 
     fn close(&mut self) {
-        if let Some(streaming) = self.open.take() {
-            // v4l 0.14 panics in `Drop` when stopping the stream or freeing its buffers fails
-            // with anything but ENODEV; a camera dying some other way must not take the capture
-            // thread down with it.
-            if catch_unwind(AssertUnwindSafe(|| drop(streaming))).is_err() {
-                tracing::warn!(device = %self.name, "releasing the camera's buffers failed");
-            }
-        }
+        self.open = None;
     }
 }
 
 impl Drop for V4l2Device {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// The driver's capture buffers, mapped into this process, cycled with QBUF/DQBUF. The caller
+/// holds at most one buffer at a time (the one it is converting); it goes back to the driver on
+/// the next dequeue.
+struct MmapQueue {
+    fd: RawFd,
+    buffers: Vec<Mapping>,
+    /// Index of the buffer the caller is reading.
+    held: Option<u32>,
+    streaming: bool,
+}
+
+struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mappings belong to this queue alone and are only read through `&self`/`&mut self`;
+// the driver writes a buffer only while it is queued, and a buffer handed out is not requeued
+// until the next `dequeue`, which needs `&mut self` and so outlives every slice given out.
+unsafe impl Send for MmapQueue {}
+
+impl MmapQueue {
+    /// Asks the driver for `count` buffers (it may grant fewer or more) and maps each one.
+    fn new(fd: RawFd, count: u32) -> io::Result<Self> {
+        let granted = request_buffers(fd, count)?;
+        if granted == 0 {
+            return Err(io::Error::other("the driver granted no buffers"));
+        }
+        // Built first so that `Drop` releases whatever was mapped if a later buffer fails.
+        let mut queue = Self {
+            fd,
+            buffers: Vec::with_capacity(granted as usize),
+            held: None,
+            streaming: false,
+        };
+        for index in 0..granted {
+            let mut buf = buffer_desc(index);
+            buffer_ioctl(fd, vidioc::VIDIOC_QUERYBUF, &mut buf)?;
+            // SAFETY: for MMAP buffers the driver fills the `offset` member of the union.
+            let offset = unsafe { buf.m.offset };
+            let len = buf.length as usize;
+            // SAFETY: a new shared, read-only mapping of the driver's buffer at the offset it
+            // gave; nothing else refers to the address range, and `Drop` unmaps it.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    fd,
+                    offset as libc::off_t,
+                )
+            };
+            if ptr == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            queue.buffers.push(Mapping { ptr, len });
+        }
+        Ok(queue)
+    }
+
+    /// Hands every buffer to the driver and starts capturing.
+    fn start(&mut self) -> io::Result<()> {
+        for index in 0..self.buffers.len() as u32 {
+            buffer_ioctl(self.fd, vidioc::VIDIOC_QBUF, &mut buffer_desc(index))?;
+        }
+        set_streaming(self.fd, true)?;
+        self.streaming = true;
+        Ok(())
+    }
+
+    /// Returns the previously held buffer to the driver, then waits up to `timeout` for the next
+    /// filled one: its bytes (`bytesused` of them) and the driver's metadata. Spurious wake-ups
+    /// (poll ready, DQBUF EAGAIN) and signals (EINTR) are waited through; any other error means
+    /// the stream is gone.
+    fn dequeue(&mut self, timeout: Duration) -> io::Result<(&[u8], Metadata)> {
+        if let Some(index) = self.held.take() {
+            buffer_ioctl(self.fd, vidioc::VIDIOC_QBUF, &mut buffer_desc(index))?;
+        }
+        let deadline = Instant::now() + timeout;
+        let mut retries = 0u32;
+        let buf = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no frame within {timeout:?} ({retries} empty wake-ups)"),
+                ));
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let wait_ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd that outlives the call.
+            let ready = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
+            if ready < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    retries += 1;
+                    continue;
+                }
+                return Err(e);
+            }
+            if ready == 0 {
+                continue;
+            }
+            let mut buf = buffer_desc(0);
+            match buffer_ioctl(self.fd, vidioc::VIDIOC_DQBUF, &mut buf) {
+                Ok(()) => break buf,
+                // With POLLERR the driver has nothing to give and never will; with POLLIN the
+                // buffer went elsewhere (a spurious wake-up) and the next one is still coming.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) && pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) == 0 =>
+                {
+                    retries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if retries > 0 {
+            tracing::debug!(retries, "dequeue waited through empty wake-ups");
+        }
+        let mapping = self.buffers.get(buf.index as usize).ok_or_else(|| {
+            io::Error::other(format!(
+                "the driver returned buffer {} of {}",
+                buf.index,
+                self.buffers.len()
+            ))
+        })?;
+        self.held = Some(buf.index);
+        let used = (buf.bytesused as usize).min(mapping.len);
+        // SAFETY: the mapping is live until `Drop`, and the driver leaves a dequeued buffer
+        // alone until it is queued again, which takes `&mut self` and so ends this borrow.
+        let data = unsafe { std::slice::from_raw_parts(mapping.ptr as *const u8, used) };
+        let meta = Metadata {
+            bytesused: buf.bytesused,
+            flags: BufferFlags::from(buf.flags),
+            field: buf.field,
+            timestamp: Timestamp::from(buf.timestamp),
+            sequence: buf.sequence,
+        };
+        Ok((data, meta))
+    }
+}
+
+impl Drop for MmapQueue {
+    /// Stops the stream, unmaps every buffer, then frees them (drivers refuse to free buffers
+    /// that are still mapped). An unplugged camera answers ENODEV to all of it, which is
+    /// expected; anything else is logged, never a panic.
+    fn drop(&mut self) {
+        let report = |what: &str, e: io::Error| {
+            if e.raw_os_error() == Some(libc::ENODEV) {
+                tracing::debug!(error = %e, "{what}: camera already gone");
+            } else {
+                tracing::warn!(error = %e, "{what} failed");
+            }
+        };
+        if self.streaming {
+            if let Err(e) = set_streaming(self.fd, false) {
+                report("stopping the stream", e);
+            }
+        }
+        for m in self.buffers.drain(..) {
+            // SAFETY: `ptr`/`len` are a mapping made in `new` and not unmapped since; no slice
+            // into it outlives `&mut self`.
+            if unsafe { libc::munmap(m.ptr, m.len) } != 0 {
+                report("unmapping a buffer", io::Error::last_os_error());
+            }
+        }
+        if let Err(e) = request_buffers(self.fd, 0) {
+            report("freeing the buffers", e);
+        }
+    }
+}
+
+fn buffer_desc(index: u32) -> v4l2_buffer {
+    v4l2_buffer {
+        index,
+        type_: Type::VideoCapture as u32,
+        memory: Memory::Mmap as u32,
+        // SAFETY: v4l2_buffer is a plain C struct of integers, a union of integers/pointers and
+        // a timeval, for all of which zero is a valid value.
+        ..unsafe { std::mem::zeroed() }
+    }
+}
+
+/// VIDIOC_QUERYBUF, VIDIOC_QBUF or VIDIOC_DQBUF, the requests that take a `v4l2_buffer`.
+fn buffer_ioctl(fd: RawFd, request: vidioc::_IOC_TYPE, buf: &mut v4l2_buffer) -> io::Result<()> {
+    // SAFETY: each of these requests reads and writes one v4l2_buffer, which `buf` is,
+    // exclusively borrowed for the call.
+    unsafe { ::v4l::v4l2::ioctl(fd, request, buf as *mut v4l2_buffer as *mut libc::c_void) }
+}
+
+/// VIDIOC_REQBUFS for MMAP capture buffers; returns how many the driver granted.
+fn request_buffers(fd: RawFd, count: u32) -> io::Result<u32> {
+    let mut req = v4l2_requestbuffers {
+        count,
+        type_: Type::VideoCapture as u32,
+        memory: Memory::Mmap as u32,
+        // SAFETY: a plain C struct of integers; zero is valid for all of them.
+        ..unsafe { std::mem::zeroed() }
+    };
+    // SAFETY: VIDIOC_REQBUFS reads and writes one v4l2_requestbuffers, exclusively borrowed.
+    unsafe {
+        ::v4l::v4l2::ioctl(
+            fd,
+            vidioc::VIDIOC_REQBUFS,
+            &mut req as *mut v4l2_requestbuffers as *mut libc::c_void,
+        )?;
+    }
+    Ok(req.count)
+}
+
+fn set_streaming(fd: RawFd, on: bool) -> io::Result<()> {
+    let request = if on {
+        vidioc::VIDIOC_STREAMON
+    } else {
+        vidioc::VIDIOC_STREAMOFF
+    };
+    let mut kind = Type::VideoCapture as libc::c_int;
+    // SAFETY: STREAMON/STREAMOFF read one int, the buffer type, borrowed for the call.
+    unsafe {
+        ::v4l::v4l2::ioctl(
+            fd,
+            request,
+            &mut kind as *mut libc::c_int as *mut libc::c_void,
+        )
     }
 }
 
@@ -391,9 +630,15 @@ mod tests {
     }
 
     #[test]
-    fn no_cameras_here_is_an_empty_list() {
-        // The build machine has no camera; on a machine with one this lists it.
-        let cameras = list_cameras();
-        assert!(cameras.iter().all(|c| !c.formats.is_empty()));
+    fn nodes_that_are_not_capture_devices_make_an_empty_list() {
+        // A `video*` name is not enough: a node that is no V4L2 device (here a plain file and a
+        // folder) is left out, as is a missing folder. Real and emulated capture devices are
+        // listed by tests/camera_emu.rs.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("video0"), b"not a device").unwrap();
+        std::fs::create_dir(dir.path().join("video1")).unwrap();
+        std::fs::write(dir.path().join("null"), b"").unwrap();
+        assert!(cameras_in(dir.path()).is_empty());
+        assert!(cameras_in(&dir.path().join("missing")).is_empty());
     }
 }

@@ -133,6 +133,9 @@ pub struct Workspace {
     candidates: Candidates,
     proposals: Vec<Box>,
     detections: Vec<Detection>,
+    /// Boxes and labels of the detections that get a mask this frame.
+    mask_boxes: Vec<Box>,
+    mask_labels: Vec<usize>,
     pub paster: Paster,
 }
 
@@ -376,15 +379,19 @@ impl MaskRcnn {
         let probs = if masked == 0 {
             None
         } else {
-            let boxes: Vec<_> = detections[..masked].iter().map(|d| d.bbox).collect();
-            let labels: Vec<_> = detections[..masked].iter().map(|d| d.label).collect();
+            ws.mask_boxes.clear();
+            ws.mask_boxes
+                .extend(detections[..masked].iter().map(|d| d.bbox));
+            ws.mask_labels.clear();
+            ws.mask_labels
+                .extend(detections[..masked].iter().map(|d| d.label));
             let pooled = {
-                let _span = tracing::debug_span!("roi_align", rois = boxes.len()).entered();
-                heads.mask_roi_pool(pyramid, &boxes, batch.image_size)?
+                let _span = tracing::debug_span!("roi_align", rois = masked).entered();
+                heads.mask_roi_pool(pyramid, &ws.mask_boxes, batch.image_size)?
             };
             t.roi_align += clock.lap()?;
             let _span = tracing::debug_span!("mask_head").entered();
-            let probs = heads.mask_probs_from_pooled(&pooled, &labels)?;
+            let probs = heads.mask_probs_from_pooled(&pooled, &ws.mask_labels)?;
             t.mask_head = clock.lap()?;
             Some(probs)
         };

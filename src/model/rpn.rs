@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::anchors::grid_anchors;
+use super::anchors::LevelAnchors;
 use super::box_ops::{self, Box, BoxCoder, Candidates};
 use super::layers::{Conv2d, ConvSpec};
 use super::sigmoid;
@@ -91,13 +91,9 @@ impl Rpn {
         cand: &mut Candidates,
         out: &mut Vec<Box>,
     ) -> Result<()> {
-        let grids = features
-            .iter()
-            .map(|f| Ok((f.dim(2)?, f.dim(3)?)))
-            .collect::<Result<Vec<_>>>()?;
-        let anchors = grid_anchors(&grids, padded);
         cand.clear();
-        for (level, (feature, anchors)) in features.iter().zip(&anchors).enumerate() {
+        for (level, feature) in features.iter().enumerate() {
+            let anchors = LevelAnchors::new(level, (feature.dim(2)?, feature.dim(3)?), padded);
             let mut t = feature.clone();
             for conv in &self.convs {
                 t = conv.forward_relu(&t)?;
@@ -130,7 +126,7 @@ impl Rpn {
                 .zip(&top.values)
                 .zip(deltas.chunks_exact(4))
             {
-                let b = self.coder.decode(&anchors[i as usize], deltas);
+                let b = self.coder.decode(&anchors.get(i as usize), deltas);
                 let b = box_ops::clip_to_image(&b, image_size);
                 let score = sigmoid(logit);
                 if box_ops::is_large_enough(&b, RPN_MIN_SIZE) && score >= self.score_thresh {
