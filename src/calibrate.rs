@@ -108,12 +108,17 @@ impl Profile {
             path: path.to_path_buf(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+        toml::from_str(&text).map_err(|e| Error::Profile {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = toml::to_string_pretty(self)
-            .map_err(|e| Error::Config(format!("profile serialisation: {e}")))?;
+        let text = toml::to_string_pretty(self).map_err(|e| Error::Profile {
+            path: path.to_path_buf(),
+            reason: format!("serialising: {e}"),
+        })?;
         let header =
             "# drape calibration profile: written by `drape calibrate`, read by `drape run`.\n\
                       # Costs in milliseconds on this device; edit with care.\n";

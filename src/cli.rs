@@ -58,9 +58,13 @@ impl ModelArgs {
     /// Checks each flag on its own, so a bad value is reported by its flag's name rather than
     /// as a setting of the loaded model.
     fn validate(&self) -> Result<()> {
+        let max = crate::config::MAX_INPUT_SIDE;
         for (flag, value) in [("--min-size", self.min_size), ("--max-size", self.max_size)] {
             if value == Some(0) {
                 bail!("{flag} must be at least 1");
+            }
+            if let Some(v) = value.filter(|&v| v > max) {
+                bail!("{flag} {v} must be at most {max}");
             }
         }
         if let Some(t) = self.score_thresh {

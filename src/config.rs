@@ -7,6 +7,10 @@ use crate::error::{Error, Result};
 /// `GeneralizedRCNNTransform(min_size=800, max_size=1333)`.
 pub const MIN_SIZE: usize = 800;
 pub const MAX_SIZE: usize = 1333;
+/// Largest `min_size`/`max_size` accepted from flags or weights metadata. Three times
+/// torchvision's default already needs gigabytes of activations; beyond this a typo would exhaust
+/// memory (and invite the OOM killer onto the mirror's UI) before any error could be shown.
+pub const MAX_INPUT_SIDE: usize = 4096;
 /// torchvision pads the batch so both sides are multiples of this.
 pub const SIZE_DIVISIBLE: usize = 32;
 /// ImageNet statistics torchvision normalises with.
@@ -74,6 +78,12 @@ impl Config {
         if self.min_size == 0 || self.max_size == 0 {
             return bad(format!(
                 "min_size ({}) and max_size ({}) must be positive",
+                self.min_size, self.max_size
+            ));
+        }
+        if self.min_size > MAX_INPUT_SIDE || self.max_size > MAX_INPUT_SIDE {
+            return bad(format!(
+                "min_size ({}) and max_size ({}) must be at most {MAX_INPUT_SIDE}",
                 self.min_size, self.max_size
             ));
         }

@@ -69,6 +69,21 @@ pub enum Error {
     },
     #[error("invalid setting: {0}")]
     Config(String),
+    /// The frame source failed while running (a camera gone for good, a recording unreadable).
+    #[error("capture failed: {0}")]
+    Capture(String),
+    /// An output could not be written or flushed; the path or sink is named in the message.
+    #[error("output failed: {0}")]
+    Output(String),
+    /// A calibration profile could not be read or written.
+    #[error("calibration profile {path}: {reason}")]
+    Profile { path: PathBuf, reason: String },
+    /// A pipeline thread panicked; the run ends rather than limping on without it.
+    #[error("{thread} thread panicked: {message}")]
+    Panicked {
+        thread: &'static str,
+        message: String,
+    },
     #[error("unknown device {0:?}: expected auto, cpu, cuda, cuda:N or metal")]
     DeviceSpec(String),
     #[error(

@@ -21,6 +21,7 @@ pub mod convert;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod health;
 pub mod image_io;
 pub mod inspect;
 pub mod labels;
@@ -29,6 +30,7 @@ pub mod output;
 pub mod overlay;
 pub mod pipeline;
 pub mod postprocess;
+pub mod service;
 pub mod stream;
 pub mod synthetic;
 #[cfg(test)]

@@ -15,11 +15,14 @@ use drape::alloc::CountingAlloc;
 use drape::calibrate::{Profile, ProfileTransforms};
 use drape::capture::{Crop, PixelFormat, Rotation, SourceSpec, Transforms};
 use drape::cli::ModelArgs;
+use drape::clock::SystemClock;
+use drape::health::RunStatus;
 use drape::output::RleFormat;
 use drape::pipeline::{self, BudgetController, JsonLines, PipelineOptions, Sink};
 use drape::stream::http::{HttpOptions, HttpServer};
+use drape::stream::jsonl::{JsonlFile, RotatePolicy, SinkHealth};
 use drape::stream::mqtt::{MqttConfig, MqttMasks, MqttSink, MqttStats};
-use drape::stream::unix::UnixServer;
+use drape::stream::unix::{UnixOptions, UnixServer};
 use drape::stream::{labels_by_id, Hub, HubSink};
 use drape::track::TrackerConfig;
 use drape::{image_io, output, overlay};
@@ -27,6 +30,9 @@ use drape::{image_io, output, overlay};
 // candle allocates a fresh buffer per tensor op; glibc malloc returns large ones to the kernel
 // and faults them back in every time, mimalloc keeps them (5x on large elementwise ops here).
 // Counted, so `drape bench` can report the model's allocations per frame.
+/// Where `--http-token` is read from when the flag and the config file do not give it.
+const HTTP_TOKEN_ENV: &str = "DRAPE_HTTP_TOKEN";
+
 #[global_allocator]
 static GLOBAL: CountingAlloc<mimalloc::MiMalloc> = CountingAlloc(mimalloc::MiMalloc);
 
@@ -34,7 +40,9 @@ static GLOBAL: CountingAlloc<mimalloc::MiMalloc> = CountingAlloc(mimalloc::MiMal
 #[command(
     name = "drape",
     version,
-    about = "Mask R-CNN garment segmentation, torchvision-compatible, on candle"
+    about = "Mask R-CNN garment segmentation, torchvision-compatible, on candle",
+    // A flag given twice takes its last value, so the command line overrides --config.
+    args_override_self = true
 )]
 struct Cli {
     /// Log filter, e.g. `info`, `drape=debug` (RUST_LOG wins when set).
@@ -169,15 +177,44 @@ struct RunArgs {
 /// Options every streaming command shares.
 #[derive(clap::Args)]
 struct OutputArgs {
+    /// TOML file of settings for this command: keys are long flag names without the dashes
+    /// (`budget-ms = 150`, `flip = true`, `http-allowed-host = ["a", "b"]`); flags on the
+    /// command line override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Also stream JSON lines to clients of this Unix socket.
     #[arg(long)]
     unix: Option<PathBuf>,
+    /// Permission bits of the --unix socket, in octal.
+    #[arg(long, default_value = "660", value_parser = parse_mode)]
+    unix_mode: u32,
+    /// Clients of the --unix socket served at once; more are closed on connect.
+    #[arg(long, default_value_t = 8)]
+    unix_max_clients: usize,
     /// Streaming HTTP clients served at once; more get 503.
     #[arg(long, default_value_t = 8)]
     max_clients: usize,
+    /// HTTP connections of any kind served at once; more get 503 and are closed.
+    #[arg(long, default_value_t = 32)]
+    http_max_connections: usize,
+    /// Bearer token every HTTP route but /healthz requires; mandatory when --http is not a
+    /// loopback address. Prefer `http-token` in the --config file or DRAPE_HTTP_TOKEN: a
+    /// command line is visible to every user of the machine.
+    #[arg(long)]
+    http_token: Option<String>,
+    /// A host name the HTTP server answers to on a non-loopback address, besides IP addresses
+    /// and localhost (repeatable), e.g. mirror-12.local.
+    #[arg(long)]
+    http_allowed_host: Vec<String>,
     /// Stop after this many seconds.
     #[arg(long)]
     duration: Option<f64>,
+    /// Rotate the --jsonl file once it would grow past this many bytes (0: never rotate).
+    #[arg(long, default_value_t = 64 << 20)]
+    jsonl_max_bytes: u64,
+    /// Rotated --jsonl files kept (`out.jsonl.1` is the newest).
+    #[arg(long, default_value_t = 4)]
+    jsonl_keep: usize,
     /// Calibration profile to seed the cost model (default: calibration/<device>.toml if present).
     #[arg(long)]
     profile: Option<PathBuf>,
@@ -605,6 +642,20 @@ fn stream(
     if !(budget_ms.is_finite() && budget_ms > 0.0) {
         bail!("--budget-ms must be positive");
     }
+    if let Some(fps) = source_args.fps {
+        drape::capture::check_fps(fps).map_err(|e| anyhow::anyhow!("--fps: {e}"))?;
+    }
+    let duration = outputs
+        .duration
+        .map(|d| {
+            Duration::try_from_secs_f64(d).map_err(|_| {
+                anyhow::anyhow!("--duration {d}: expected a finite number of seconds, at least 0")
+            })
+        })
+        .transpose()?;
+    if outputs.max_clients == 0 || outputs.unix_max_clients == 0 {
+        bail!("--max-clients and --unix-max-clients must be at least 1");
+    }
     let track = outputs.track.config()?;
     let mqtt = outputs.mqtt.config()?;
     let model = model_args.load()?;
@@ -646,23 +697,36 @@ fn stream(
         }
     }
 
+    let notifier = drape::service::Notifier::from_env()
+        .with_context(|| format!("${}", drape::service::NOTIFY_SOCKET))?;
+    let hub = Hub::with_status(RunStatus::new(Arc::new(SystemClock), notifier));
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(path) = jsonl {
-        let writer: Box<dyn Write> = if path == Path::new("-") {
-            Box::new(std::io::stdout().lock())
+        if path == Path::new("-") {
+            sinks.push(Box::new(JsonLines(std::io::stdout().lock())));
         } else {
-            Box::new(std::io::BufWriter::new(
-                std::fs::File::create(&path)
-                    .with_context(|| format!("creating {}", path.display()))?,
-            ))
-        };
-        sinks.push(Box::new(JsonLines(writer)));
+            let health = SinkHealth::new("jsonl");
+            let rotation = RotatePolicy {
+                max_bytes: (outputs.jsonl_max_bytes > 0).then_some(outputs.jsonl_max_bytes),
+                keep: outputs.jsonl_keep,
+            };
+            let file = JsonlFile::open(&path, rotation, Arc::clone(&health))
+                .with_context(|| format!("opening --jsonl {}", path.display()))?;
+            hub.watch_sink(health);
+            sinks.push(Box::new(file));
+        }
     }
-    let hub = Hub::new();
     let _unix = match &outputs.unix {
         Some(path) => Some(
-            UnixServer::bind(path, Arc::clone(&hub))
-                .with_context(|| format!("listening on {}", path.display()))?,
+            UnixServer::bind(
+                path,
+                Arc::clone(&hub),
+                UnixOptions {
+                    mode: outputs.unix_mode,
+                    max_clients: outputs.unix_max_clients,
+                },
+            )
+            .with_context(|| format!("listening on {}", path.display()))?,
         ),
         None => None,
     };
@@ -670,6 +734,12 @@ fn stream(
         Some(addr) => {
             let options = HttpOptions {
                 max_clients: outputs.max_clients,
+                max_connections: outputs.http_max_connections,
+                token: outputs
+                    .http_token
+                    .clone()
+                    .or_else(|| std::env::var(HTTP_TOKEN_ENV).ok()),
+                allowed_hosts: outputs.http_allowed_host.clone(),
                 ..HttpOptions::default()
             };
             let server = HttpServer::bind(addr, Arc::clone(&hub), options)
@@ -704,14 +774,23 @@ fn stream(
     }
 
     let options = PipelineOptions {
-        duration: outputs.duration.map(Duration::from_secs_f64),
+        duration,
         rle: outputs.rle,
+        status: Some(Arc::clone(&hub.status)),
         track,
         ..PipelineOptions::new(budget_ms)
     };
     let summary = pipeline::run(&model, source, controller, &mut sinks, &options, &stop)?;
     print_summary(&summary);
     Ok(())
+}
+
+/// `--unix-mode`: octal permission bits, at most 0777.
+fn parse_mode(s: &str) -> std::result::Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("`{s}` is not an octal mode such as 660"))
 }
 
 fn print_summary(s: &drape::pipeline::Summary) {
@@ -830,12 +909,89 @@ fn cameras(json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Subcommands that take `--config`.
+const CONFIGURABLE: [&str; 2] = ["run", "demo"];
+
+/// The command line with the `--config` file's settings inserted right after the subcommand,
+/// so that flags given on the command line come later and win.
+fn with_config_file(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>> {
+    let Some(sub_at) = args
+        .iter()
+        .position(|a| CONFIGURABLE.iter().any(|c| a == *c))
+    else {
+        return Ok(args);
+    };
+    let mut path = None;
+    for (i, a) in args.iter().enumerate().skip(sub_at + 1) {
+        let a = a.to_string_lossy();
+        if let Some(p) = a.strip_prefix("--config=") {
+            path = Some(PathBuf::from(p));
+        } else if a == "--config" {
+            path = args.get(i + 1).map(PathBuf::from);
+        }
+    }
+    let Some(path) = path else {
+        return Ok(args);
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading --config {}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing --config {}", path.display()))?;
+    let subcommand = args[sub_at].to_string_lossy().into_owned();
+    let command = <Cli as clap::CommandFactory>::command();
+    let known: Vec<String> = command
+        .find_subcommand(&subcommand)
+        .into_iter()
+        .flat_map(|c| c.get_arguments())
+        .chain(command.get_arguments())
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect();
+    let mut inserted = Vec::new();
+    for (key, value) in table {
+        if key == "config" || !known.contains(&key) {
+            bail!(
+                "{}: unknown key `{key}`: keys are the long flags of `drape {subcommand}`",
+                path.display()
+            );
+        }
+        let flag = format!("--{key}");
+        let scalar = |v: &toml::Value| -> Result<String> {
+            match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                toml::Value::Integer(i) => Ok(i.to_string()),
+                toml::Value::Float(f) => Ok(f.to_string()),
+                _ => bail!("{}: `{key}` must be a string or a number", path.display()),
+            }
+        };
+        match &value {
+            toml::Value::Boolean(true) => inserted.push(flag.into()),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                for item in items {
+                    inserted.push(format!("{flag}={}", scalar(item)?).into());
+                }
+            }
+            v => inserted.push(format!("{flag}={}", scalar(v)?).into()),
+        }
+    }
+    let mut out = args;
+    out.splice(sub_at + 1..sub_at + 1, inserted);
+    Ok(out)
+}
+
 fn main() -> ExitCode {
     let process_start = Instant::now();
+    let args = match with_config_file(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     // `--score-thresh -1` is a bad value to report by its flag's name, not an unknown flag.
     let matches = Cli::command()
         .mut_subcommands(|c| c.allow_negative_numbers(true))
-        .get_matches();
+        .get_matches_from(args);
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),

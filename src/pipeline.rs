@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Serialize, Serializer};
 
-use crate::capture::{CaptureError, CaptureStats, Frame, FrameSource};
+use crate::capture::{CaptureControl, CaptureError, CaptureStats, Frame, FrameSource};
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
+use crate::health::RunStatus;
 use crate::model::transform::Transform;
 use crate::model::{Detections, FrameSettings, MaskRcnn, Timings, Workspace};
 use crate::output::RleFormat;
@@ -432,6 +433,9 @@ pub struct PipelineOptions {
     /// Test hook: may rewrite each frame's measured timings (injected costs) and move an
     /// injected clock, so the budget controller's behaviour does not depend on the machine.
     pub after_inference: Option<AfterInference>,
+    /// Told when the run starts taking frames, after each processed frame and when it ends,
+    /// for `/healthz` and systemd's watchdog.
+    pub status: Option<Arc<RunStatus>>,
 }
 
 impl PipelineOptions {
@@ -443,6 +447,7 @@ impl PipelineOptions {
             rle: RleFormat::default(),
             clock: Arc::new(SystemClock),
             after_inference: None,
+            status: None,
             track: TrackerConfig::default(),
         }
     }
@@ -482,18 +487,29 @@ pub fn run(
 
     let slot = LatestFrame::new(Frame::with_capacity(0, 0));
     let source_stats = Mutex::new(CaptureStats::default());
-    let capture_done = AtomicBool::new(false);
+    let control = Arc::new(CaptureControl::default());
+    source.attach(Arc::clone(&control));
     let period_ms = 1e3 / fps;
     let clock = &*options.clock;
     let started = clock.now();
     let deadline = options.duration.map(|d| started + d);
 
+    let status = options.status.as_deref();
+    if let Some(status) = status {
+        status.running(Duration::from_secs_f64(1.0 / fps), Arc::clone(&control));
+    }
     std::thread::scope(|scope| -> Result<Summary> {
+        // However this closure ends (the loop's break, an early `?`, a panic), capture is told
+        // to stop, so the scope's implicit join never waits on a source that runs forever.
+        let _stop_capture = StopOnDrop(&control, status);
         let capture = scope.spawn(|| {
             let _span = tracing::info_span!("capture", source = %source.describe()).entered();
+            // A panicking source still closes the slot, so the inference loop ends instead of
+            // waiting for frames that will never come.
+            let closer = CloseOnPanic(&slot);
             let mut back = Frame::with_capacity(0, 0);
             let outcome = loop {
-                if stop.load(Ordering::Relaxed) || capture_done.load(Ordering::Relaxed) {
+                if stop.load(Ordering::Relaxed) || control.stopped() {
                     break None;
                 }
                 match source.next_frame(&mut back) {
@@ -501,12 +517,12 @@ pub fn run(
                         slot.publish(&mut back);
                         *source_stats.lock().unwrap_or_else(|e| e.into_inner()) = source.stats();
                     }
-                    Err(CaptureError::EndOfStream) => break None,
+                    Err(CaptureError::EndOfStream | CaptureError::Stopped) => break None,
                     Err(e) => break Some(e.to_string()),
                 }
             };
             *source_stats.lock().unwrap_or_else(|e| e.into_inner()) = source.stats();
-            slot.close(outcome);
+            closer.0.close(outcome);
         });
 
         let mut counters = Counters::default();
@@ -530,7 +546,7 @@ pub fn run(
                 Take::Frame => {}
                 Take::Timeout => continue,
                 Take::Closed(error) => {
-                    failure = error;
+                    failure = error.map(Error::Capture);
                     break;
                 }
             }
@@ -567,6 +583,9 @@ pub fn run(
             };
             write_record(&mut line, &record)?;
             counters.processed += 1;
+            if let Some(status) = status {
+                status.processed();
+            }
             if !met {
                 counters.budget_misses += 1;
                 tracing::warn!(
@@ -589,8 +608,8 @@ pub fn run(
             };
             for sink in sinks.iter_mut() {
                 if let Err(e) = sink.frame(&emitted) {
-                    tracing::warn!("output failed: {e}");
-                    failure = Some(format!("output failed: {e}"));
+                    tracing::error!("output failed: {e}");
+                    failure = Some(Error::Output(e.to_string()));
                 }
             }
             if failure.is_some() {
@@ -603,15 +622,16 @@ pub fn run(
             }
             final_input = result.input_size;
         }
-        capture_done.store(true, Ordering::Relaxed);
-        // Unblocks nothing by itself: the capture thread notices the flag after its current
-        // `next_frame`, at most a frame period (or a reconnect backoff) later.
-        capture
-            .join()
-            .map_err(|_| Error::Config("capture thread panicked".into()))?;
+        control.stop();
+        // The capture thread notices the flag after its current `next_frame`: at most a frame
+        // period, or one reconnect backoff, later.
+        capture.join().map_err(|payload| Error::Panicked {
+            thread: "capture",
+            message: panic_message(payload.as_ref()),
+        })?;
         for sink in sinks.iter_mut() {
             sink.flush()
-                .map_err(|e| Error::Config(format!("flushing output: {e}")))?;
+                .map_err(|e| Error::Output(format!("flushing: {e}")))?;
         }
         // A frame published after the loop's last take was neither processed nor superseded.
         let mut leftover = Frame::with_capacity(0, 0);
@@ -619,7 +639,7 @@ pub fn run(
         let stats = *source_stats.lock().unwrap_or_else(|e| e.into_inner());
         counters.absorb(&stats, slot.superseded() + unclaimed);
         if let Some(error) = failure {
-            return Err(Error::Config(error));
+            return Err(error);
         }
         let names = Timings::default().stages().map(|(n, _)| n);
         Ok(Summary {
@@ -637,6 +657,39 @@ pub fn run(
     })
 }
 
+/// Stops capture (and reports the run over) when dropped, whichever way the inference loop is
+/// left.
+struct StopOnDrop<'a>(&'a CaptureControl, Option<&'a RunStatus>);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.stop();
+        if let Some(status) = self.1 {
+            status.ended("the run has ended");
+        }
+    }
+}
+
+/// Closes the slot if the capture thread unwinds, so its consumer is not left waiting.
+struct CloseOnPanic<'a>(&'a LatestFrame);
+
+impl Drop for CloseOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.close(Some("capture thread panicked".into()));
+        }
+    }
+}
+
+/// The text a panic was raised with (`panic!("...")` payloads are `&str` or `String`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-text panic payload".into())
+}
+
 /// Milliseconds from `then` to `clock`'s now (0 for a stamp in the future).
 fn ms_since(clock: &dyn Clock, then: Instant) -> f64 {
     clock.now().saturating_duration_since(then).as_secs_f64() * 1e3
@@ -647,7 +700,7 @@ fn ms_since(clock: &dyn Clock, then: Instant) -> f64 {
 pub fn write_record(line: &mut Vec<u8>, record: &FrameRecord<'_>) -> Result<()> {
     line.clear();
     serde_json::to_writer(line, record)
-        .map_err(|e| Error::Config(format!("serialising frame {}: {e}", record.frame.seq)))
+        .map_err(|e| Error::Output(format!("serialising frame {}: {e}", record.frame.seq)))
 }
 
 /// One emitted line.

@@ -296,6 +296,36 @@ impl Pickler {
             .int(1)
             .op(b"\x85\x89}tR")
     }
+    /// `_rebuild_tensor_v2` over storage KEY (numel, f32) with any shape and strides.
+    fn view(&mut self, key: &str, numel: u64, shape: &[u64], strides: &[u64]) -> &mut Self {
+        self.op(b"ctorch._utils\n_rebuild_tensor_v2\n(")
+            .op(b"(")
+            .str("storage")
+            .op(b"ctorch\nFloatStorage\n")
+            .str(key)
+            .str("cpu")
+            .int(numel)
+            .op(b"tQ")
+            .int(0)
+            .op(b"(");
+        for &n in shape {
+            self.int(n);
+        }
+        self.op(b"t(");
+        for &s in strides {
+            self.int(s);
+        }
+        self.op(b"t\x89}tR")
+    }
+    /// A state_dict holding the one tensor `view` describes.
+    fn one_view(numel: u64, shape: &[u64], strides: &[u64]) -> Vec<u8> {
+        let mut p = Self::new();
+        p.op(b"}(")
+            .str("backbone.body.conv1.weight")
+            .view("0", numel, shape, strides)
+            .op(b"u.");
+        p.0
+    }
     /// A state_dict of one `len`-element tensor per Mask R-CNN stage, all views of storage "0".
     fn state_dict(numel: u64, len: u64) -> Vec<u8> {
         let mut p = Self::new();
@@ -453,11 +483,78 @@ fn bad_inputs_get_named_errors_and_leave_no_file() {
         (
             "view beyond its storage",
             Input::Bytes(archive(&[
-                ("data.pkl", &Pickler::state_dict(8, 9)),
+                ("data.pkl", &Pickler::one_view(8, &[5], &[2])),
                 ("data/0", &zeros),
             ])),
             &[],
             "reaches element 8 of a 8-element storage",
+        ),
+        (
+            "stride-0 broadcast of 2^40 elements",
+            Input::Bytes(archive(&[
+                ("data.pkl", &Pickler::one_view(1, &[1 << 40], &[0])),
+                ("data/0", &zeros[..4]),
+            ])),
+            &[],
+            "stride 0 along dimension 0",
+        ),
+        (
+            "overlapping view of 2^62 elements",
+            Input::Bytes(archive(&[
+                ("data.pkl", &Pickler::one_view(8, &[1 << 31, 1 << 31], &[0, 1])),
+                ("data/0", &zeros),
+            ])),
+            &[],
+            "stride 0 along dimension 0",
+        ),
+        (
+            "more elements than the storage",
+            Input::Bytes(archive(&[
+                ("data.pkl", &Pickler::one_view(8, &[2, 8], &[1, 0])),
+                ("data/0", &zeros),
+            ])),
+            &[],
+            "stride 0 along dimension 1",
+        ),
+        (
+            "overlapping strides",
+            Input::Bytes(archive(&[
+                ("data.pkl", &Pickler::one_view(8, &[4, 4], &[1, 1])),
+                ("data/0", &zeros),
+            ])),
+            &[],
+            "has 16 elements but its storage 8",
+        ),
+        (
+            "element count overflow",
+            Input::Bytes(archive(&[
+                ("data.pkl", &Pickler::one_view(8, &[1 << 32, 1 << 32, 1 << 32], &[1, 1, 1])),
+                ("data/0", &zeros),
+            ])),
+            &[],
+            "overflows",
+        ),
+        (
+            "views repeating one storage",
+            Input::Bytes(archive(&[
+                ("data.pkl", &Pickler::state_dict(2000, 2000)),
+                ("data/0", &vec![0u8; 8000]),
+            ])),
+            &["--dtype", "f32"],
+            "more than 4 times the file's",
+        ),
+        (
+            "object bomb",
+            // EMPTY_LIST, POP: objects pile up while the stack stays empty.
+            Input::Bytes(archive(&[("data.pkl", &b"]0".repeat(300_000))])),
+            &[],
+            "more than 262144 objects",
+        ),
+        (
+            "stack bomb",
+            Input::Bytes(archive(&[("data.pkl", &[b'N'; 100_000])])),
+            &[],
+            "a stack deeper than 65536 values",
         ),
         (
             "f16 overflow",

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use drape::capture;
 use drape::pipeline::{self, BudgetController, PipelineOptions, Sink};
 use drape::stream::http::{HttpOptions, HttpServer};
-use drape::stream::unix::UnixServer;
+use drape::stream::unix::{UnixOptions, UnixServer};
 use drape::stream::{labels_by_id, Hub, HubSink};
 
 const MAX_CLIENTS: usize = 2;
@@ -38,11 +38,12 @@ impl Running {
             HttpOptions {
                 max_clients: MAX_CLIENTS,
                 io_timeout: Duration::from_secs(2),
+                ..HttpOptions::default()
             },
         )
         .unwrap();
         let addr = server.local_addr();
-        let unix = UnixServer::bind(&socket, Arc::clone(&hub)).unwrap();
+        let unix = UnixServer::bind(&socket, Arc::clone(&hub), UnixOptions::default()).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let pipeline = {
             let stop = Arc::clone(&stop);

@@ -140,6 +140,23 @@ fn bad_files_get_named_errors() {
     let bad_size = variant(d, "size.safetensors", |_, m| {
         m.insert("min_size".into(), "0".into());
     });
+    let huge_size = variant(d, "huge-size.safetensors", |_, m| {
+        m.insert("max_size".into(), "200000".into());
+    });
+    let max_size = variant(d, "u64-size.safetensors", |_, m| {
+        m.insert("min_size".into(), u64::MAX.to_string());
+    });
+    // The stem conv and its BatchNorm with zero output channels.
+    let zero_channels = variant(d, "zero.safetensors", |t, _| {
+        for s in t.iter_mut() {
+            if s.name.starts_with("backbone.body.conv1.")
+                || s.name.starts_with("backbone.body.bn1.")
+            {
+                s.shape[0] = 0;
+                s.data.clear();
+            }
+        }
+    });
     // One Bottleneck block stripped of its third conv.
     let broken_block = variant(d, "block.safetensors", |t, _| {
         t.retain(|t| {
@@ -195,7 +212,14 @@ fn bad_files_get_named_errors() {
         ),
         (bad_labels, "Metadata", vec!["labels", "2 names for 46"]),
         (bad_eps, "Metadata", vec!["bn_eps", "tiny"]),
-        (bad_size, "Config", vec!["min_size"]),
+        (bad_size, "Metadata", vec!["min_size"]),
+        (huge_size, "Metadata", vec!["max_size", "200000"]),
+        (
+            max_size,
+            "Metadata",
+            vec!["min_size", "18446744073709551615"],
+        ),
+        (zero_channels, "Shape", vec!["backbone.body.conv1.weight"]),
         (
             broken_block,
             "MissingTensor",

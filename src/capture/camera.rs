@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::convert::{yuyv_to_rgb, MjpegDecoder};
-use super::{CaptureError, CaptureStats, FpsLabel, Frame, FrameSource, PixelFormat};
+use super::{
+    CaptureControl, CaptureError, CaptureStats, FpsLabel, Frame, FrameSource, PixelFormat,
+};
 
 /// First wait before reopening a lost camera: long enough for udev to remove the dead node.
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
@@ -151,6 +153,9 @@ pub struct CameraSource<D, S> {
     /// The sequence number the next buffer gets if it follows the previous one without a gap.
     next_seq: u64,
     stats: CaptureStats,
+    /// Shared with the pipeline: the reconnect loop reports itself there and gives up between
+    /// attempts once the consumer has stopped.
+    control: Option<Arc<CaptureControl>>,
     /// Set by the owner to end a reconnect wait.
     stop: Option<Arc<AtomicBool>>,
 }
@@ -171,6 +176,7 @@ impl<D: Device, S: Sleep> CameraSource<D, S> {
             last_driver_seq: None,
             next_seq: 0,
             stats: CaptureStats::default(),
+            control: None,
             stop: None,
         })
     }
@@ -193,7 +199,13 @@ impl<D: Device, S: Sleep> CameraSource<D, S> {
         let mut waited = Duration::ZERO;
         let mut attempts = 0u32;
         loop {
+            if self.consumer_stopped() {
+                return Err(CaptureError::Stopped);
+            }
             self.sleeper.sleep(delay);
+            if self.consumer_stopped() {
+                return Err(CaptureError::Stopped);
+            }
             if stopped(&self.stop) {
                 tracing::info!(device = self.device.name(), "stopped while reconnecting");
                 return Err(CaptureError::EndOfStream);
@@ -243,6 +255,16 @@ impl<D: Device, S: Sleep> CameraSource<D, S> {
         }
     }
 
+    fn consumer_stopped(&self) -> bool {
+        self.control.as_ref().is_some_and(|c| c.stopped())
+    }
+
+    fn set_reconnecting(&self, on: bool) {
+        if let Some(c) = &self.control {
+            c.set_reconnecting(on);
+        }
+    }
+
     fn lose(&mut self, error: &io::Error) {
         tracing::warn!(device = self.device.name(), %error, "camera lost; reconnecting");
         self.device.close();
@@ -258,12 +280,19 @@ impl<D: Device, S: Sleep> FrameSource for CameraSource<D, S> {
         self.last_format.fps
     }
 
+    fn attach(&mut self, control: Arc<CaptureControl>) {
+        self.control = Some(control);
+    }
+
     fn next_frame(&mut self, frame: &mut Frame) -> Result<(), CaptureError> {
         loop {
             let format = match self.format {
                 Some(format) => format,
                 None => {
-                    let format = self.reconnect()?;
+                    self.set_reconnecting(true);
+                    let reconnected = self.reconnect();
+                    self.set_reconnecting(false);
+                    let format = reconnected?;
                     if format != self.last_format {
                         self.mjpeg = decoder_for(&format);
                     }

@@ -35,7 +35,7 @@ use std::fmt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -98,6 +98,11 @@ pub trait FrameSource: Send {
     fn describe(&self) -> String;
     /// The nominal frame rate: a frame older than one period is stale.
     fn fps(&self) -> f64;
+    /// Shares a [`CaptureControl`] with the source. A source that can block for longer than a
+    /// frame period (a camera reconnecting) reports it there and returns
+    /// [`CaptureError::Stopped`] once the consumer has stopped; the rest return within a period
+    /// anyway and may ignore it.
+    fn attach(&mut self, _control: Arc<CaptureControl>) {}
 }
 
 impl<S: FrameSource + ?Sized> FrameSource for Box<S> {
@@ -113,6 +118,9 @@ impl<S: FrameSource + ?Sized> FrameSource for Box<S> {
     fn fps(&self) -> f64 {
         (**self).fps()
     }
+    fn attach(&mut self, control: Arc<CaptureControl>) {
+        (**self).attach(control)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -126,6 +134,34 @@ pub struct CaptureStats {
     pub driver_dropped: u64,
     /// Times a lost camera was reopened.
     pub reconnects: u64,
+}
+
+/// State shared between a source, blocked in `next_frame` on the capture thread, and the rest
+/// of the pipeline, which must be able to stop it and to tell an outage from a stall.
+#[derive(Debug, Default)]
+pub struct CaptureControl {
+    stop: AtomicBool,
+    reconnecting: AtomicBool,
+}
+
+impl CaptureControl {
+    /// Asks the source to return [`CaptureError::Stopped`] at its next chance.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Set by a camera source while a lost device is being reopened.
+    pub fn set_reconnecting(&self, on: bool) {
+        self.reconnecting.store(on, Ordering::Relaxed);
+    }
+
+    pub fn reconnecting(&self) -> bool {
+        self.reconnecting.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +205,8 @@ pub enum CaptureError {
     InvalidSpec(String),
     #[error("end of stream")]
     EndOfStream,
+    #[error("capture stopped")]
+    Stopped,
 }
 
 /// Camera pixel formats drape converts to RGB.
@@ -370,12 +408,18 @@ fn is_camera(path: &Path) -> bool {
     }
 }
 
-fn check_fps(fps: f64) -> Result<f64, CaptureError> {
-    if fps.is_finite() && fps > 0.0 {
+/// Slowest frame rate accepted (one frame every 100 s); slower ones overflow frame schedules.
+pub const MIN_FPS: f64 = 0.01;
+/// Fastest frame rate accepted; no camera or replay drape serves comes near it.
+pub const MAX_FPS: f64 = 1000.0;
+
+/// Checks a frame rate from a flag or a recording's header.
+pub fn check_fps(fps: f64) -> Result<f64, CaptureError> {
+    if (MIN_FPS..=MAX_FPS).contains(&fps) {
         Ok(fps)
     } else {
         Err(CaptureError::InvalidSpec(format!(
-            "fps must be a positive number, got {fps}"
+            "fps must lie in {MIN_FPS}..={MAX_FPS}, got {fps:?}"
         )))
     }
 }

@@ -1,5 +1,6 @@
 //! Recordings replayed as if they were a live camera: a directory of same-size PNG/JPEG images
-//! (decoded once, at open) or a `.y4m` file (memory-mapped, converted frame by frame).
+//! (decoded once, at open, within [`MAX_REPLAY_BYTES`]) or a `.y4m` file (memory-mapped,
+//! converted frame by frame, so any length replays in constant memory).
 //!
 //! Pacing: frame slot `i` is due at `start + i / fps`. A consumer that keeps up gets every slot on
 //! time; one that falls behind gets the slot that is current when it asks, never a stale one and
@@ -19,6 +20,10 @@ use super::{check_fps, CaptureError, CaptureStats, FpsLabel, Frame, FrameSource,
 /// Image file extensions a replay directory is read from (compared case-insensitively); other
 /// files in it are ignored.
 const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
+/// Decoded bytes an image directory may hold in memory: about 1,400 VGA frames. The sizes are
+/// read from the headers and summed before anything is decoded; a longer recording belongs in a
+/// `.y4m` file, which is memory-mapped instead.
+pub const MAX_REPLAY_BYTES: u64 = 1 << 30;
 
 enum Frames {
     /// Decoded RGB8 images, in file-name order.
@@ -139,20 +144,18 @@ fn load_images(dir: &Path) -> Result<(Vec<Vec<u8>>, usize, usize), CaptureError>
     }
     paths.sort();
 
-    let mut images = Vec::with_capacity(paths.len());
+    let image_err = |path: &Path, reason| CaptureError::Image {
+        path: path.to_path_buf(),
+        reason,
+    };
+    // Sizes first, from the headers alone, so a directory too large to hold fails before a
+    // single image is decoded.
     let mut size = None;
+    let mut total: u64 = 0;
     for path in &paths {
-        let decoded = image::ImageReader::open(path)
-            .map_err(|e| io_err(path, e))?
-            .with_guessed_format()
-            .map_err(|e| io_err(path, e))?
-            .decode()
-            .map_err(|e| CaptureError::Image {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?
-            .into_rgb8();
-        let found = (decoded.width() as usize, decoded.height() as usize);
+        let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
+        let (w, h) = crate::image_io::dimensions(&bytes).map_err(|r| image_err(path, r))?;
+        let found = (w as usize, h as usize);
         let (width, height) = *size.get_or_insert(found);
         if found != (width, height) {
             return Err(CaptureError::SizeMismatch {
@@ -163,6 +166,21 @@ fn load_images(dir: &Path) -> Result<(Vec<Vec<u8>>, usize, usize), CaptureError>
                 found_height: found.1,
             });
         }
+        total += 3 * u64::from(w) * u64::from(h);
+        if total > MAX_REPLAY_BYTES {
+            return Err(CaptureError::InvalidSpec(format!(
+                "{}: {} images of {w}x{h} decode to more than {} MiB; replay a .y4m recording \
+                 instead (it is memory-mapped, not decoded up front)",
+                dir.display(),
+                paths.len(),
+                MAX_REPLAY_BYTES >> 20
+            )));
+        }
+    }
+    let mut images = Vec::with_capacity(paths.len());
+    for path in &paths {
+        let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
+        let decoded = crate::image_io::decode_rgb(&bytes).map_err(|r| image_err(path, r))?;
         images.push(decoded.into_raw());
     }
     let (width, height) = size.unwrap_or((0, 0));

@@ -245,6 +245,10 @@ impl<S: FrameSource> FrameSource for TransformedSource<S> {
         self.inner.fps()
     }
 
+    fn attach(&mut self, control: std::sync::Arc<super::CaptureControl>) {
+        self.inner.attach(control)
+    }
+
     fn stats(&self) -> CaptureStats {
         self.inner.stats()
     }

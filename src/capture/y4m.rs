@@ -101,8 +101,11 @@ fn line(data: &[u8], start: usize) -> Option<(&[u8], usize)> {
     Some((&rest[..len], start + len + 1))
 }
 
+/// A width or height: positive and at most [`crate::image_io::MAX_IMAGE_SIDE`], so a header
+/// claiming 2^32 fails here rather than as an overflowing frame size.
 fn dimension(value: &str) -> Option<usize> {
-    value.parse().ok().filter(|&v| v > 0)
+    let max = crate::image_io::MAX_IMAGE_SIDE as usize;
+    value.parse().ok().filter(|&v| v > 0 && v <= max)
 }
 
 fn rate(value: &str) -> Option<f64> {
@@ -161,12 +164,14 @@ mod tests {
     #[test]
     fn bad_files() {
         #[rustfmt::skip]
-        let cases: [(&[u8], &str); 5] = [
+        let cases: [(&[u8], &str); 7] = [
             (b"", "no header"),
             (b"P6 4 2 255\n", "YUV4MPEG2"),
             (b"YUV4MPEG2 H2 F30:1\n", "width"),
             (b"YUV4MPEG2 W4 H2 F30:0\n", "frame rate"),
             (b"YUV4MPEG2 W4 H2\nJUNK\n", "expected FRAME"),
+            (b"YUV4MPEG2 W4294967296 H4294967296 F30:1\n", "bad width"),
+            (b"YUV4MPEG2 W4 H8193 F30:1\n", "bad height"),
         ];
         for (file, want) in cases {
             let err = parse(file).unwrap_err();

@@ -176,6 +176,14 @@ impl OutDtype {
         }
     }
 
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            OutDtype::F32 => 4,
+            OutDtype::F16 | OutDtype::Bf16 => 2,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::F16 => "f16",
@@ -317,6 +325,7 @@ pub fn convert(
         .find(|(n, _)| n == CLASS_LOGITS)
         .and_then(|(_, t)| t.shape.first().copied());
     let labels = labels_for(input, opts.labels.as_deref(), num_classes)?;
+    check_output_size(input, bytes.len() as u64, &sd.entries, opts.dtype)?;
     let (converted, tiny) = convert_tensors(input, &mut ckpt, &sd.entries, opts.dtype, progress)?;
 
     let metadata = metadata(opts, labels.as_deref(), &source_sha256);
@@ -358,6 +367,39 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ConvertError {
 
 /// A converted tensor: name, shape, little-endian bytes.
 type Converted = (String, Vec<usize>, Vec<u8>);
+
+/// The output may be at most this many times the input's size: f16 to f32 doubles it, and
+/// tensors sharing a storage (tied weights) are written once each; anything beyond is a file
+/// whose views repeat a small storage to describe something enormous.
+const MAX_OUTPUT_FACTOR: u64 = 4;
+
+/// Refuses, before anything is converted, a checkpoint whose tensors would write more than
+/// [`MAX_OUTPUT_FACTOR`] times its own size.
+fn check_output_size(
+    path: &Path,
+    input_len: u64,
+    entries: &[(String, TensorRef)],
+    dtype: OutDtype,
+) -> Result<(), ConvertError> {
+    let out_size = dtype.size() as u64;
+    let total = entries.iter().try_fold(0u64, |acc, (_, t)| {
+        (t.numel() as u64)
+            .checked_mul(out_size)
+            .and_then(|b| acc.checked_add(b))
+    });
+    let limit = input_len.saturating_mul(MAX_OUTPUT_FACTOR);
+    match total {
+        Some(total) if total <= limit => Ok(()),
+        _ => Err(ConvertError::NotCheckpoint {
+            path: path.to_path_buf(),
+            reason: format!(
+                "its tensors would write {} bytes, more than {MAX_OUTPUT_FACTOR} times the \
+                 file's {input_len}",
+                total.map_or("over 2^64".into(), |t| t.to_string())
+            ),
+        }),
+    }
+}
 
 /// Every entry in the output dtype, and the tensors that lost precision, most affected first.
 fn convert_tensors(
@@ -718,10 +760,7 @@ fn convert_tensor(
         }
     };
     let size = t.storage.dtype.size();
-    let out_size = match dtype {
-        OutDtype::F32 => 4,
-        OutDtype::F16 | OutDtype::Bf16 => 2,
-    };
+    let out_size = dtype.size();
     let mut out = Vec::with_capacity(t.numel() * out_size);
     let (mut overflow, mut max_abs, mut tiny) = (0usize, 0f64, 0usize);
     for (flat, index) in t.indices().enumerate() {

@@ -17,6 +17,11 @@ use std::collections::HashMap;
 /// Most memo entries a pickle may define. A ResNet-101 Mask R-CNN's state_dict uses ~4,000,
 /// a training checkpoint with optimizer state a few times that.
 pub const MAX_MEMO: usize = 1 << 20;
+/// Most objects (strings, containers, globals) a pickle may build: a ResNet-101 Mask R-CNN's
+/// state_dict builds ~10,000. Each costs ~100 bytes, so 8 MB of `]` opcodes cannot take GBs.
+pub const MAX_NODES: usize = 1 << 18;
+/// Deepest the value stack may grow: torch.save batches dict items 1,000 at a time.
+pub const MAX_STACK: usize = 1 << 16;
 /// Most containers open at once (nested `MARK`s). torch.save's own nesting is under 10.
 pub const MAX_NESTING: usize = 256;
 /// Widest integer (`LONG1`/`LONG4`) accepted; the legacy format's magic number needs 10 bytes.
@@ -431,9 +436,16 @@ impl<'a> Machine<'a> {
         std::str::from_utf8(&line[..n]).map_err(|_| self.malformed("a global name is not UTF-8"))
     }
 
-    fn push_node(&mut self, node: Node) {
+    fn push_node(&mut self, node: Node) -> Result<(), PickleError> {
+        if self.nodes.len() >= MAX_NODES {
+            return Err(PickleError::Limit {
+                at: self.at,
+                what: format!("more than {MAX_NODES} objects"),
+            });
+        }
         self.nodes.push(node);
         self.stack.push(Value::Ref(self.nodes.len() - 1));
+        Ok(())
     }
 
     fn pop(&mut self) -> Result<Value, PickleError> {
@@ -463,7 +475,7 @@ impl<'a> Machine<'a> {
 
     fn string(&mut self, bytes: &[u8]) -> Result<(), PickleError> {
         let s = std::str::from_utf8(bytes).map_err(|_| self.malformed("a string is not UTF-8"))?;
-        self.push_node(Node::Str(s.to_owned()));
+        self.push_node(Node::Str(s.to_owned()))?;
         Ok(())
     }
 
@@ -491,6 +503,12 @@ impl<'a> Machine<'a> {
     fn run(mut self) -> Result<Pickle, PickleError> {
         loop {
             self.at = self.pos;
+            if self.stack.len() > MAX_STACK {
+                return Err(PickleError::Limit {
+                    at: self.at,
+                    what: format!("a stack deeper than {MAX_STACK} values"),
+                });
+            }
             let op = self.u8()?;
             match op {
                 // PROTO
@@ -591,34 +609,34 @@ impl<'a> Machine<'a> {
                 b'B' => {
                     let n = self.u32()?;
                     let b = self.sized(n.into())?.to_vec();
-                    self.push_node(Node::Bytes(b));
+                    self.push_node(Node::Bytes(b))?;
                 }
                 b'C' => {
                     let n = self.u8()?;
                     let b = self.sized(n.into())?.to_vec();
-                    self.push_node(Node::Bytes(b));
+                    self.push_node(Node::Bytes(b))?;
                 }
                 0x8e => {
                     let n = u64::from_le_bytes(self.array()?);
                     let b = self.sized(n)?.to_vec();
-                    self.push_node(Node::Bytes(b));
+                    self.push_node(Node::Bytes(b))?;
                 }
-                b']' => self.push_node(Node::List(Vec::new())),
-                b')' => self.push_node(Node::Tuple(Vec::new())),
-                b'}' => self.push_node(Node::Dict(Vec::new())),
+                b']' => self.push_node(Node::List(Vec::new()))?,
+                b')' => self.push_node(Node::Tuple(Vec::new()))?,
+                b'}' => self.push_node(Node::Dict(Vec::new()))?,
                 // EMPTY_SET, FROZENSET: never part of a state_dict.
-                0x8f => self.push_node(Node::Opaque("set")),
+                0x8f => self.push_node(Node::Opaque("set"))?,
                 0x91 => {
                     self.pop_mark()?;
-                    self.push_node(Node::Opaque("frozenset"));
+                    self.push_node(Node::Opaque("frozenset"))?;
                 }
                 b'l' => {
                     let items = self.pop_mark()?;
-                    self.push_node(Node::List(items));
+                    self.push_node(Node::List(items))?;
                 }
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.push_node(Node::Tuple(items));
+                    self.push_node(Node::Tuple(items))?;
                 }
                 0x85..=0x87 => {
                     let n = usize::from(op - 0x84);
@@ -627,12 +645,12 @@ impl<'a> Machine<'a> {
                         items.push(self.pop()?);
                     }
                     items.reverse();
-                    self.push_node(Node::Tuple(items));
+                    self.push_node(Node::Tuple(items))?;
                 }
                 b'd' => {
                     let items = self.pop_mark()?;
                     let pairs = self.pairs(items)?;
-                    self.push_node(Node::Dict(pairs));
+                    self.push_node(Node::Dict(pairs))?;
                 }
                 b'a' => {
                     let v = self.pop()?;
@@ -655,7 +673,7 @@ impl<'a> Machine<'a> {
                     let module = self.line()?;
                     let name = self.line()?;
                     let g = lookup_global(module, name)?;
-                    self.push_node(Node::Global(g));
+                    self.push_node(Node::Global(g))?;
                 }
                 0x93 => {
                     let name = self.pop()?;
@@ -666,7 +684,7 @@ impl<'a> Machine<'a> {
                         return Err(self.malformed("STACK_GLOBAL names are not strings"));
                     };
                     let g = lookup_global(module, name)?;
-                    self.push_node(Node::Global(g));
+                    self.push_node(Node::Global(g))?;
                 }
                 b'R' | 0x81 => {
                     let args = self.pop()?;
@@ -693,7 +711,7 @@ impl<'a> Machine<'a> {
                 b'Q' => {
                     let pid = self.pop()?;
                     let storage = self.storage(pid)?;
-                    self.push_node(Node::Storage(storage));
+                    self.push_node(Node::Storage(storage))?;
                 }
                 b'h' => {
                     let i = self.u8()?;
@@ -907,12 +925,33 @@ impl<'a> Machine<'a> {
                 strides.len()
             )));
         }
+        // A broadcast (stride 0 over more than one element) or overlapping strides would let
+        // a 1 KB file describe terabytes: a tensor may hold no more elements than its storage,
+        // and repeats only along dimensions of size 1.
+        if let Some(d) = shape
+            .iter()
+            .zip(&strides)
+            .position(|(&n, &s)| s == 0 && n > 1)
+        {
+            return Err(self.malformed(format!(
+                "a tensor of shape {shape:?} with stride 0 along dimension {d} (a broadcast; \
+                 save it with .contiguous())"
+            )));
+        }
+        let numel = shape
+            .iter()
+            .try_fold(1u64, |acc, &n| acc.checked_mul(n))
+            .ok_or_else(|| self.malformed(format!("a tensor of shape {shape:?} overflows")))?;
+        if numel > storage.numel {
+            return Err(self.malformed(format!(
+                "a tensor of shape {shape:?} has {numel} elements but its storage {}",
+                storage.numel
+            )));
+        }
         // The last element's storage index must lie inside the storage; an empty tensor needs
         // nothing.
-        let mut numel: u64 = 1;
         let mut last = offset;
         for (&n, &s) in shape.iter().zip(&strides) {
-            numel = numel.saturating_mul(n);
             last = n
                 .saturating_sub(1)
                 .checked_mul(s)

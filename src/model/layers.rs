@@ -58,14 +58,16 @@ impl ConvSpec {
 
 fn out_channels(w: &Weights, name: &str) -> Result<usize> {
     let shape = w.shape(name)?;
+    // A zero anywhere would leave a conv with no weights per output (and divide by zero when
+    // BatchNorm is folded into it).
     shape
         .first()
         .copied()
-        .filter(|_| shape.len() == 4)
+        .filter(|_| shape.len() == 4 && shape.iter().all(|&d| d > 0))
         .ok_or_else(|| crate::error::Error::Shape {
             path: w.path().to_path_buf(),
             name: name.to_string(),
-            expected: "a 4-d conv weight [out, in, k, k]".into(),
+            expected: "a 4-d conv weight [out, in, k, k], every dimension positive".into(),
             found: shape.to_vec(),
         })
 }

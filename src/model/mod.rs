@@ -154,6 +154,15 @@ pub struct MaskRcnn {
 }
 
 /// Parses a JSON list of exactly `N` numbers.
+/// An input side from metadata: positive and within [`crate::config::MAX_INPUT_SIDE`], checked
+/// here so the error names the metadata key rather than a setting.
+fn parse_side(raw: &str) -> Option<usize> {
+    raw.trim()
+        .parse()
+        .ok()
+        .filter(|v| (1..=crate::config::MAX_INPUT_SIDE).contains(v))
+}
+
 fn parse_floats<const N: usize>(raw: &str) -> Option<[f32; N]> {
     serde_json::from_str::<Vec<f32>>(raw).ok()?.try_into().ok()
 }
@@ -170,10 +179,10 @@ impl MaskRcnn {
         let _span = tracing::info_span!("load").entered();
         let w = Weights::open(path)?;
         let mut config = Config::default();
-        if let Some(v) = w.parse_metadata("min_size", |s| s.trim().parse().ok())? {
+        if let Some(v) = w.parse_metadata("min_size", parse_side)? {
             config.min_size = v;
         }
-        if let Some(v) = w.parse_metadata("max_size", |s| s.trim().parse().ok())? {
+        if let Some(v) = w.parse_metadata("max_size", parse_side)? {
             config.max_size = v;
         }
         if let Some(v) = w.parse_metadata("image_mean", parse_floats::<3>)? {

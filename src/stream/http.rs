@@ -1,6 +1,15 @@
 //! A small HTTP/1.1 server for the live preview: one thread per connection, one request per
 //! connection, strict limits on request size and time, and a cap on streaming clients.
 //!
+//! Every resource is bounded, as an appliance on a shop's LAN needs: connections are capped
+//! (the excess gets a 503 from the acceptor and is closed at once), the whole request head must
+//! arrive within a deadline (nginx's `client_header_timeout`; a per-read timeout alone lets a
+//! client trickling a byte a second hold its thread for hours), a failing `accept` (out of
+//! descriptors) backs off instead of spinning, and a thread that cannot be spawned costs that
+//! one connection. Bound to anything but loopback, the server requires a bearer token on every
+//! route except `/healthz` and accepts only Host headers that are IP addresses or names it was
+//! told, so a DNS-rebinding page in a shopper's browser cannot read the camera.
+//!
 //! | route          | what                                                           |
 //! |----------------|----------------------------------------------------------------|
 //! | `/`            | self-contained page: live view, instances, latency stats       |
@@ -15,11 +24,11 @@
 //! clients loose), which a request/response framework would have to be bent around.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::metrics::OutputStats;
 use super::Hub;
@@ -35,27 +44,65 @@ const TICK: Duration = Duration::from_secs(1);
 /// How long, and how much, unread request bytes are drained before closing.
 const LINGER: Duration = Duration::from_millis(200);
 const MAX_LINGER_BYTES: u64 = 64 * 1024;
+/// First and longest wait after `accept` fails (EMFILE, ENOMEM), doubling in between.
+const ACCEPT_BACKOFF_INITIAL: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How long the acceptor spends telling a connection over the cap that it is refused.
+const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_millis(100);
+/// Cookie the page's own requests carry the token in once it was given as `?token=`.
+const TOKEN_COOKIE: &str = "drape_token";
 
 #[derive(Debug, Clone)]
 pub struct HttpOptions {
     /// Concurrent streaming clients (`/stream.mjpg`, `/events`); more get 503.
     pub max_clients: usize,
-    /// A client that sends its request or takes our bytes slower than this is dropped.
+    /// Concurrent connections of any kind; more get 503 from the acceptor and are closed.
+    pub max_connections: usize,
+    /// A client that takes our bytes slower than this is dropped.
     pub io_timeout: Duration,
+    /// The whole request head must arrive within this of the connection being accepted.
+    pub head_deadline: Duration,
+    /// Required as `Authorization: Bearer …` (or `?token=`, then a cookie) on every route but
+    /// `/healthz`. Mandatory when the address is not loopback.
+    pub token: Option<String>,
+    /// Host names (without port) accepted besides IP addresses and `localhost` when the
+    /// address is not loopback, e.g. the mirror's own `mirror-12.local`.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for HttpOptions {
     fn default() -> Self {
         Self {
             max_clients: 8,
+            max_connections: 32,
             io_timeout: Duration::from_secs(5),
+            head_deadline: Duration::from_secs(10),
+            token: None,
+            allowed_hosts: Vec::new(),
         }
     }
+}
+
+/// Why [`HttpServer::bind`] refused to start.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error(
+        "{0} is reachable from other machines: give a token (--http-token, `http-token` in the \
+         config file or DRAPE_HTTP_TOKEN) or bind to 127.0.0.1"
+    )]
+    TokenRequired(SocketAddr),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 struct Shared {
     hub: Arc<Hub>,
     options: HttpOptions,
+    /// Loopback binds skip the Host and token checks: only this machine can connect.
+    loopback: bool,
+    connections: AtomicUsize,
     streaming: AtomicUsize,
     mjpeg_skipped: AtomicU64,
     stop: AtomicBool,
@@ -69,32 +116,37 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    pub fn bind(addr: &str, hub: Arc<Hub>, options: HttpOptions) -> io::Result<Self> {
+    pub fn bind(addr: &str, hub: Arc<Hub>, options: HttpOptions) -> Result<Self, BindError> {
+        if options.max_clients == 0 || options.max_connections == 0 {
+            return Err(BindError::Invalid(
+                "the HTTP client and connection limits must be at least 1".into(),
+            ));
+        }
+        if options.token.as_deref().is_some_and(str::is_empty) {
+            return Err(BindError::Invalid(
+                "the HTTP token must not be empty".into(),
+            ));
+        }
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
+        let loopback = addr.ip().is_loopback();
+        if !loopback && options.token.is_none() {
+            return Err(BindError::TokenRequired(addr));
+        }
         let shared = Arc::new(Shared {
             hub,
             options,
+            loopback,
+            connections: AtomicUsize::new(0),
             streaming: AtomicUsize::new(0),
             mjpeg_skipped: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
         let acceptor = {
             let shared = Arc::clone(&shared);
-            std::thread::spawn(move || {
-                for stream in listener.incoming() {
-                    if shared.stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let Ok(stream) = stream else { continue };
-                    let shared = Arc::clone(&shared);
-                    std::thread::spawn(move || {
-                        if let Err(e) = handle(stream, &shared) {
-                            tracing::debug!("http client: {e}");
-                        }
-                    });
-                }
-            })
+            std::thread::Builder::new()
+                .name("http-accept".into())
+                .spawn(move || accept_loop(&listener, &shared))?
         };
         tracing::info!(%addr, "http server listening");
         Ok(Self {
@@ -120,6 +172,105 @@ impl Drop for HttpServer {
     }
 }
 
+/// Accepts until stopped: caps connections, backs off on errors, survives spawn failures.
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    let mut backoff = AcceptBackoff::default();
+    for stream in listener.incoming() {
+        if shared.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let stream = match stream {
+            Ok(s) => {
+                backoff.succeeded();
+                s
+            }
+            Err(e) => {
+                let (delay, first) = backoff.failed();
+                if first {
+                    tracing::warn!(error = %e, "http accept failed; backing off");
+                }
+                std::thread::sleep(delay);
+                continue;
+            }
+        };
+        let Some(place) = ConnectionPlace::acquire(shared) else {
+            refuse(stream, shared.options.max_connections);
+            continue;
+        };
+        let worker = Arc::clone(shared);
+        let spawned = std::thread::Builder::new()
+            .name("http-client".into())
+            .spawn(move || {
+                let _place = place;
+                if let Err(e) = handle(stream, &worker) {
+                    tracing::debug!("http client: {e}");
+                }
+            });
+        if let Err(e) = spawned {
+            // The closure, its stream and its place are dropped: the client sees a close.
+            tracing::warn!("http: cannot start a connection thread: {e}");
+        }
+    }
+}
+
+/// Doubling waits while `accept` keeps failing; the first failure of a run is logged.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    failures: u32,
+}
+
+impl AcceptBackoff {
+    /// The wait after one more failure, and whether it starts a new run of failures.
+    pub fn failed(&mut self) -> (Duration, bool) {
+        let delay = ACCEPT_BACKOFF_INITIAL
+            .saturating_mul(1 << self.failures.min(16))
+            .min(ACCEPT_BACKOFF_MAX);
+        self.failures += 1;
+        (delay, self.failures == 1)
+    }
+
+    pub fn succeeded(&mut self) {
+        if self.failures > 0 {
+            tracing::info!(failures = self.failures, "http accept recovered");
+        }
+        self.failures = 0;
+    }
+}
+
+/// One of `max_connections`, released on drop (including when its thread never started).
+struct ConnectionPlace(Arc<Shared>);
+
+impl ConnectionPlace {
+    fn acquire(shared: &Arc<Shared>) -> Option<Self> {
+        let max = shared.options.max_connections;
+        shared
+            .connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(Arc::clone(shared)))
+    }
+}
+
+impl Drop for ConnectionPlace {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Answers a connection over the cap from the acceptor itself, briefly, and closes it.
+fn refuse(mut stream: TcpStream, limit: usize) {
+    let _ = stream.set_write_timeout(Some(REFUSE_WRITE_TIMEOUT));
+    let body = format!("too many connections (limit {limit})\n");
+    let _ = write!(
+        stream,
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nRetry-After: 5\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
 /// The output-side numbers `/metrics` adds to the pipeline's.
 pub fn output_stats(hub: &Hub, http_clients: usize, mjpeg_skipped: u64) -> OutputStats {
     OutputStats {
@@ -128,14 +279,23 @@ pub fn output_stats(hub: &Hub, http_clients: usize, mjpeg_skipped: u64) -> Outpu
         socket_clients: hub.socket.subscribers(),
         socket_dropped: hub.socket.dropped(),
         mjpeg_skipped,
+        sinks: hub.sink_states(),
+        health: hub.health().state,
     }
 }
 
-/// Reads the request head; `Ok(None)` when the client went away first.
-fn read_head(stream: &mut TcpStream) -> io::Result<Option<Result<String, u16>>> {
+/// Reads the request head, all of it before `deadline`; `Ok(None)` when the client went away
+/// first.
+fn read_head(stream: &mut TcpStream, deadline: Instant) -> io::Result<Option<Result<String, u16>>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
+        // Each read may wait only for what is left of the head's deadline.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(Some(Err(408)));
+        }
+        stream.set_read_timeout(Some(left))?;
         let n = match stream.read(&mut chunk) {
             Ok(0) => return Ok(None),
             Ok(n) => n,
@@ -161,10 +321,69 @@ fn read_head(stream: &mut TcpStream) -> io::Result<Option<Result<String, u16>>> 
     }
 }
 
+/// The value of header `name` (case-insensitive) in a request head.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Whether `host` (a Host header's value) names this server in a way DNS rebinding cannot
+/// fake: an IP literal, `localhost`, or a name the operator listed.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        // [v6]:port
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, port)| {
+            if port.chars().all(|c| c.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        }),
+    };
+    name.parse::<IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+}
+
+/// Compares without an early exit, so the time taken says nothing about the token.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// How the request proved it holds the token: `Some(true)` from the query string (the page
+/// then sets the cookie), `Some(false)` from a header or the cookie, `None` not at all.
+fn token_given(head: &str, target: &str, token: &str) -> Option<bool> {
+    let bearer = header(head, "authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| same_secret(t.trim().as_bytes(), token.as_bytes()));
+    let cookie = header(head, "cookie").is_some_and(|c| {
+        c.split(';').any(|kv| {
+            kv.trim()
+                .strip_prefix(TOKEN_COOKIE)
+                .and_then(|v| v.strip_prefix('='))
+                .is_some_and(|v| same_secret(v.as_bytes(), token.as_bytes()))
+        })
+    });
+    if bearer || cookie {
+        return Some(false);
+    }
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    query
+        .split('&')
+        .filter_map(|kv| kv.strip_prefix("token="))
+        .any(|v| same_secret(v.as_bytes(), token.as_bytes()))
+        .then_some(true)
+}
+
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
@@ -181,15 +400,27 @@ fn respond(
     body: &[u8],
     head_only: bool,
 ) -> io::Result<()> {
-    let extra = if status == 503 {
-        "Retry-After: 5\r\n"
-    } else {
-        ""
+    respond_with(stream, status, content_type, body, head_only, "")
+}
+
+/// [`respond`] with `headers` (each ending in CRLF) added.
+fn respond_with(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    head_only: bool,
+    headers: &str,
+) -> io::Result<()> {
+    let extra = match status {
+        503 => "Retry-After: 5\r\n",
+        401 => "WWW-Authenticate: Bearer realm=\"drape\"\r\n",
+        _ => "",
     };
     write!(
         stream,
         "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Cache-Control: no-store\r\n{extra}Connection: close\r\n\r\n",
+         Cache-Control: no-store\r\n{extra}{headers}Connection: close\r\n\r\n",
         reason(status),
         body.len()
     )?;
@@ -220,9 +451,9 @@ fn handle(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
 }
 
 fn route(stream: &mut TcpStream, shared: &Shared) -> io::Result<()> {
-    stream.set_read_timeout(Some(shared.options.io_timeout))?;
+    let deadline = Instant::now() + shared.options.head_deadline;
     stream.set_write_timeout(Some(shared.options.io_timeout))?;
-    let head = match read_head(stream)? {
+    let head = match read_head(stream, deadline)? {
         None => return Ok(()),
         Some(Err(status)) => return error(stream, status, reason(status)),
         Some(Ok(head)) => head,
@@ -241,19 +472,50 @@ fn route(stream: &mut TcpStream, shared: &Shared) -> io::Result<()> {
         _ => return error(stream, 405, "only GET and HEAD are served"),
     };
     let path = target.split(['?', '#']).next().unwrap_or("/");
+    let mut set_cookie = String::new();
+    if !shared.loopback {
+        let host = header(&head, "host").unwrap_or("");
+        if !host_allowed(host, &shared.options.allowed_hosts) {
+            return error(stream, 403, &format!("host `{host}` is not served here"));
+        }
+    }
+    if let (Some(token), false) = (&shared.options.token, path == "/healthz") {
+        match token_given(&head, target, token) {
+            None => return error(stream, 401, "a bearer token is required"),
+            Some(true) => {
+                set_cookie = format!(
+                    "Set-Cookie: {TOKEN_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/\r\n"
+                )
+            }
+            Some(false) => {}
+        }
+    }
     let hub = &shared.hub;
     match path {
-        "/" | "/index.html" => respond(
+        "/" | "/index.html" => respond_with(
             stream,
             200,
             "text/html; charset=utf-8",
             PAGE.as_bytes(),
             head_only,
+            &set_cookie,
         ),
         "/healthz" => {
-            let c = hub.metrics.counters();
-            let body = format!("{{\"status\":\"ok\",\"frames_processed\":{}}}", c.processed);
-            respond(stream, 200, "application/json", body.as_bytes(), head_only)
+            let health = hub.health();
+            let body = serde_json::json!({
+                "status": health.state.name(),
+                "reason": health.reason,
+                "frames_processed": hub.metrics.counters().processed,
+                "last_result_age_s": health.last_result_age.map(|a| a.as_secs_f64()),
+            });
+            let code = if health.state.healthy() { 200 } else { 503 };
+            respond(
+                stream,
+                code,
+                "application/json",
+                body.to_string().as_bytes(),
+                head_only,
+            )
         }
         "/metrics" => {
             let stats = output_stats(
@@ -326,8 +588,14 @@ fn stream_mjpeg(stream: &mut TcpStream, shared: &Shared, head_only: bool) -> io:
     }
     let mut seen = 0;
     while !shared.stop.load(Ordering::Relaxed) {
-        let Some((generation, jpeg)) = shared.hub.jpeg.newer_than(seen, TICK) else {
-            continue;
+        let (generation, jpeg) = match shared.hub.jpeg.newer_than(seen, TICK) {
+            Some(newer) => newer,
+            // No new frame for a tick (a camera outage, say): send the last one again. The
+            // write is the heartbeat that finds a client gone away and frees its place.
+            None => match shared.hub.jpeg.current() {
+                Some(current) => current,
+                None => continue,
+            },
         };
         if seen > 0 && generation > seen + 1 {
             shared

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use super::mqtt::MqttStats;
+use crate::health::State as HealthState;
 use crate::model::Timings;
 use crate::pipeline::{Counters, Emitted};
 
@@ -73,6 +74,9 @@ pub struct OutputStats {
     pub socket_clients: usize,
     pub socket_dropped: u64,
     pub mjpeg_skipped: u64,
+    /// (name, write errors, failing now) per independently failing sink.
+    pub sinks: Vec<(&'static str, u64, bool)>,
+    pub health: HealthState,
 }
 
 impl Metrics {
@@ -159,6 +163,18 @@ impl Metrics {
             "Preview frames MJPEG clients were too slow for.",
             &[("", outputs.mjpeg_skipped)],
         );
+        let sink_errors: Vec<(String, u64)> = outputs
+            .sinks
+            .iter()
+            .map(|(name, errors, _)| (format!("sink=\"{name}\""), *errors))
+            .collect();
+        let sink_errors: Vec<(&str, u64)> =
+            sink_errors.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        counter(
+            "sink_errors_total",
+            "Failed writes to an output that is retried on its own, by sink.",
+            &sink_errors,
+        );
         if let Some(m) = &*self.mqtt.lock().unwrap_or_else(|e| e.into_inner()) {
             counter(
                 "mqtt_queued_total",
@@ -176,6 +192,23 @@ impl Metrics {
                 &[("", m.connects.load(Ordering::Relaxed))],
             );
             let _ = writeln!(out, "# HELP drape_mqtt_connected Whether the MQTT broker is connected.\n# TYPE drape_mqtt_connected gauge\ndrape_mqtt_connected {}", u8::from(m.connected.load(Ordering::Relaxed)));
+        }
+        let _ = writeln!(out, "# HELP drape_sink_up Whether an output is writing (0 while it fails and waits to retry).\n# TYPE drape_sink_up gauge");
+        for (name, _, failing) in &outputs.sinks {
+            let _ = writeln!(
+                out,
+                "drape_sink_up{{sink=\"{name}\"}} {}",
+                u8::from(!failing)
+            );
+        }
+        let _ = writeln!(out, "# HELP drape_health The state /healthz reports (1 for the current one).\n# TYPE drape_health gauge");
+        for state in HealthState::ALL {
+            let _ = writeln!(
+                out,
+                "drape_health{{state=\"{}\"}} {}",
+                state.name(),
+                u8::from(state == outputs.health)
+            );
         }
         let _ = writeln!(out, "# HELP drape_clients Connected streaming clients, by output.\n# TYPE drape_clients gauge");
         let _ = writeln!(

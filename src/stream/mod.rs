@@ -7,6 +7,7 @@
 //! the newest JPEG and skip what they missed.
 
 pub mod http;
+pub mod jsonl;
 pub mod metrics;
 pub mod mqtt;
 pub mod unix;
@@ -19,6 +20,8 @@ use std::time::Duration;
 use image::codecs::jpeg::JpegEncoder;
 use image::RgbImage;
 
+use crate::clock::SystemClock;
+use crate::health::{Health, RunStatus};
 use crate::pipeline::{Emitted, Sink};
 use crate::postprocess::Instance;
 use metrics::Metrics;
@@ -114,15 +117,50 @@ pub struct Hub {
     pub socket: LineFanout,
     pub jpeg: LatestJpeg,
     pub metrics: Metrics,
+    /// Outputs that fail on their own (the JSON Lines file), for `/metrics` and `/healthz`.
+    pub sinks: Mutex<Vec<Arc<jsonl::SinkHealth>>>,
+    /// What the pipeline reports about itself; hand it to the run's `PipelineOptions::status`.
+    pub status: Arc<RunStatus>,
 }
 
 impl Hub {
+    /// Lists `health` in `/metrics` and `/healthz`.
+    pub fn watch_sink(&self, health: Arc<jsonl::SinkHealth>) {
+        lock(&self.sinks).push(health);
+    }
+
+    /// The pipeline's health, given the watched sinks.
+    pub fn health(&self) -> Health {
+        let states = self.sink_states();
+        let failing: Vec<&str> = states
+            .iter()
+            .filter(|(_, _, failing)| *failing)
+            .map(|(name, _, _)| *name)
+            .collect();
+        self.status.health(&failing)
+    }
+
+    /// (name, errors so far, failing now) of every watched sink.
+    pub fn sink_states(&self) -> Vec<(&'static str, u64, bool)> {
+        lock(&self.sinks)
+            .iter()
+            .map(|s| (s.name, s.errors(), s.failing()))
+            .collect()
+    }
+
+    /// A hub on the wall clock, not reporting to systemd.
     pub fn new() -> Arc<Self> {
+        Self::with_status(RunStatus::new(Arc::new(SystemClock), None))
+    }
+
+    pub fn with_status(status: Arc<RunStatus>) -> Arc<Self> {
         Arc::new(Self {
             events: LineFanout::default(),
             socket: LineFanout::default(),
             jpeg: LatestJpeg::default(),
             metrics: Metrics::default(),
+            sinks: Mutex::default(),
+            status,
         })
     }
 }
