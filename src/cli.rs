@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 
-use crate::device::DeviceSpec;
+use crate::device::{DeviceSpec, GpuOptions, PoolKeep};
 use crate::MaskRcnn;
 
 #[derive(clap::Args)]
@@ -27,6 +27,10 @@ pub struct ModelArgs {
     /// auto (CUDA, then Metal, where built and present, else CPU), cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
+    /// Freed CUDA memory kept for the next frame, in MiB, or auto (a quarter of the device's
+    /// memory; on a Jetson the GPU's memory is the CPU's too).
+    #[arg(long, default_value = "auto")]
+    pub gpu_pool_keep_mb: PoolKeep,
     /// Worker threads for the CPU kernels (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -45,7 +49,10 @@ impl ModelArgs {
     pub fn load(&self) -> Result<MaskRcnn> {
         self.validate()?;
         set_threads(self.threads)?;
-        self.load_on(&self.device.open()?)
+        let gpu = GpuOptions {
+            pool_keep: self.gpu_pool_keep_mb,
+        };
+        self.load_on(&self.device.open(gpu)?)
     }
 
     /// Checks each flag on its own, so a bad value is reported by its flag's name rather than

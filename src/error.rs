@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::device::CudaVersion;
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +100,38 @@ pub enum Error {
         device: String,
         #[source]
         source: candle_core::Error,
+    },
+    #[error(
+        "device {device}: the CUDA kernels in this binary (candle's and drape's) are PTX written \
+         by CUDA {toolkit}, and this driver supports CUDA {driver} at most, so it cannot load \
+         them (CUDA_ERROR_UNSUPPORTED_PTX_VERSION). Rebuild with a CUDA toolkit no newer than \
+         {driver} (on a Jetson, JetPack's own /usr/local/cuda), or update the driver"
+    )]
+    CudaDriverTooOld {
+        device: String,
+        toolkit: CudaVersion,
+        driver: CudaVersion,
+    },
+    #[error(
+        "device {device}: the CUDA kernels were built for compute capability {built_cap} but \
+         this GPU has {device_cap}; rebuild with CUDA_COMPUTE_CAP={device_cap}"
+    )]
+    CudaKernelsForNewerGpu {
+        device: String,
+        built_cap: u32,
+        device_cap: u32,
+    },
+    #[error(
+        "device {device}: loading drape's kernels ({module}, PTX from CUDA {toolkit}, driver \
+         CUDA {driver}): {reason}; rebuild with the CUDA toolkit that came with the driver and \
+         CUDA_COMPUTE_CAP set to this GPU's capability"
+    )]
+    CudaKernelLoad {
+        device: String,
+        module: &'static str,
+        toolkit: CudaVersion,
+        driver: CudaVersion,
+        reason: String,
     },
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),

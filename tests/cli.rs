@@ -8,7 +8,7 @@ use std::process::Command;
 /// `drape`, run from an empty temporary directory (kept alive by the returned guard).
 fn drape() -> (Command, tempfile::TempDir) {
     let cwd = tempfile::tempdir().unwrap();
-    let mut c = Command::new(env!("CARGO_BIN_EXE_drape"));
+    let mut c = common::drape_command();
     c.current_dir(cwd.path()).env_remove("DRAPE_HOME");
     (c, cwd)
 }

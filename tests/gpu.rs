@@ -16,7 +16,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use drape::device::DeviceSpec;
+use drape::device::{DeviceSpec, GpuOptions};
 use drape::model::roi_align::RoiAlign;
 use drape::model::roi_heads::{Detection, MASK_SIZE};
 use drape::model::topk::top_n;
@@ -27,7 +27,7 @@ fn cuda() -> Device {
     "cuda"
         .parse::<DeviceSpec>()
         .unwrap()
-        .open()
+        .open(GpuOptions::default())
         .unwrap_or_else(|e| panic!("these tests need a CUDA GPU: {e}"))
 }
 

@@ -12,6 +12,23 @@ use candle_core::{Device, Tensor};
 use safetensors::SafeTensors;
 use serde::Deserialize;
 
+/// The `drape` binary built with the tests, started through `DRAPE_TEST_RUNNER` where set (an
+/// emulator and its arguments, as `.ci/aarch64` sets it: under qemu-user a process cannot exec
+/// a binary of the emulated architecture itself).
+pub fn drape_command() -> std::process::Command {
+    let bin = env!("CARGO_BIN_EXE_drape");
+    let runner = std::env::var("DRAPE_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(emulator) => {
+            let mut c = std::process::Command::new(emulator);
+            c.args(words).arg(bin);
+            c
+        }
+        None => std::process::Command::new(bin),
+    }
+}
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }

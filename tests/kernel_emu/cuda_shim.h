@@ -33,6 +33,12 @@ static inline uint32_t __float_as_uint(float f) {
 }
 
 // IEEE binary16 with round-to-nearest-even conversions, as the hardware's.
+#if defined(__aarch64__) && !defined(__clang__) && __GNUC__ < 13
+// GCC before 13 has no _Float16 in C++ for aarch64 (the .ci/aarch64 run): __fp16 is the same
+// binary16 storage type, converting through float with round-to-nearest-even.
+typedef __fp16 __half;
+#else
 typedef _Float16 __half;
+#endif
 static inline float __half2float(__half h) { return (float)h; }
 static inline __half __float2half(float f) { return (__half)f; }
