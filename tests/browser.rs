@@ -5,8 +5,10 @@
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them).
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,14 +17,6 @@ use serde_json::{json, Value};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Kills the child when the test ends, however it ends.
 struct Guard(Child);
@@ -131,7 +125,7 @@ fn demo_page_shows_live_instances_in_headless_chromium() {
             "{tool} is missing: apt-get install chromium chromium-driver (as .ci/run does)"
         );
     }
-    let demo_port = free_port();
+    let demo_port = common::free_port();
     let _demo = Guard(
         Command::new(env!("CARGO_BIN_EXE_drape"))
             .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -150,7 +144,7 @@ fn demo_page_shows_live_instances_in_headless_chromium() {
         matches!(http(demo_port, "GET", "/healthz", None), Ok((200, _)))
     });
 
-    let driver_port = free_port();
+    let driver_port = common::free_port();
     let _driver = Guard(
         Command::new(CHROMEDRIVER)
             .arg(format!("--port={driver_port}"))

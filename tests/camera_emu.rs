@@ -543,24 +543,6 @@ fn the_size_the_driver_chooses_is_the_one_streamed() {
     );
 }
 
-/// `jpeg` without its DHT segments, as UVC cameras send MJPEG.
-fn without_dht(jpeg: &[u8]) -> Vec<u8> {
-    let mut out = jpeg[..2].to_vec();
-    let mut pos = 2;
-    loop {
-        let code = jpeg[pos + 1];
-        if code == 0xDA {
-            out.extend_from_slice(&jpeg[pos..]);
-            return out;
-        }
-        let len = u16::from_be_bytes([jpeg[pos + 2], jpeg[pos + 3]]) as usize;
-        if code != 0xC4 {
-            out.extend_from_slice(&jpeg[pos..pos + 2 + len]);
-        }
-        pos += 2 + len;
-    }
-}
-
 #[test]
 fn mjpeg_frames_with_and_without_huffman_tables_give_the_replay_detections() {
     // Image 0 as the fixture file has it; images 1 and 2 re-encoded with the standard tables
@@ -577,7 +559,13 @@ fn mjpeg_frames_with_and_without_huffman_tables_give_the_replay_detections() {
     let sent: Vec<Vec<u8>> = jpegs
         .iter()
         .enumerate()
-        .map(|(i, j)| if i == 0 { j.clone() } else { without_dht(j) })
+        .map(|(i, j)| {
+            if i == 0 {
+                j.clone()
+            } else {
+                common::without_dht(j)
+            }
+        })
         .collect();
     assert!(sent[1].windows(2).all(|w| w != [0xFF, 0xC4]));
 

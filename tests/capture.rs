@@ -5,6 +5,8 @@
 //!
 //! Every image is generated here; there are no binary fixtures.
 
+mod common;
+
 use std::collections::VecDeque;
 use std::io;
 use std::path::Path;
@@ -43,25 +45,6 @@ fn solid_jpeg(width: u32, height: u32, rgb: [u8; 3]) -> Vec<u8> {
         .encode(image.as_raw(), width, height, ExtendedColorType::Rgb8)
         .expect("encode test JPEG");
     out
-}
-
-/// The same JPEG without its DHT segments, as UVC cameras send MJPEG. The `image` encoder uses
-/// the standard Annex K tables, so putting those back must restore the image.
-fn without_dht(jpeg: &[u8]) -> Vec<u8> {
-    let mut out = jpeg[..2].to_vec();
-    let mut pos = 2;
-    loop {
-        let code = jpeg[pos + 1];
-        if code == 0xDA {
-            out.extend_from_slice(&jpeg[pos..]);
-            return out;
-        }
-        let len = u16::from_be_bytes([jpeg[pos + 2], jpeg[pos + 3]]) as usize;
-        if code != 0xC4 {
-            out.extend_from_slice(&jpeg[pos..pos + 2 + len]);
-        }
-        pos += 2 + len;
-    }
 }
 
 fn repeat_pixel(rgb: [u8; 3], count: usize) -> Vec<u8> {
@@ -108,10 +91,10 @@ fn mjpeg_to_rgb_known_colours() {
     ] {
         let jpeg = solid_jpeg(16, 8, colour);
         // Without tables a plain JPEG decoder gives up; the camera path must not.
-        assert!(image::load_from_memory(&without_dht(&jpeg)).is_err());
+        assert!(image::load_from_memory(&common::without_dht(&jpeg)).is_err());
         for (variant, bytes) in [
             ("with DHT", jpeg.clone()),
-            ("DHT stripped", without_dht(&jpeg)),
+            ("DHT stripped", common::without_dht(&jpeg)),
         ] {
             decoder
                 .decode(&bytes, (16, 8), &mut rgb)
@@ -130,7 +113,7 @@ fn mjpeg_to_rgb_known_colours() {
 
 #[test]
 fn mjpeg_decoding_reuses_the_frame_buffer() {
-    let jpeg = without_dht(&solid_jpeg(32, 16, [10, 20, 30]));
+    let jpeg = common::without_dht(&solid_jpeg(32, 16, [10, 20, 30]));
     let mut decoder = MjpegDecoder::with_capacity(jpeg.len());
     let mut rgb = Vec::with_capacity(32 * 16 * 3);
     let buffer = rgb.as_ptr();
@@ -322,7 +305,7 @@ fn corrupt_mjpeg_is_skipped_and_counted() {
         format,
         vec![
             frame_of(0, truncated),
-            frame_of(1, without_dht(&good)),
+            frame_of(1, common::without_dht(&good)),
             Step::Flagged { seq: 2 },
             frame_of(3, good),
         ],

@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -29,14 +29,6 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         assert!(start.elapsed() < TIMEOUT, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn mosquitto_binary() -> PathBuf {
@@ -288,7 +280,7 @@ fn metric(text: &str, name: &str) -> u64 {
 
 #[test]
 fn records_events_and_status_arrive_and_parse_and_a_clean_exit_says_offline() {
-    let broker = Broker::start(free_port());
+    let broker = Broker::start(common::free_port());
     let sub = Subscriber::start(broker.port);
     let dir = tempfile::tempdir().unwrap();
     // Every new track starts at once, so events come with the first garments.
@@ -338,7 +330,7 @@ fn records_events_and_status_arrive_and_parse_and_a_clean_exit_says_offline() {
 
 #[test]
 fn a_broker_restarted_mid_run_is_reconnected_to_and_the_other_outputs_carry_on() {
-    let mut broker = Broker::start(free_port());
+    let mut broker = Broker::start(common::free_port());
     let dir = tempfile::tempdir().unwrap();
     let drape = Drape::start(broker.port, dir.path(), &[]);
     {
@@ -374,7 +366,7 @@ fn a_broker_restarted_mid_run_is_reconnected_to_and_the_other_outputs_carry_on()
 
 #[test]
 fn the_last_will_marks_a_killed_mirror_offline() {
-    let broker = Broker::start(free_port());
+    let broker = Broker::start(common::free_port());
     let sub = Subscriber::start(broker.port);
     let dir = tempfile::tempdir().unwrap();
     let mut drape = Drape::start(broker.port, dir.path(), &[]);
@@ -396,7 +388,7 @@ fn the_last_will_marks_a_killed_mirror_offline() {
 #[test]
 fn with_no_broker_the_queue_fills_and_every_further_message_is_counted_dropped() {
     // A port nothing listens on: rumqttc keeps retrying and takes nothing from the queue.
-    let port = free_port();
+    let port = common::free_port();
     let mut config =
         MqttConfig::from_url(&format!("mqtt://127.0.0.1:{port}/{TOPIC}"), "drape-drops").unwrap();
     config.queue = 4;
@@ -532,7 +524,7 @@ fn mqtts_with_credentials_from_the_environment_reaches_a_tls_broker_that_require
          certfile {p}/server.pem\nkeyfile {p}/server.key",
         p = d.display()
     );
-    let port = free_port();
+    let port = common::free_port();
     let ca = d.join("ca.pem").display().to_string();
     let other = d.join("other.pem").display().to_string();
     let url = format!("mqtts://127.0.0.1:{port}/{TOPIC}");

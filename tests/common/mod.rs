@@ -369,3 +369,22 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String, Vec<u8>)
         .unwrap_or(0);
     Ok((status, head, raw[end + 4..].to_vec()))
 }
+
+/// The same JPEG without its DHT segments, as UVC cameras send MJPEG. The `image` encoder uses
+/// the standard Annex K tables, so putting those back must restore the image.
+pub fn without_dht(jpeg: &[u8]) -> Vec<u8> {
+    let mut out = jpeg[..2].to_vec();
+    let mut pos = 2;
+    loop {
+        let code = jpeg[pos + 1];
+        if code == 0xDA {
+            out.extend_from_slice(&jpeg[pos..]);
+            return out;
+        }
+        let len = u16::from_be_bytes([jpeg[pos + 2], jpeg[pos + 3]]) as usize;
+        if code != 0xC4 {
+            out.extend_from_slice(&jpeg[pos..pos + 2 + len]);
+        }
+        pos += 2 + len;
+    }
+}
