@@ -138,6 +138,25 @@ fn test_clock() -> Arc<ManualClock> {
     clock
 }
 
+/// Runs the pipeline until the scripted source ends.
+fn run_to_end(
+    model: &drape::MaskRcnn,
+    source: Scripted,
+    controller: BudgetController,
+    sinks: &mut [Box<dyn Sink>],
+    options: &PipelineOptions,
+) -> pipeline::Summary {
+    pipeline::run(
+        model,
+        Box::new(source),
+        controller,
+        sinks,
+        options,
+        &AtomicBool::new(false),
+    )
+    .unwrap()
+}
+
 #[test]
 fn never_starts_on_a_stale_frame_and_counts_every_drop() {
     const FRAMES: u64 = 12;
@@ -170,15 +189,7 @@ fn never_starts_on_a_stale_frame_and_counts_every_drop() {
         ..PipelineOptions::new(1000.0)
     };
     let controller = BudgetController::new(1000.0, (160, 224), 100);
-    let summary = pipeline::run(
-        &m,
-        Box::new(source),
-        controller,
-        &mut sinks,
-        &options,
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let summary = run_to_end(&m, source, controller, &mut sinks, &options);
     let seen = seen.lock().unwrap();
     let c = summary.counters;
     let seqs: Vec<u64> = seen.iter().map(|s| s.seq).collect();
@@ -243,15 +254,7 @@ fn budget_controller_steps_down_under_a_slow_stage_and_back_up_without_it() {
     };
     let controller = BudgetController::new(budget, (160, 224), 100);
     let top = controller.ladder()[0];
-    let summary = pipeline::run(
-        &m,
-        Box::new(source),
-        controller,
-        &mut sinks,
-        &options,
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let summary = run_to_end(&m, source, controller, &mut sinks, &options);
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), TOTAL);
     let widths: Vec<usize> = seen.iter().map(|s| s.input_w).collect();

@@ -252,18 +252,21 @@ impl AcceptBackoff {
 }
 
 /// One of `max_connections`, released on drop (including when its thread never started).
+/// Counts one more user of `count` unless `max` are already in; the caller releases it.
+fn take_place(count: &AtomicUsize, max: usize) -> bool {
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}
+
 struct ConnectionPlace(Arc<Shared>);
 
 impl ConnectionPlace {
     fn acquire(shared: &Arc<Shared>) -> Option<Self> {
-        let max = shared.options.max_connections;
-        shared
-            .connections
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Self(Arc::clone(shared)))
+        take_place(&shared.connections, shared.options.max_connections)
+            .then(|| Self(Arc::clone(shared)))
     }
 }
 
@@ -574,14 +577,7 @@ struct StreamingSlot<'a>(&'a AtomicUsize);
 
 impl<'a> StreamingSlot<'a> {
     fn acquire(shared: &'a Shared) -> Option<Self> {
-        let max = shared.options.max_clients;
-        shared
-            .streaming
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Self(&shared.streaming))
+        take_place(&shared.streaming, shared.options.max_clients).then(|| Self(&shared.streaming))
     }
 }
 
