@@ -14,7 +14,6 @@ pub mod assets;
 pub mod bench;
 pub mod calibrate;
 pub mod capture;
-pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod convert;

@@ -14,18 +14,20 @@ use indicatif::{ProgressBar, ProgressStyle};
 use drape::alloc::CountingAlloc;
 use drape::calibrate::{Profile, ProfileTransforms};
 use drape::capture::{Crop, PixelFormat, Rotation, SourceSpec, Transforms};
-use drape::cli::ModelArgs;
 use drape::clock::SystemClock;
 use drape::health::RunStatus;
-use drape::output::RleFormat;
 use drape::pipeline::{self, BudgetController, JsonLines, PipelineOptions, Sink};
 use drape::stream::http::{HttpOptions, HttpServer};
 use drape::stream::jsonl::{JsonlFile, RotatePolicy, SinkHealth};
-use drape::stream::mqtt::{MqttConfig, MqttMasks, MqttSink, MqttStats};
+use drape::stream::mqtt::{MqttConfig, MqttSink, MqttStats};
 use drape::stream::unix::{UnixOptions, UnixServer};
 use drape::stream::{labels_by_id, Hub, HubSink};
 use drape::track::TrackerConfig;
 use drape::{image_io, output, overlay};
+
+mod cli;
+
+use cli::{choice, ModelArgs};
 
 // candle allocates a fresh buffer per tensor op; glibc malloc returns large ones to the kernel
 // and faults them back in every time, mimalloc keeps them (5x on large elementwise ops here).
@@ -59,14 +61,14 @@ enum Command {
     /// Time every stage over repeated runs on one image (median, p99, allocations, RSS).
     Bench(BenchArgs),
     /// Convert a PyTorch checkpoint (.pth/.pt) to the safetensors file drape loads.
-    Convert(drape::convert::ConvertArgs),
+    Convert(cli::convert::ConvertArgs),
     /// Describe a weights file and check that drape can run it.
     Inspect(InspectArgs),
     /// Accuracy on annotated images: iMaterialist 2019 score and COCO mask AP, per class;
     /// --sweep prices each input size and mask cap in accuracy and latency.
-    Eval(drape::eval::EvalArgs),
+    Eval(cli::eval::EvalArgs),
     /// Write a Kaggle iMaterialist submission CSV (non-overlapping masks).
-    Submit(drape::eval::SubmitArgs),
+    Submit(cli::eval::SubmitArgs),
     /// Stream a camera or a recording through the model under a latency budget (JSON Lines).
     Run(RunArgs),
     /// The whole pipeline on the bundled frames and model, with the live preview page.
@@ -223,7 +225,7 @@ struct OutputArgs {
     no_profile: bool,
     /// Mask encoding in the JSON lines.
     #[arg(long, value_enum, default_value = "coco")]
-    rle: RleFormat,
+    rle: choice::Rle,
     #[command(flatten)]
     mqtt: MqttArgs,
     #[command(flatten)]
@@ -242,7 +244,7 @@ struct MqttArgs {
     mqtt_ca: Option<PathBuf>,
     /// Masks in the frame records sent to the broker.
     #[arg(long, value_enum, default_value = "none", requires = "mqtt")]
-    mqtt_masks: MqttMasks,
+    mqtt_masks: choice::MqttMasks,
     /// MQTT client id, unique per mirror (default: drape-HOSTNAME).
     #[arg(long, requires = "mqtt")]
     mqtt_client_id: Option<String>,
@@ -259,7 +261,7 @@ impl MqttArgs {
         };
         let mut config = MqttConfig::from_url(url, &client_id)?.credentials_from_env()?;
         config.ca = self.mqtt_ca.clone();
-        config.masks = self.mqtt_masks;
+        config.masks = self.mqtt_masks.into();
         config.validate()?;
         Ok(Some(config))
     }
@@ -353,7 +355,7 @@ struct DetectArgs {
     overlay: Option<PathBuf>,
     /// Mask encoding in the JSON.
     #[arg(long, value_enum, default_value = "coco")]
-    rle: RleFormat,
+    rle: choice::Rle,
 }
 
 #[derive(clap::Args)]
@@ -398,7 +400,7 @@ fn detect(args: DetectArgs) -> Result<()> {
         result.input_size.1
     );
 
-    let text = serde_json::to_string(&output::to_json(&model, &result, args.rle))?;
+    let text = serde_json::to_string(&output::to_json(&model, &result, args.rle.into()))?;
     match args.json.as_deref() {
         None => writeln!(std::io::stdout().lock(), "{text}")?,
         Some(target) if target == Path::new("-") => writeln!(std::io::stdout().lock(), "{text}")?,
@@ -775,7 +777,7 @@ fn stream(
 
     let options = PipelineOptions {
         duration,
-        rle: outputs.rle,
+        rle: outputs.rle.into(),
         status: Some(Arc::clone(&hub.status)),
         track,
         ..PipelineOptions::new(budget_ms)
@@ -1007,10 +1009,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Detect(args) => detect(args),
         Command::Bench(args) => bench(args, process_start),
-        Command::Convert(args) => drape::convert::run(args),
+        Command::Convert(args) => cli::convert::run(args),
         Command::Inspect(args) => inspect(args),
-        Command::Eval(args) => drape::eval::run_eval(args),
-        Command::Submit(args) => drape::eval::run_submit(args),
+        Command::Eval(args) => cli::eval::run_eval(args),
+        Command::Submit(args) => cli::eval::run_submit(args),
         Command::Run(args) => run(args),
         Command::Demo(args) => demo(args),
         Command::Calibrate(args) => calibrate(args),

@@ -12,7 +12,7 @@ use crate::postprocess::{Instance, Rle};
 use crate::track::InstanceTrack;
 
 /// How masks are written in JSON.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum RleFormat {
     /// `{"size": [H, W], "counts": "<COCO compressed RLE>"}`, as `pycocotools.mask.encode`.
     #[default]

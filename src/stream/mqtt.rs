@@ -46,7 +46,7 @@ const MAX_INCOMING_BYTES: usize = 64 << 10;
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 
 /// Whether frame records on the broker carry masks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum MqttMasks {
     /// Boxes, classes, scores and tracks only: a few hundred bytes a frame.
     #[default]
