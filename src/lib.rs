@@ -24,6 +24,7 @@ pub mod health;
 pub mod image_io;
 pub mod inspect;
 pub mod labels;
+mod mmap;
 pub mod model;
 pub mod output;
 pub mod overlay;

@@ -24,7 +24,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use memmap2::Mmap;
 use safetensors::tensor::TensorView;
 
 use crate::labels::IMATERIALIST_2019;
@@ -185,9 +184,7 @@ pub fn convert(
         });
     }
     let file = File::open(input).map_err(io_error(input))?;
-    // SAFETY: read-only mapping; a checkpoint rewritten underneath us while converting is
-    // outside what any mmap-based reader can defend against.
-    let bytes = unsafe { Mmap::map(&file) }.map_err(io_error(input))?;
+    let bytes = crate::mmap::map_readonly(&file).map_err(io_error(input))?;
     let source_sha256 = sha256_hex(&bytes);
 
     let mut ckpt = Checkpoint::open(input, &bytes)?;
