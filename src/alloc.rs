@@ -12,7 +12,11 @@ static LIVE: AtomicI64 = AtomicI64::new(0);
 /// Counts every allocation (and reallocation) before delegating to `A`.
 pub struct CountingAlloc<A>(pub A);
 
+// SAFETY: every method hands the caller's arguments to `A` unchanged and returns its answer,
+// so `A`'s guarantees are this allocator's; the counting only touches atomics and never
+// allocates.
 unsafe impl<A: GlobalAlloc> GlobalAlloc for CountingAlloc<A> {
+    // SAFETY: the caller's `GlobalAlloc` contract is passed on to `A` as is.
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
@@ -20,6 +24,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for CountingAlloc<A> {
         self.0.alloc(layout)
     }
 
+    // SAFETY: as `alloc`.
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
@@ -27,11 +32,13 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for CountingAlloc<A> {
         self.0.alloc_zeroed(layout)
     }
 
+    // SAFETY: as `alloc`; `ptr` and `layout` come from the caller, who got them from us.
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
         self.0.dealloc(ptr, layout)
     }
 
+    // SAFETY: as `dealloc`.
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         BYTES.fetch_add(new_size as u64, Ordering::Relaxed);

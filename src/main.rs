@@ -268,12 +268,9 @@ impl MqttArgs {
 }
 
 fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its whole length, which is what gethostname is told.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    match std::str::from_utf8(&buf[..end]) {
-        Ok(h) if rc == 0 && !h.is_empty() => h.to_string(),
+    let uname = rustix::system::uname();
+    match uname.nodename().to_str() {
+        Ok(h) if !h.is_empty() => h.to_string(),
         _ => "unknown".to_string(),
     }
 }

@@ -42,7 +42,10 @@ pub struct FusedConv {
 /// Raw output pointer shared by the tile workers; each writes a disjoint set of columns.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
+// SAFETY: the pointer is only written through in `tile`, by jobs whose output ranges are
+// disjoint, while the buffer it points into outlives the parallel loop that shares it.
 unsafe impl Send for OutPtr {}
+// SAFETY: as for `Send`: shared references only hand the pointer to jobs with disjoint ranges.
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
@@ -147,6 +150,10 @@ impl FusedConv {
     }
 
     /// One tile: output rows `y0..y1` of image `img`.
+    ///
+    /// # Safety
+    /// `out` must be valid for the whole `[n, out_channels, oh, ow]` output, and
+    /// no other thread may touch image `img`'s output rows `y0..y1` during the call.
     unsafe fn tile(
         &self,
         input: &[f32],
