@@ -358,11 +358,7 @@ fn recordings_with_absurd_headers_are_refused() {
 
 /// Runs the `drape` binary and returns (exit code, stderr).
 fn drape(args: &[&str]) -> (Option<i32>, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drape"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
+    let out = common::drape_command().args(args).output().unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into(),
@@ -536,18 +532,8 @@ fn http_server(addr: &str, hub: Arc<Hub>, options: HttpOptions) -> HttpServer {
 
 /// Sends `request` and returns the status code and the whole response.
 fn http_get(addr: SocketAddr, request: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(HANG)).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, text)
+    let r = common::http_exchange(addr, request, HANG).unwrap();
+    (r.status, r.text())
 }
 
 #[test]
@@ -829,12 +815,11 @@ fn emfile_child() {
         .with_writer(io::stderr)
         .with_ansi(false)
         .init();
-    let limit = libc::rlimit {
-        rlim_cur: 64,
-        rlim_max: 64,
+    let limit = rustix::process::Rlimit {
+        current: Some(64),
+        maximum: Some(64),
     };
-    // SAFETY: setrlimit reads the struct we pass and changes only this process's limit.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    rustix::process::setrlimit(rustix::process::Resource::Nofile, limit).unwrap();
     let server = http_server("127.0.0.1:0", Hub::new(), HttpOptions::default());
     // Markers, not whole lines: the test harness may print on the same line.
     println!("port={}", server.local_addr().port());
@@ -953,7 +938,7 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
     let listener = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
     listener.set_read_timeout(Some(HANG)).unwrap();
     let jsonl = dir.path().join("out.jsonl");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drape"))
+    let out = common::drape_command()
         .args(["run", "--config", cfg.to_str().unwrap(), "--duration", "3"])
         .args([
             "--jsonl",
@@ -964,7 +949,6 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
             "info",
         ])
         .env("NOTIFY_SOCKET", &notify)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -24,18 +24,11 @@ fn image() -> String {
 fn detect_prints_json_with_the_documented_fields() {
     let weights = common::fixtures().join("tiny_r50/model.safetensors");
     let (mut cmd, _cwd) = drape();
-    let out = cmd
-        .args(["detect", "--json", "-", "--weights"])
-        .arg(weights)
-        .arg(image())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (v, stderr) = common::run_json(
+        cmd.args(["detect", "--json", "-", "--weights"])
+            .arg(weights)
+            .arg(image()),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["width"], 150);
     assert_eq!(v["height"], 200);
     // The same stage names as `drape run`'s lines and `drape bench`.
@@ -50,7 +43,6 @@ fn detect_prints_json_with_the_documented_fields() {
     assert_eq!(v["timings_ms"].as_object().unwrap().len(), stages.len());
     // The model ran at the file's 160-pixel short side, not at the image's size, and says so.
     assert_eq!(v["input_size"], serde_json::json!([160, 213]));
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("image 150x200, model input 160x213"),
         "{stderr}"
@@ -76,17 +68,9 @@ fn detect_uses_bundled_weights_and_writes_an_overlay() {
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("overlay.png");
     let (mut cmd, _cwd) = drape();
-    let out = cmd
-        .args(["detect", "--overlay"])
-        .arg(&png)
-        .arg(image())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The overlay does not take the JSON's place on stdout.
+    let (v, _) = common::run_json(cmd.args(["detect", "--overlay"]).arg(&png).arg(image()));
+    assert!(!v["instances"].as_array().unwrap().is_empty());
     let overlay = image::open(&png).unwrap();
     assert_eq!((overlay.width(), overlay.height()), (150, 200));
     let original = image::open(image()).unwrap();
@@ -95,9 +79,6 @@ fn detect_uses_bundled_weights_and_writes_an_overlay() {
         original.to_rgb8().as_raw(),
         "nothing was drawn"
     );
-    // The overlay does not take the JSON's place on stdout.
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(!v["instances"].as_array().unwrap().is_empty());
 }
 
 #[test]
@@ -202,17 +183,7 @@ fn inspect_and_detect_explain_a_bad_file_alike() {
 
 #[test]
 fn a_closed_stdout_ends_detect_quietly() {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe(2) writes.
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    // SAFETY: both descriptors were just opened by pipe(2) and are owned only here.
-    let (read, write) = unsafe {
-        use std::os::fd::FromRawFd;
-        (
-            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
-            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
-        )
-    };
+    let (read, write) = rustix::pipe::pipe().unwrap();
     // The reader is gone before drape writes a byte, as with `drape detect ... | head -c0`.
     drop(read);
     let (mut cmd, _cwd) = drape();
@@ -256,12 +227,6 @@ fn run_and_bench_work_from_any_directory_on_the_bundled_files() {
     let lines = std::fs::read_to_string(&jsonl).unwrap();
     assert!(lines.lines().count() >= 1, "{stderr}");
     let (mut cmd, _cwd) = drape();
-    let out = cmd
-        .args(["bench", "--iters", "1", "--warmup", "1", "--json"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (v, _) = common::run_json(cmd.args(["bench", "--iters", "1", "--warmup", "1", "--json"]));
     assert_eq!(v["iters"], 1);
 }

@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use drape::eval::metric::{
     coco_iou_thresholds, coco_recall_thresholds, CocoEvaluator, ImaterialistMetric, Scored,
@@ -613,12 +612,6 @@ fn higher_scores_win_pixels_and_empty_masks_are_dropped() {
 
 // --- end to end --------------------------------------------------------------------------
 
-fn drape() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_drape"));
-    c.current_dir(env!("CARGO_MANIFEST_DIR"));
-    c
-}
-
 fn fixture_images() -> Vec<PathBuf> {
     let dir = common::fixtures().join("images");
     submit::list_images(&dir).unwrap()
@@ -641,24 +634,18 @@ const E2E_AP_TOL: f64 = 0.02;
 
 #[test]
 fn eval_reads_coco_json_end_to_end() {
-    let out = drape()
-        .args(["eval", "--json", "--device", "cpu", "--weights", TINY_MODEL])
-        .args([
-            "--images",
-            "tests/fixtures/images",
-            "--label-offset",
-            "1",
-            "--coco",
-            "tests/fixtures/eval/e2e_gt.json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (v, _) = common::run_json(
+        common::drape_command()
+            .args(["eval", "--json", "--device", "cpu", "--weights", TINY_MODEL])
+            .args([
+                "--images",
+                "tests/fixtures/images",
+                "--label-offset",
+                "1",
+                "--coco",
+                "tests/fixtures/eval/e2e_gt.json",
+            ]),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let run = &v["runs"][0];
     assert_eq!(run["images"], 3);
     let (ap, expected) = (run["mask_ap"].as_f64().unwrap(), expected_e2e_ap());
@@ -672,32 +659,26 @@ fn eval_reads_coco_json_end_to_end() {
 fn eval_reads_train_csv_and_sweeps_sizes_and_mask_caps() {
     let dir = tempfile::tempdir().unwrap();
     let plot = dir.path().join("sweep.png");
-    let out = drape()
-        .args([
-            "eval",
-            "--json",
-            "--sweep",
-            "--device",
-            "cpu",
-            "--weights",
-            TINY_MODEL,
-        ])
-        .args([
-            "--images",
-            "tests/fixtures/images",
-            "--annotations",
-            "tests/fixtures/eval/e2e_train.csv",
-        ])
-        .arg("--plot")
-        .arg(&plot)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (v, _) = common::run_json(
+        common::drape_command()
+            .args([
+                "eval",
+                "--json",
+                "--sweep",
+                "--device",
+                "cpu",
+                "--weights",
+                TINY_MODEL,
+            ])
+            .args([
+                "--images",
+                "tests/fixtures/images",
+                "--annotations",
+                "tests/fixtures/eval/e2e_train.csv",
+            ])
+            .arg("--plot")
+            .arg(&plot),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let runs = v["runs"].as_array().unwrap();
     // 4 ladder sizes × mask caps 100, 20, 10, 5.
     assert_eq!(runs.len(), 16);
@@ -745,7 +726,7 @@ fn eval_names_a_missing_image() {
         "ImageId,EncodedPixels,Height,Width,ClassId\nnowhere,1 2,4,3,1\n",
     )
     .unwrap();
-    let out = drape()
+    let out = common::drape_command()
         .args([
             "eval",
             "--weights",
@@ -769,22 +750,17 @@ fn eval_names_a_missing_image() {
 fn submit_writes_a_parseable_csv_without_overlaps() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("submission.csv");
-    let out = drape()
-        .args([
-            "submit",
-            "--weights",
-            TINY_MODEL,
-            "--images",
-            "tests/fixtures/images",
-        ])
-        .arg("--out")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::run_ok(
+        common::drape_command()
+            .args([
+                "submit",
+                "--weights",
+                TINY_MODEL,
+                "--images",
+                "tests/fixtures/images",
+            ])
+            .arg("--out")
+            .arg(&path),
     );
     // Only the submission is left: the temporary file was renamed into place.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);

@@ -79,16 +79,8 @@ impl Running {
 
     /// (status, headers, body) of a plain request.
     fn get(&self, request: &str) -> (u16, String, Vec<u8>) {
-        let mut s = self.connect(request);
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).unwrap();
-        let end = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .expect("a header block");
-        let head = String::from_utf8_lossy(&raw[..end]).into_owned();
-        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-        (status, head, raw[end + 4..].to_vec())
+        let r = common::http_exchange(self.addr, request, Duration::from_secs(20)).unwrap();
+        (r.status, r.head, r.body)
     }
 
     fn processed(&self) -> u64 {

@@ -186,9 +186,8 @@ impl Drape {
 
     fn with(url: &str, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let jsonl = dir.join("run.jsonl");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_drape"))
+        let mut child = common::drape_command()
             .envs(env.iter().copied())
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
             .args(["run", "--source"])
             .arg(common::fixtures().join("frames"))
             .args([
@@ -258,10 +257,8 @@ impl Drape {
         body
     }
 
-    fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) on our own child's pid; it has not been waited for, so the pid is
-        // still ours.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    fn terminate(&self) {
+        common::terminate(&self.child);
     }
 }
 
@@ -313,7 +310,7 @@ fn records_events_and_status_arrive_and_parse_and_a_clean_exit_says_offline() {
     let jsonl = std::fs::read_to_string(&drape.jsonl).unwrap();
     assert!(jsonl.contains("\"mask\":"));
 
-    drape.signal(libc::SIGTERM);
+    drape.terminate();
     let start = Instant::now();
     let status = loop {
         if let Some(s) = drape.child.try_wait().unwrap() {

@@ -7,50 +7,17 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
+use common::Stored;
 use drape::MaskRcnn;
-use safetensors::{Dtype, SafeTensors};
-
-struct Stored {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
+use safetensors::Dtype;
 
 fn tiny() -> PathBuf {
     common::fixtures().join("tiny_r50/model.safetensors")
 }
 
-fn read(path: &Path) -> (Vec<Stored>, HashMap<String, String>) {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let mut tensors: Vec<Stored> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, v)| Stored {
-            name,
-            dtype: v.dtype(),
-            shape: v.shape().to_vec(),
-            data: v.data().to_vec(),
-        })
-        .collect();
-    tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    (tensors, meta.metadata().clone().unwrap_or_default())
-}
-
 fn write(dir: &Path, file: &str, tensors: &[Stored], meta: &HashMap<String, String>) -> PathBuf {
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|t| {
-            let v =
-                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap();
-            (t.name.clone(), v)
-        })
-        .collect();
-    let bytes = safetensors::serialize(views, Some(meta.clone())).unwrap();
     let path = dir.join(file);
-    std::fs::write(&path, bytes).unwrap();
+    common::write_safetensors(&path, tensors, meta);
     path
 }
 
@@ -60,17 +27,13 @@ fn variant(
     file: &str,
     edit: impl FnOnce(&mut Vec<Stored>, &mut HashMap<String, String>),
 ) -> PathBuf {
-    let (mut tensors, mut meta) = read(&tiny());
+    let (mut tensors, mut meta) = common::read_safetensors(&tiny());
     edit(&mut tensors, &mut meta);
     write(dir, file, &tensors, &meta)
 }
 
 fn load(path: &Path) -> drape::Result<MaskRcnn> {
     MaskRcnn::load(path, |_| {}, &Device::Cpu)
-}
-
-fn find<'a>(tensors: &'a mut [Stored], name: &str) -> &'a mut Stored {
-    tensors.iter_mut().find(|t| t.name == name).unwrap()
 }
 
 #[test]
@@ -120,15 +83,15 @@ fn bad_files_get_named_errors() {
         })
     });
     let wrong_shape = variant(d, "shape.safetensors", |t, _| {
-        let s = find(t, "backbone.fpn.layer_blocks.1.0.weight");
+        let s = common::stored_mut(t, "backbone.fpn.layer_blocks.1.0.weight");
         s.shape = vec![32, 32 * 9, 1, 1];
     });
     let int_dtype = variant(d, "dtype.safetensors", |t, _| {
-        let s = find(t, "rpn.head.cls_logits.bias");
+        let s = common::stored_mut(t, "rpn.head.cls_logits.bias");
         s.dtype = Dtype::I16;
     });
     let nan = variant(d, "nan.safetensors", |t, _| {
-        let s = find(t, "roi_heads.box_head.fc6.weight");
+        let s = common::stored_mut(t, "roi_heads.box_head.fc6.weight");
         s.data[20..22].copy_from_slice(&half::f16::NAN.to_le_bytes());
     });
     let bad_labels = variant(d, "labels.safetensors", |_, m| {
@@ -304,10 +267,7 @@ fn f32_and_bf16_files_load() {
     let convert = |file: &str, dtype: Dtype| {
         variant(dir.path(), file, |t, _| {
             for s in t.iter_mut() {
-                let values = s
-                    .data
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32());
+                let values = s.values().into_iter();
                 s.data = match dtype {
                     Dtype::F32 => values.flat_map(f32::to_le_bytes).collect(),
                     _ => values
