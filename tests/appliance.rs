@@ -356,15 +356,6 @@ fn recordings_with_absurd_headers_are_refused() {
     }
 }
 
-/// Runs the `drape` binary and returns (exit code, stderr).
-fn drape(args: &[&str]) -> (Option<i32>, String) {
-    let out = common::drape_command().args(args).output().unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
-
 #[test]
 fn bad_flags_are_refused_naming_the_flag() {
     let run = ["run", "--budget-ms", "100"];
@@ -380,8 +371,7 @@ fn bad_flags_are_refused_naming_the_flag() {
     ];
     for (extra, flag) in cases {
         let args: Vec<&str> = run.iter().chain(extra).copied().collect();
-        let (code, stderr) = drape(&args);
-        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        let stderr = common::run_err(common::drape_command().args(&args));
         assert!(stderr.contains(flag), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
@@ -913,8 +903,12 @@ fn the_unit_file_passes_systemd_analyze_verify() {
 #[test]
 fn the_example_config_holds_only_known_keys() {
     // Every key of deploy/drape.toml is a `drape run` flag: an unknown one would fail first.
-    let (code, stderr) = drape(&["run", "--config", "deploy/drape.toml", "--duration=-1"]);
-    assert_eq!(code, Some(1), "{stderr}");
+    let stderr = common::run_err(common::drape_command().args([
+        "run",
+        "--config",
+        "deploy/drape.toml",
+        "--duration=-1",
+    ]));
     assert!(stderr.contains("--duration"), "{stderr}");
 }
 
@@ -923,14 +917,15 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "budget-ms = 100\nbudget_msec = 3\n").unwrap();
-    let (code, stderr) = drape(&["run", "--config", bad.to_str().unwrap()]);
-    assert_eq!(code, Some(1), "{stderr}");
+    let stderr =
+        common::run_err(common::drape_command().args(["run", "--config", bad.to_str().unwrap()]));
     assert!(stderr.contains("unknown key `budget_msec`"), "{stderr}");
 
     let cfg = dir.path().join("drape.toml");
     std::fs::write(&cfg, "budget-ms = 100\nduration = -1\n").unwrap();
-    let (code, stderr) = drape(&["run", "--config", cfg.to_str().unwrap()]);
-    assert_eq!(code, Some(1), "the file's duration is used: {stderr}");
+    // The file's duration is used.
+    let stderr =
+        common::run_err(common::drape_command().args(["run", "--config", cfg.to_str().unwrap()]));
     assert!(stderr.contains("--duration -1"), "{stderr}");
 
     // As a service runs it: notify socket set, stderr not a terminal.

@@ -22,7 +22,7 @@ fn image() -> String {
 
 #[test]
 fn detect_prints_json_with_the_documented_fields() {
-    let weights = common::fixtures().join("tiny_r50/model.safetensors");
+    let weights = common::tiny_weights();
     let (mut cmd, _cwd) = drape();
     let (v, stderr) = common::run_json(
         cmd.args(["detect", "--json", "-", "--weights"])
@@ -140,14 +140,11 @@ fn bad_inputs_fail_with_a_message_naming_them() {
 #[test]
 fn a_wrong_drape_home_says_where_it_looked() {
     let (mut cmd, _cwd) = drape();
-    let out = cmd
-        .env("DRAPE_HOME", "/no/such/drape")
-        .args(["detect"])
-        .arg(image())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = common::run_err(
+        cmd.env("DRAPE_HOME", "/no/such/drape")
+            .args(["detect"])
+            .arg(image()),
+    );
     assert!(
         stderr.contains("weights/drape-tiny-r50.safetensors not found; looked in /no/such/drape"),
         "{stderr}"
@@ -157,7 +154,7 @@ fn a_wrong_drape_home_says_where_it_looked() {
 #[test]
 fn inspect_and_detect_explain_a_bad_file_alike() {
     let dir = tempfile::tempdir().unwrap();
-    let good = std::fs::read(common::fixtures().join("tiny_r50/model.safetensors")).unwrap();
+    let good = std::fs::read(common::tiny_weights()).unwrap();
     let image = image();
     let cases: [(&str, Vec<u8>, &str); 3] = [
         ("truncated", good[..100_000].to_vec(), "truncated"),
@@ -173,9 +170,7 @@ fn inspect_and_detect_explain_a_bad_file_alike() {
         std::fs::write(&path, bytes).unwrap();
         for command in [vec!["inspect"], vec!["detect", &image, "--weights"]] {
             let (mut cmd, _cwd) = drape();
-            let out = cmd.args(&command).arg(&path).output().unwrap();
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(1), "{command:?} {name}: {stderr}");
+            let stderr = common::run_err(cmd.args(&command).arg(&path));
             assert!(stderr.contains(reason), "{command:?} {name}: {stderr}");
         }
     }

@@ -35,10 +35,6 @@ fn checkpoint(name: &str) -> PathBuf {
     common::fixtures().join("checkpoints").join(name)
 }
 
-fn tiny() -> PathBuf {
-    common::fixtures().join("tiny_r50/model.safetensors")
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -72,8 +68,8 @@ fn detections(model: &MaskRcnn) -> String {
 
 #[test]
 fn good_checkpoints_convert_to_the_fixture_and_detect_the_same() {
-    let (reference, _) = read(&tiny());
-    let expected = detections(&load(&tiny()));
+    let (reference, _) = read(&common::tiny_weights());
+    let expected = detections(&load(&common::tiny_weights()));
     let dir = tempfile::tempdir().unwrap();
     // (checkpoint, extra flags, what the summary must say)
     let cases: &[(&str, &[&str], &[&str])] = &[
@@ -167,7 +163,7 @@ fn precision_loss_is_reported_per_tensor() {
 
 #[test]
 fn dtype_and_labels_flags() {
-    let (reference, _) = read(&tiny());
+    let (reference, _) = read(&common::tiny_weights());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     for (flag, dtype) in [("f32", Dtype::F32), ("bf16", Dtype::BF16)] {
@@ -596,7 +592,7 @@ fn refuses_to_overwrite_without_force() {
 
 #[test]
 fn inspect_reports_the_fixture() {
-    let fixture = tiny();
+    let fixture = common::tiny_weights();
     let (v, _) = common::run_json(common::drape_command().args(["inspect", s(&fixture), "--json"]));
     let a = &v["architecture"];
     assert_eq!(a["block"], "Bottleneck");
@@ -664,7 +660,7 @@ fn inspect_fails_naming_what_breaks_a_file() {
         ),
     ];
     for (case, edit, expected) in cases {
-        let (mut tensors, _) = read(&tiny());
+        let (mut tensors, _) = read(&common::tiny_weights());
         edit(&mut tensors);
         let path = dir.path().join(format!("{case}.safetensors"));
         let tensors: Vec<Stored> = tensors.into_values().collect();

@@ -726,20 +726,18 @@ fn eval_names_a_missing_image() {
         "ImageId,EncodedPixels,Height,Width,ClassId\nnowhere,1 2,4,3,1\n",
     )
     .unwrap();
-    let out = common::drape_command()
-        .args([
-            "eval",
-            "--weights",
-            TINY_MODEL,
-            "--images",
-            "tests/fixtures/images",
-        ])
-        .arg("--annotations")
-        .arg(&csv)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = common::run_err(
+        common::drape_command()
+            .args([
+                "eval",
+                "--weights",
+                TINY_MODEL,
+                "--images",
+                "tests/fixtures/images",
+            ])
+            .arg("--annotations")
+            .arg(&csv),
+    );
     assert!(
         stderr.contains("no image file for `nowhere` (tried nowhere, nowhere.jpg"),
         "{stderr}"

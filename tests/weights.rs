@@ -11,10 +11,6 @@ use common::Stored;
 use drape::MaskRcnn;
 use safetensors::Dtype;
 
-fn tiny() -> PathBuf {
-    common::fixtures().join("tiny_r50/model.safetensors")
-}
-
 fn write(dir: &Path, file: &str, tensors: &[Stored], meta: &HashMap<String, String>) -> PathBuf {
     let path = dir.join(file);
     common::write_safetensors(&path, tensors, meta);
@@ -27,7 +23,7 @@ fn variant(
     file: &str,
     edit: impl FnOnce(&mut Vec<Stored>, &mut HashMap<String, String>),
 ) -> PathBuf {
-    let (mut tensors, mut meta) = common::read_safetensors(&tiny());
+    let (mut tensors, mut meta) = common::read_safetensors(&common::tiny_weights());
     edit(&mut tensors, &mut meta);
     write(dir, file, &tensors, &meta)
 }
@@ -40,7 +36,7 @@ fn load(path: &Path) -> drape::Result<MaskRcnn> {
 fn bad_files_get_named_errors() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let original = std::fs::read(tiny()).unwrap();
+    let original = std::fs::read(common::tiny_weights()).unwrap();
     let raw = |file: &str, bytes: &[u8]| {
         let p = d.join(file);
         std::fs::write(&p, bytes).unwrap();
@@ -255,7 +251,7 @@ fn old_torchvision_key_spellings_load_identically() {
             .any(|s| s.name == "backbone.fpn.inner_blocks.3.weight"));
         assert!(t.iter().any(|s| s.name == "rpn.head.conv.weight"));
     });
-    let a = detect(&load(&tiny()).unwrap());
+    let a = detect(&load(&common::tiny_weights()).unwrap());
     let b = detect(&load(&old).unwrap());
     assert!(!a.instances.is_empty());
     assert!(same_instances(&a, &b));
@@ -278,7 +274,7 @@ fn f32_and_bf16_files_load() {
             }
         })
     };
-    let f16 = detect(&load(&tiny()).unwrap());
+    let f16 = detect(&load(&common::tiny_weights()).unwrap());
     // f16 values widen to f32 exactly: the same file in f32 gives the same result.
     let f32_file = convert("f32.safetensors", Dtype::F32);
     assert!(same_instances(&f16, &detect(&load(&f32_file).unwrap())));
@@ -312,7 +308,7 @@ fn f32_and_bf16_files_load() {
 
 #[test]
 fn architecture_and_labels_come_from_the_file() {
-    let r50 = load(&tiny()).unwrap();
+    let r50 = load(&common::tiny_weights()).unwrap();
     let a = r50.architecture();
     assert_eq!(a.block, "Bottleneck");
     assert_eq!(a.blocks_per_stage, [1, 1, 1, 1]);

@@ -47,6 +47,20 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// Runs `cmd` to the end and asserts that it failed as drape fails (exit status 1, not a crash
+/// and not clap's usage error); returns its stderr.
+pub fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{:?}: {stderr}",
+        cmd.get_args().collect::<Vec<_>>()
+    );
+    stderr
+}
+
 /// [`run_ok`], then its stdout parsed as one JSON value; returns the value and the stderr.
 pub fn run_json(cmd: &mut Command) -> (serde_json::Value, String) {
     let out = run_ok(cmd);
@@ -73,14 +87,14 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// The tiny Bottleneck fixture model (also the bundled demo model), on the CPU.
+/// The tiny Bottleneck fixture model's weights (also the bundled demo model).
+pub fn tiny_weights() -> PathBuf {
+    fixtures().join("tiny_r50/model.safetensors")
+}
+
+/// [`tiny_weights`] loaded on the CPU.
 pub fn tiny_model() -> drape::MaskRcnn {
-    drape::MaskRcnn::load(
-        fixtures().join("tiny_r50/model.safetensors"),
-        |_| {},
-        &Device::Cpu,
-    )
-    .unwrap()
+    drape::MaskRcnn::load(tiny_weights(), |_| {}, &Device::Cpu).unwrap()
 }
 
 /// Deterministic pseudo-random floats in [0, 1).
