@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use drape::eval::metric::{
     coco_iou_thresholds, coco_recall_thresholds, CocoEvaluator, ImaterialistMetric, Scored,
 };
-use drape::eval::{coco, imaterialist, kaggle_rle, masks, submit, EvalError, GtObject, RleError};
+use drape::eval::{
+    coco, imaterialist, kaggle_rle, masks, submit, Annotations, EvalError, EvalOptions, Evaluation,
+    GtObject, RleError, DEFAULT_MIN_SCORE,
+};
 use drape::postprocess::{Instance, Rle};
 use serde::Deserialize;
 
@@ -715,6 +718,54 @@ fn eval_reads_train_csv_and_sweeps_sizes_and_mask_caps() {
         png.height()
     );
     assert!(png.pixels().filter(|p| **p != first).count() > 1000);
+}
+
+/// The library's side of `drape eval` and `drape submit`, as the binary drives it: typed
+/// options in, one progress call per model run, named errors out.
+#[test]
+fn evaluation_and_submission_report_progress_per_run() {
+    let mut opts = EvalOptions {
+        images: common::fixtures().join("images"),
+        annotations: Annotations::Coco {
+            path: eval_fixtures().join("e2e_gt.json"),
+            label_offset: 1,
+        },
+        limit: Some(2),
+        sweep: false,
+        min_score: DEFAULT_MIN_SCORE,
+    };
+    let evaluation = Evaluation::new(common::tiny_model(), &opts).unwrap();
+    // The CPU computes in f32: there is nothing to compare an f32 reference with.
+    assert!(!evaluation.wants_reference());
+    assert_eq!(evaluation.model_runs(), 2);
+    let mut calls = 0;
+    let report = evaluation.run(|| calls += 1).unwrap();
+    assert_eq!(calls, 2);
+    assert_eq!(report.runs.len(), 1);
+    assert_eq!(report.runs[0].images, 2);
+
+    opts.limit = Some(0);
+    let err = Evaluation::new(common::tiny_model(), &opts).err().unwrap();
+    assert!(matches!(err, EvalError::NoImages), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("submission.csv");
+    let images = fixture_images();
+    let mut calls = 0;
+    let rows = drape::eval::write_submission(
+        &common::tiny_model(),
+        &images,
+        &csv,
+        DEFAULT_MIN_SCORE,
+        || calls += 1,
+    )
+    .unwrap();
+    assert_eq!(calls, images.len());
+    assert_eq!(
+        read(&csv).lines().count(),
+        rows + 1,
+        "a header and a row per mask"
+    );
 }
 
 #[test]
