@@ -12,12 +12,79 @@
 //! on CPU (their inputs are a few thousand boxes). Boxes stay f32 throughout. One exception: with
 //! the `cudnn` feature candle asks cuDNN for f16 accumulation in convs.
 
+use std::cell::Cell;
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::{DType, Device, DeviceLocation};
+use candle_core::{DType, Device, DeviceLocation, Tensor, WithDType};
 
 use crate::error::{Error, Result};
+
+/// Device→host reads and device synchronisations: the round trips that stall a GPU's queue
+/// and its host thread. Every read and every synchronisation of a frame goes through
+/// [`read_vec1`], [`to_host`], [`count_read`] or [`synchronize`], on every backend, so the CPU
+/// counts exactly what a GPU would wait for and a test can pin the figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RoundTrips {
+    pub reads: u64,
+    pub syncs: u64,
+}
+
+impl RoundTrips {
+    /// What happened between `self` (taken earlier) and `later`.
+    pub fn since(self, later: RoundTrips) -> RoundTrips {
+        RoundTrips {
+            reads: later.reads - self.reads,
+            syncs: later.syncs - self.syncs,
+        }
+    }
+}
+
+thread_local! {
+    /// Per thread, so models running on other threads (tests run in parallel) never mix
+    /// their counts: a frame's device work, and so each of its reads, is issued from the one
+    /// thread that calls `detect`.
+    static ROUND_TRIPS: Cell<RoundTrips> = const { Cell::new(RoundTrips { reads: 0, syncs: 0 }) };
+}
+
+/// This thread's round trips so far; subtract two snapshots ([`RoundTrips::since`]) for a
+/// frame's.
+pub fn round_trips() -> RoundTrips {
+    ROUND_TRIPS.with(Cell::get)
+}
+
+/// Counts one device→host read made outside candle's tensor API (a kernel's output copied
+/// with the driver's own memcpy), or a result the host consumes in place on the CPU where a
+/// GPU would copy it.
+pub fn count_read() {
+    ROUND_TRIPS.with(|c| {
+        let mut v = c.get();
+        v.reads += 1;
+        c.set(v);
+    });
+}
+
+/// `t.to_vec1()`, counted as one read.
+pub fn read_vec1<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
+    count_read();
+    Ok(t.to_vec1()?)
+}
+
+/// `t` copied to the CPU, counted as one read.
+pub fn to_host(t: &Tensor) -> Result<Tensor> {
+    count_read();
+    Ok(t.to_device(&Device::Cpu)?)
+}
+
+/// `device.synchronize()`, counted.
+pub fn synchronize(device: &Device) -> Result<()> {
+    ROUND_TRIPS.with(|c| {
+        let mut v = c.get();
+        v.syncs += 1;
+        c.set(v);
+    });
+    Ok(device.synchronize()?)
+}
 
 /// One concrete device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

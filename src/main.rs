@@ -378,6 +378,10 @@ struct BenchArgs {
     /// meaningless; add --score-thresh 0 to run the mask head on all 100).
     #[arg(long, conflicts_with = "weights")]
     random_r50: bool,
+    /// Wait for the device at every stage boundary, so per-stage times are exact on a GPU
+    /// (each wait idles it; the CPU's times are the same either way).
+    #[arg(long)]
+    sync_stages: bool,
 }
 
 fn detect(args: DetectArgs) -> Result<()> {
@@ -522,7 +526,8 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
         None
     };
     let load_start = Instant::now();
-    let model = model_args.load()?;
+    let mut model = model_args.load()?;
+    model.set_sync_stages(args.sync_stages);
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     let image_path = match args.image {
         Some(path) => path,
