@@ -7,6 +7,7 @@ pub mod backbone;
 pub mod box_ops;
 pub mod conv;
 pub mod fpn;
+pub mod gpu_conv;
 #[cfg(test)]
 pub(crate) mod kernel_emu;
 pub mod layers;
