@@ -7,9 +7,12 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use drape::device::{round_trips, RoundTrips};
+use drape::inspect::{inspect, PlanRequest};
 use drape::model::conv::FusedConv;
-use drape::model::gpu_conv::DeviceConv;
+use drape::model::gpu_conv::{DeviceConv, SCRATCH_BYTES};
+use drape::model::plan::{DevicePlan, PlanTarget};
 use drape::model::{Detections, Workspace};
+use drape::synthetic::SyntheticSpec;
 
 /// One frame's round trips on the tiny model, which finds instances in the landscape photo.
 fn frame_round_trips(model: &drape::MaskRcnn) -> (RoundTrips, Detections) {
@@ -151,4 +154,137 @@ fn the_gpu_conv_computes_in_f16_within_f16_rounding() {
         .fold(0f32, f32::max);
     // 72 products of values in [-1, 1), each input rounded to f16 (2^-11 relative).
     assert!(err < 0.05, "max error {err}");
+}
+
+/// The full-size ResNet-50-FPN layout with random weights, its plan at `sizes`.
+fn r50_plans(sizes: &[(usize, usize)]) -> Vec<DevicePlan> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r50.safetensors");
+    drape::synthetic::write_random_weights(&path, &SyntheticSpec::resnet50_fpn(), 1).unwrap();
+    sizes
+        .iter()
+        .map(|&(min_size, max_size)| {
+            let request = PlanRequest {
+                target: PlanTarget::Cuda,
+                min_size: Some(min_size),
+                max_size: Some(max_size),
+            };
+            inspect(&path, Some(request)).unwrap().plan.unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn the_full_r50_plans_under_a_gib_at_800_and_far_less_at_512() {
+    const MIB: u64 = 1 << 20;
+    let plans = r50_plans(&[(800, 1333), (512, 853)]);
+    let (full, small) = (&plans[0], &plans[1]);
+    for p in &plans {
+        eprintln!(
+            "plan {:?}: peak {:.1} MiB at {}, weights {:.1} MiB, largest scratch {:.1} MiB at {}",
+            p.input_size,
+            p.peak_device_bytes as f64 / MIB as f64,
+            p.peak_at,
+            p.weights_bytes as f64 / MIB as f64,
+            p.largest_scratch_bytes as f64 / MIB as f64,
+            p.largest_scratch_at
+        );
+    }
+    assert_eq!(full.input_size, [1344, 800]);
+    assert_eq!(small.input_size, [864, 512]);
+    // 44.4M parameters after folding, in f16.
+    assert!(
+        (80 * MIB..95 * MIB).contains(&full.weights_bytes),
+        "{full:?}"
+    );
+    assert!(full.peak_device_bytes < 1024 * MIB, "{full:?}");
+    // The conv tiles stay within their budget (one row of the widest conv fits easily).
+    assert!(
+        full.largest_scratch_bytes <= SCRATCH_BYTES as u64,
+        "{full:?}"
+    );
+    // Activations scale with the input; the weights do not.
+    assert!(small.peak_device_bytes < full.peak_device_bytes);
+    assert_eq!(small.weights_bytes, full.weights_bytes);
+    assert!(full.f32_layers.is_empty());
+}
+
+/// A copy of the tiny model whose `layer1.0.bn2` has a gamma of 1e6 (stored as f32), so the
+/// folded `layer1.0.conv2` weights reach far beyond f16's 65504.
+fn beyond_f16_checkpoint(dir: &std::path::Path) -> std::path::PathBuf {
+    let bytes = std::fs::read(fixtures().join("tiny_r50/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let gamma_name = "backbone.body.layer1.0.bn2.weight";
+    let channels = st.tensor(gamma_name).unwrap().shape()[0];
+    let gamma: Vec<u8> = (0..channels).flat_map(|_| 1e6f32.to_le_bytes()).collect();
+    let mut views = Vec::new();
+    for (name, view) in st.tensors() {
+        let view = if name == gamma_name {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![channels], &gamma)
+                .unwrap()
+        } else {
+            view
+        };
+        views.push((name, view));
+    }
+    let out = safetensors::serialize(views, meta.metadata().clone()).unwrap();
+    let path = dir.join("beyond-f16.safetensors");
+    std::fs::write(&path, out).unwrap();
+    path
+}
+
+#[test]
+fn a_layer_beyond_f16s_range_is_named_and_planned_in_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = beyond_f16_checkpoint(dir.path());
+    let conv = "backbone.body.layer1.0.conv2";
+    // Recorded on the CPU too; a GPU load keeps exactly these layers in f32.
+    let model = drape::MaskRcnn::load(&path, |_| {}, &Device::Cpu).unwrap();
+    assert_eq!(model.beyond_f16(), [conv]);
+    let plan = |p: &std::path::Path| {
+        let request = PlanRequest {
+            target: PlanTarget::Cuda,
+            min_size: None,
+            max_size: None,
+        };
+        inspect(p, Some(request)).unwrap().plan.unwrap()
+    };
+    let crafted = plan(&path);
+    let plain = plan(&fixtures().join("tiny_r50/model.safetensors"));
+    assert_eq!(crafted.f32_layers, [conv]);
+    assert!(plain.f32_layers.is_empty());
+    // The layer's weight and bias take 4 bytes a value instead of 2.
+    let w = drape::weights::Weights::open(&path).unwrap();
+    let params: usize = [".weight"]
+        .iter()
+        .map(|leaf| {
+            w.shape(&format!("{conv}{leaf}"))
+                .unwrap()
+                .iter()
+                .product::<usize>()
+        })
+        .sum::<usize>()
+        + w.shape("backbone.body.layer1.0.bn2.bias").unwrap()[0];
+    assert_eq!(
+        crafted.weights_bytes,
+        plain.weights_bytes + 2 * params as u64
+    );
+}
+
+#[test]
+fn f16_range_is_what_rounds_to_a_finite_half() {
+    use drape::model::layers::{fits_f16, F16_MAX};
+    let cases = [
+        (vec![0.0, -1.0, F16_MAX, -F16_MAX], true),
+        // Rounds down to 65504.
+        (vec![65519.0], true),
+        (vec![65520.0], false),
+        (vec![-1e6], false),
+        (vec![f32::INFINITY], false),
+        (vec![], true),
+    ];
+    for (values, want) in cases {
+        assert_eq!(fits_f16(&values), want, "{values:?}");
+    }
 }

@@ -11,6 +11,7 @@ pub mod gpu_conv;
 #[cfg(test)]
 pub(crate) mod kernel_emu;
 pub mod layers;
+pub mod plan;
 pub mod poolers;
 pub mod roi_align;
 pub mod roi_heads;
@@ -154,6 +155,8 @@ pub struct MaskRcnn {
     dtype: DType,
     /// Synchronise the device at every stage boundary so per-stage times are exact.
     sync_stages: bool,
+    /// Layers whose folded weights do not fit f16: kept f32 on GPUs.
+    beyond_f16: Vec<String>,
 }
 
 /// Parses a JSON list of exactly `N` numbers.
@@ -207,6 +210,7 @@ impl MaskRcnn {
         let rpn = Rpn::load(&w, fpn.channels(), &config, device)?;
         let roi_heads = RoiHeads::load(&w, fpn.channels(), &config, bn_eps, device)?;
         w.check_all_used()?;
+        let beyond_f16 = w.beyond_f16();
 
         let num_classes = roi_heads.num_classes();
         let labels =
@@ -253,6 +257,7 @@ impl MaskRcnn {
             device: device.clone(),
             dtype: crate::device::compute_dtype(device.location()),
             sync_stages: false,
+            beyond_f16,
         })
     }
 
@@ -266,6 +271,12 @@ impl MaskRcnn {
 
     pub fn sync_stages(&self) -> bool {
         self.sync_stages
+    }
+
+    /// Layers whose folded weights lie beyond f16's range, which GPUs keep in f32 (see
+    /// [`layers::layer_dtype`]); recorded on every device.
+    pub fn beyond_f16(&self) -> &[String] {
+        &self.beyond_f16
     }
 
     pub fn config(&self) -> &Config {
