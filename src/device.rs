@@ -6,11 +6,13 @@
 //! Precision: the CPU path is the f32 reference. On CUDA and Metal the weights and every
 //! activation stay f16 (convs, matmuls, RoIAlign's output); what needs f32 is done in f32:
 //! RoIAlign accumulates its bilinear samples in f32, cuBLAS accumulates f16 GEMMs in f32 (candle's
-//! default; convs are im2col + GEMM), the RPN's top-n ranks the f16 logits widened to f32 on the
-//! device, the mask logits are widened before their bias, sigmoid and paste, and the class and
-//! box logits leave the device as f32 for softmax, box decoding and NMS, which run on the host as
-//! on CPU (their inputs are a few thousand boxes). Boxes stay f32 throughout. One exception: with
-//! the `cudnn` feature candle asks cuDNN for f16 accumulation in convs.
+//! default; convs are GEMMs, see `model::gpu_conv`), and with the `cudnn` feature convs run in
+//! cuDNN's pseudo-half configuration (f16 data, f32 accumulation); the RPN's top-n ranks the f16
+//! logits widened to f32 on the device, the mask logits are widened before their bias, sigmoid
+//! and paste, and the class and box logits leave the device as f32 for softmax, box decoding and
+//! NMS, which run on the host as on CPU (their inputs are a few thousand boxes). Boxes stay f32
+//! throughout. A layer whose folded weights exceed f16's range stays f32
+//! (`model::layers::layer_dtype`).
 
 use std::cell::Cell;
 use std::fmt;
@@ -388,6 +390,17 @@ pub fn memory(device: &Device) -> Option<DeviceMemory> {
     }
 }
 
+/// Restarts the CUDA pool's high-water mark ([`DeviceMemory::pool_peak_mb`]) from what is in
+/// use now, so a measurement covers one frame rather than everything since start-up; nothing to
+/// do elsewhere.
+pub fn reset_memory_peak(device: &Device) -> Result<()> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => Ok(cuda::reset_peak(d)?),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{result, sys};
@@ -502,6 +515,23 @@ mod cuda {
         // SAFETY: cuDriverGetVersion writes one int; it needs no context.
         unsafe { sys::cuDriverGetVersion(&mut v) }.result()?;
         Ok(CudaVersion::from_api(v.max(0) as u32))
+    }
+
+    pub(super) fn reset_peak(device: &CudaDevice) -> candle_core::Result<()> {
+        if let Some(pool) = pool(device)? {
+            // The driver only accepts 0: the mark restarts from the next allocation.
+            let mut zero = 0u64;
+            // SAFETY: a valid pool; the attribute is a cuuint64_t.
+            unsafe {
+                result::mem_pool::set_attribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    (&mut zero as *mut u64).cast(),
+                )
+            }
+            .w()?;
+        }
+        Ok(())
     }
 
     pub(super) fn memory(device: &CudaDevice) -> candle_core::Result<DeviceMemory> {

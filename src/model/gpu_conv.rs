@@ -12,6 +12,11 @@
 //!   the next tile's are taken, so the stream-ordered pool hands the same blocks back: the
 //!   scratch is bounded and reused, not grown per conv.
 //!
+//! With the `cudnn` feature, f16 convs other than 1×1 stride-1 go to cuDNN instead ([`cudnn`]):
+//! the algorithm is chosen once per (device, input shape, conv), one workspace per device is
+//! grown as needed and reused, and the convolution is described with f32 compute over f16 data
+//! (cuDNN's pseudo-half configuration), so it accumulates in f32.
+//!
 //! Column layout: PyTorch's weight `[O, C, k, k]` flattened to `[O, C·k·k]` multiplies columns
 //! `[C, k·k, rows·ow]` (channel-major, then kernel row, kernel column), so the weight is used
 //! as loaded.
@@ -27,7 +32,7 @@ pub const SCRATCH_BYTES: usize = 64 << 20;
 
 /// A conv's shape parameters, and the tile arithmetic that follows from them alone (the
 /// device-memory plan uses it without weights).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConvGeometry {
     pub in_channels: usize,
     pub out_channels: usize,
@@ -138,6 +143,18 @@ impl DeviceConv {
         }
         let (oh, ow) = g.output_size(h, w);
         let o = g.out_channels;
+        #[cfg(feature = "cudnn")]
+        if x.device().is_cuda()
+            && x.dtype() == DType::F16
+            && self.dtype() == DType::F16
+            && !g.is_pointwise()
+        {
+            // `weight` is `[O, C·k·k]`, the same memory as cuDNN's `[O, C, k, k]` filter.
+            let y = x
+                .contiguous()?
+                .apply_op2_no_bwd(&self.weight, &cudnn::Conv(g))?;
+            return Ok(y.broadcast_add(&self.bias)?);
+        }
         if g.is_pointwise() {
             // [O, C] x [N, C, H*W] -> [N, O, H*W].
             let y = self.weight.broadcast_matmul(&x.reshape((n, c, h * w))?)?;
@@ -222,4 +239,153 @@ fn every(x: &Tensor, dim: usize, start: usize, count: usize, step: usize) -> Res
         .reshape(split)?
         .narrow(dim + 1, 0, 1)?
         .squeeze(dim + 1)?)
+}
+
+/// drape's own cuDNN convolution, through cudarc's cuDNN API as candle re-exports it. candle's
+/// `conv2d` with `cudnn` asks cuDNN's heuristic for an algorithm and allocates a zeroed
+/// workspace on every call (~80 convs a frame), and describes f16 convs with f16 compute.
+#[cfg(feature = "cudnn")]
+mod cudnn {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::cudnn::{sys, ConvForward, Cudnn};
+    use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+    use candle_core::cuda_backend::{CudaStorageSlice, DeviceId};
+    use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Shape};
+    use half::f16;
+
+    use super::ConvGeometry;
+
+    /// What an algorithm choice depends on: the device, the input's `[N, C, H, W]` and the conv.
+    type Key = (DeviceId, [usize; 4], ConvGeometry);
+
+    thread_local! {
+        // cudarc's cuDNN handle is bound to the thread that made it (it is neither Send nor
+        // Sync), so handles, choices and workspaces are kept per thread, as candle keeps its
+        // handles; a model runs its frames on one thread.
+        static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
+        static ALGORITHMS: RefCell<HashMap<Key, (sys::cudnnConvolutionFwdAlgo_t, usize)>> =
+            RefCell::new(HashMap::new());
+        static WORKSPACES: RefCell<HashMap<DeviceId, CudaSlice<u8>>> =
+            RefCell::new(HashMap::new());
+    }
+
+    /// `conv(x, weight)` without bias; f16 in and out, f32 accumulation.
+    pub(super) struct Conv(pub ConvGeometry);
+
+    impl CustomOp2 for Conv {
+        fn name(&self) -> &'static str {
+            "drape_cudnn_conv"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the cuDNN conv runs on CUDA tensors only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            x_layout: &Layout,
+            w: &CudaStorage,
+            w_layout: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let g = self.0;
+            let (n, c, h, wd) = x_layout.shape().dims4()?;
+            let (oh, ow) = g.output_size(h, wd);
+            let (Some((x0, x1)), Some((w0, w1))) =
+                (x_layout.contiguous_offsets(), w_layout.contiguous_offsets())
+            else {
+                candle_core::bail!("cuDNN conv: input and weight must be contiguous");
+            };
+            let (CudaStorageSlice::F16(xs), CudaStorageSlice::F16(ws)) = (&x.slice, &w.slice)
+            else {
+                candle_core::bail!("cuDNN conv: f16 only, got {:?}", x.dtype());
+            };
+            let dev = &x.device;
+            let id = dev.id();
+            let cudnn = HANDLES.with(|h| -> candle_core::Result<Arc<Cudnn>> {
+                if let Some(c) = h.borrow().get(&id) {
+                    return Ok(c.clone());
+                }
+                let c = Cudnn::new(dev.cuda_stream())?;
+                h.borrow_mut().insert(id, c.clone());
+                Ok(c)
+            })?;
+            let i = |v: usize| v as i32;
+            let (k, s, p) = (i(g.kernel), i(g.stride), i(g.padding));
+            // f32 compute over f16 tensors: cuDNN's pseudo-half configuration.
+            let mut conv = cudnn.create_conv2d::<f32>(
+                [p, p],
+                [s, s],
+                [1, 1],
+                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+            )?;
+            // Tensor cores where the GPU has them, without down-converting f32 inputs.
+            conv.set_math_type(sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)?;
+            let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+            let x_desc = cudnn.create_4d_tensor::<f16>(nchw, [i(n), i(c), i(h), i(wd)])?;
+            let w_desc = cudnn.create_4d_filter::<f16>(nchw, [i(g.out_channels), i(c), k, k])?;
+            let y_desc =
+                cudnn.create_4d_tensor::<f16>(nchw, [i(n), i(g.out_channels), i(oh), i(ow)])?;
+            let forward = ConvForward {
+                conv: &conv,
+                x: &x_desc,
+                w: &w_desc,
+                y: &y_desc,
+            };
+            let key = (id, [n, c, h, wd], g);
+            let (algorithm, workspace_bytes) = ALGORITHMS.with(|a| -> candle_core::Result<_> {
+                if let Some(&chosen) = a.borrow().get(&key) {
+                    return Ok(chosen);
+                }
+                let algorithm = forward.pick_algorithm()?;
+                let chosen = (algorithm, forward.get_workspace_size(algorithm)?);
+                a.borrow_mut().insert(key, chosen);
+                Ok(chosen)
+            })?;
+            // SAFETY: cuDNN writes every output element (beta is 0).
+            let mut y = unsafe { dev.alloc::<f16>(n * g.out_channels * oh * ow)? };
+            let (xs, ws) = (xs.slice(x0..x1), ws.slice(w0..w1));
+            WORKSPACES.with(|cell| -> candle_core::Result<()> {
+                let mut workspaces = cell.borrow_mut();
+                let workspace = match workspaces.get_mut(&id) {
+                    Some(buf) if buf.len() >= workspace_bytes => buf,
+                    _ => {
+                        // Grown, never per call: the old buffer is freed in stream order.
+                        // SAFETY: a workspace is scratch cuDNN writes before it reads.
+                        let buf = unsafe { dev.alloc::<u8>(workspace_bytes.max(1))? };
+                        workspaces.insert(id, buf);
+                        workspaces.get_mut(&id).expect("just inserted")
+                    }
+                };
+                // SAFETY: the descriptors above describe `xs`, `ws` and `y` (contiguous NCHW
+                // f16 of these shapes), and the workspace holds the bytes cuDNN asked for.
+                unsafe {
+                    forward.launch(
+                        algorithm,
+                        Some(workspace),
+                        (f16::ONE, f16::ZERO),
+                        &xs,
+                        &ws,
+                        &mut y,
+                    )
+                }?;
+                Ok(())
+            })?;
+            let out = CudaStorage {
+                slice: CudaStorageSlice::F16(y),
+                device: dev.clone(),
+            };
+            Ok((out, Shape::from((n, g.out_channels, oh, ow))))
+        }
+    }
 }
