@@ -63,7 +63,8 @@ impl ConvGeometry {
             self.stride,
         );
         let win_w = s * ow + k - 1;
-        let window = c * (s * rows + k - 1) * win_w;
+        // Twice with a batch: padded, then transposed to channels first.
+        let window = c * (s * rows + k - 1) * win_w * if n > 1 { 2 } else { 1 };
         let picks = if s > 1 { c * s * rows * win_w } else { 0 };
         let columns = c * k * k * rows * ow;
         n * elem * (window + picks + columns + 2 * o * rows * ow)
@@ -82,8 +83,14 @@ impl ConvGeometry {
         let (oh, ow) = self.output_size(h, w);
         let elem = dtype.size_in_bytes();
         if self.is_pointwise() {
-            // The GEMM's output before the bias is added.
-            return n * self.out_channels * oh * ow * elem;
+            // The GEMM's output before the bias is added, and with a batch the input transposed
+            // to channels first.
+            let transposed = if n > 1 {
+                n * self.in_channels * h * w
+            } else {
+                0
+            };
+            return (n * self.out_channels * oh * ow + transposed) * elem;
         }
         let rows = self.tile_rows(n, oh, ow, elem, SCRATCH_BYTES);
         self.tile_bytes(n, rows, ow, elem)
@@ -156,9 +163,12 @@ impl DeviceConv {
             return Ok(y.broadcast_add(&self.bias)?);
         }
         if g.is_pointwise() {
-            // [O, C] x [N, C, H*W] -> [N, O, H*W].
-            let y = self.weight.broadcast_matmul(&x.reshape((n, c, h * w))?)?;
-            return Ok(y.reshape((n, o, oh, ow))?.broadcast_add(&self.bias)?);
+            // [O, C] x [C, N*H*W] -> [O, N, H, W] -> [N, O, H, W]. Batches go into the GEMM's
+            // columns: a weight broadcast over N would be copied N times. With N = 1 both
+            // transposes only relabel a unit dimension.
+            let x = x.transpose(0, 1)?.contiguous()?.reshape((c, n * h * w))?;
+            let y = self.weight.matmul(&x)?.reshape((o, n, oh, ow))?;
+            return Ok(y.transpose(0, 1)?.broadcast_add(&self.bias)?);
         }
         let elem = x.dtype().size_in_bytes();
         let rows = g.tile_rows(n, oh, ow, elem, self.scratch_bytes);
@@ -186,6 +196,8 @@ impl DeviceConv {
         // coordinates, long enough that every tap's strided pick fits.
         let window = zero_padded(x, 2, (r0 * s) as isize - p as isize, s * rows + k - 1)?;
         let window = zero_padded(&window, 3, -(p as isize), s * ow + k - 1)?;
+        // [N, C, ..] -> [C, N, ..]: batches go into the GEMM's columns (see `forward`).
+        let window = window.transpose(0, 1)?.contiguous()?;
         let mut taps = Vec::with_capacity(k * k);
         for ky in 0..k {
             let band = every(&window, 2, ky, rows, s)?;
@@ -193,12 +205,13 @@ impl DeviceConv {
                 taps.push(every(&band, 3, kx, ow, s)?);
             }
         }
-        // k·k × [N, C, rows, ow] -> [N, C, k·k, rows, ow] -> [N, C·k·k, rows·ow].
-        let columns = Tensor::stack(&taps, 2)?.reshape((n, c * k * k, rows * ow))?;
+        // k·k × [C, N, rows, ow] -> [C, k·k, N, rows, ow] -> [C·k·k, N·rows·ow].
+        let columns = Tensor::stack(&taps, 1)?.reshape((c * k * k, n * rows * ow))?;
         drop(taps);
-        let y = self.weight.broadcast_matmul(&columns)?;
-        Ok(y.reshape((n, self.geometry.out_channels, rows, ow))?
-            .broadcast_add(&self.bias)?)
+        let o = self.geometry.out_channels;
+        // [O, N·rows·ow] -> [N, O, rows, ow], made contiguous by the bias add.
+        let y = self.weight.matmul(&columns)?.reshape((o, n, rows, ow))?;
+        Ok(y.transpose(0, 1)?.broadcast_add(&self.bias)?)
     }
 }
 
