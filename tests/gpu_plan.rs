@@ -288,3 +288,47 @@ fn f16_range_is_what_rounds_to_a_finite_half() {
         assert_eq!(fits_f16(&values), want, "{values:?}");
     }
 }
+
+#[test]
+fn inspect_prints_the_plan_as_json_for_cuda_and_metal() {
+    let weights = fixtures().join("tiny_r50/model.safetensors");
+    let mut peaks = Vec::new();
+    for target in ["cuda", "metal"] {
+        let out = drape_command()
+            .args([
+                "inspect",
+                "--plan",
+                target,
+                "--min-size",
+                "320",
+                "--max-size",
+                "480",
+            ])
+            .arg(&weights)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let plan = &json["plan"];
+        assert_eq!(plan["target"], target);
+        assert_eq!(plan["input_size"], serde_json::json!([480, 320]));
+        let peak = plan["peak_device_bytes"].as_u64().unwrap();
+        let scratch = plan["largest_scratch_bytes"].as_u64().unwrap();
+        assert!(scratch > 0 && peak > scratch, "{plan}");
+        peaks.push(peak);
+    }
+    // Metal pastes on the host: no device buffer of pasted pixels.
+    assert!(peaks[1] <= peaks[0], "{peaks:?}");
+    // Sizes belong to the plan.
+    let out = drape_command()
+        .args(["inspect", "--min-size", "320"])
+        .arg(&weights)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
