@@ -7,7 +7,8 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::model::transform::Transform;
-use crate::model::{Detections, MaskRcnn, Timings, Workspace};
+use crate::model::{MaskRcnn, Timings};
+use crate::postprocess::{Detections, Detector};
 
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct StageStats {
@@ -79,21 +80,21 @@ pub fn run(
     mut progress: impl FnMut(),
 ) -> Result<BenchReport> {
     let settings = model.default_settings();
-    let mut ws = Workspace::default();
+    let mut detector = Detector::default();
     let mut result = Detections::default();
-    model.detect_into(rgb, size, settings, &mut ws, &mut result)?;
+    detector.run(model, rgb, size, settings, &mut result)?;
     let instances = result.instances.len();
     let cold_start_ms = process_start.elapsed().as_secs_f64() * 1e3;
     progress();
     for _ in 1..warmup {
-        model.detect_into(rgb, size, settings, &mut ws, &mut result)?;
+        detector.run(model, rgb, size, settings, &mut result)?;
         progress();
     }
     let mut samples = Vec::with_capacity(iters);
     let mut allocs = 0;
     for _ in 0..iters {
         let before = crate::alloc::counts().0;
-        model.detect_into(rgb, size, settings, &mut ws, &mut result)?;
+        detector.run(model, rgb, size, settings, &mut result)?;
         allocs += crate::alloc::counts().0 - before;
         samples.push(result.timings);
         progress();

@@ -20,9 +20,10 @@ use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Serialize, Serializer};
 
 use crate::error::{Error, Result};
+use crate::labels::Labels;
 use crate::model::box_ops::{self, Box};
-use crate::postprocess::{Instance, Rle};
-use crate::MaskRcnn;
+use crate::postprocess::Instance;
+use crate::rle::Rle;
 
 /// A detection and a track overlap enough to be the same garment at this IoU.
 pub const MIN_IOU: f32 = 0.3;
@@ -578,7 +579,7 @@ impl Hungarian {
 }
 
 /// `[{"track_id", "event", "class_id", "label", "box", "duration_ms", "frames", "reason"?}]`.
-pub struct EventsJson<'a>(pub &'a MaskRcnn, pub &'a [TrackEvent]);
+pub struct EventsJson<'a>(pub &'a Labels, pub &'a [TrackEvent]);
 
 impl Serialize for EventsJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -591,7 +592,7 @@ impl Serialize for EventsJson<'_> {
 }
 
 /// One event, as its own JSON object (a frame record's `events` entry, or an MQTT message).
-pub struct EventJson<'a>(pub &'a MaskRcnn, pub &'a TrackEvent);
+pub struct EventJson<'a>(pub &'a Labels, pub &'a TrackEvent);
 
 impl Serialize for EventJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -600,7 +601,7 @@ impl Serialize for EventJson<'_> {
         m.serialize_entry("track_id", &e.track_id)?;
         m.serialize_entry("event", &e.kind)?;
         m.serialize_entry("class_id", &e.class_id)?;
-        m.serialize_entry("label", self.0.label(e.class_id))?;
+        m.serialize_entry("label", self.0.get(e.class_id))?;
         m.serialize_entry("box", &e.bbox)?;
         m.serialize_entry("duration_ms", &e.duration_ms)?;
         m.serialize_entry("frames", &e.frames)?;

@@ -13,7 +13,8 @@ use drape::eval::metric::{
     coco_iou_thresholds, coco_recall_thresholds, CocoEvaluator, ImaterialistMetric, Scored,
 };
 use drape::eval::{coco, imaterialist, kaggle_rle, masks, submit, EvalError, GtObject, RleError};
-use drape::postprocess::{Instance, Rle};
+use drape::postprocess::Instance;
+use drape::rle::Rle;
 use serde::Deserialize;
 
 const TINY_MODEL: &str = "tests/fixtures/tiny_r50/model.safetensors";

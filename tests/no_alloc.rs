@@ -17,9 +17,9 @@ use drape::capture::{self, Frame};
 use drape::model::box_ops::Candidates;
 use drape::model::roi_heads::{Detection, MASK_SIZE};
 use drape::model::transform::{ResizeScratch, Transform};
-use drape::model::Detections;
-use drape::pipeline::{write_record, FrameRecord, LatestFrame, Take};
-use drape::postprocess::Paster;
+use drape::pipeline::{LatestFrame, Take};
+use drape::postprocess::{Detections, Postprocessor};
+use drape::stream::{write_record, FrameRecord};
 use drape::track::{EventKind, FrameTracks, Tracker};
 
 #[global_allocator]
@@ -68,7 +68,7 @@ fn steady_state_host_stages_do_not_allocate() {
         &Device::Cpu,
     )
     .unwrap();
-    let mut paster = Paster::new();
+    let mut paster = Postprocessor::new();
     let mut result = Detections::default();
     let mut line = Vec::new();
     // Garments come and go: instances past the first 90 show up in some frames and not in
@@ -154,7 +154,7 @@ fn steady_state_host_stages_do_not_allocate() {
         result.width = front.width;
         result.height = front.height;
         let record = FrameRecord {
-            model: &model,
+            labels: model.labels(),
             frame: &front,
             result: &result,
             tracks: &tracks,

@@ -14,8 +14,9 @@ use crate::eval::metric::{CocoEvaluator, ImaterialistMetric, Scored};
 use crate::eval::plot::{self, Point, Series};
 use crate::eval::submit::{self, SubmissionWriter};
 use crate::eval::{coco, imaterialist, locate_image, Dataset, GtImage};
-use crate::model::{Detections, FrameSettings, Workspace};
-use crate::pipeline::BudgetController;
+use crate::model::FrameSettings;
+use crate::pipeline::ladder;
+use crate::postprocess::{Detections, Detector};
 use crate::{image_io, MaskRcnn};
 
 /// Detections scoring below this are left out of submissions and of the iMaterialist score,
@@ -271,14 +272,11 @@ fn progress_bar(hidden: bool, len: usize, message: &str) -> ProgressBar {
 fn sweep_settings(model: &MaskRcnn) -> Vec<FrameSettings> {
     let cfg = model.config();
     let all = cfg.detections_per_img;
-    // Only the ladder is wanted, so the budget is irrelevant.
-    let controller = BudgetController::new(f64::INFINITY, (cfg.min_size, cfg.max_size), all);
     let mut caps: Vec<usize> = SWEEP_MASK_CAPS.iter().map(|&c| c.min(all)).collect();
     caps.dedup();
-    controller
-        .ladder()
-        .iter()
-        .flat_map(|&(min_size, max_size)| {
+    ladder((cfg.min_size, cfg.max_size))
+        .into_iter()
+        .flat_map(|(min_size, max_size)| {
             caps.iter().map(move |&max_masks| FrameSettings {
                 min_size,
                 max_size,
@@ -341,14 +339,14 @@ pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     };
 
     let bar = progress_bar(args.json, paths.len() * runs.len(), "evaluating");
-    let mut workspaces: Vec<Workspace> = models.iter().map(|_| Workspace::default()).collect();
+    let mut detectors: Vec<Detector> = models.iter().map(|_| Detector::default()).collect();
     let mut out = Detections::default();
     for (i, (truth, path)) in dataset.images.iter().zip(&paths).enumerate() {
         let image = image_io::load_rgb(path)?;
         let size = (truth.height, truth.width);
         let mut detect = |model: usize, settings: FrameSettings, out: &mut Detections| {
-            models[model]
-                .detect_into(image.as_raw(), size, settings, &mut workspaces[model], out)
+            detectors[model]
+                .run(&models[model], image.as_raw(), size, settings, out)
                 .with_context(|| format!("running the model on {}", path.display()))
         };
         if i == 0 {
@@ -499,17 +497,17 @@ pub fn run_submit(args: SubmitArgs) -> anyhow::Result<()> {
     }
     let mut writer = SubmissionWriter::create(&args.out)?;
     let bar = progress_bar(false, paths.len(), "submitting");
-    let mut ws = Workspace::default();
+    let mut detector = Detector::default();
     let mut out = Detections::default();
     for path in &paths {
         let image = image_io::load_rgb(path)?;
         let size = (image.height() as usize, image.width() as usize);
-        model
-            .detect_into(
+        detector
+            .run(
+                &model,
                 image.as_raw(),
                 size,
                 model.default_settings(),
-                &mut ws,
                 &mut out,
             )
             .with_context(|| format!("running the model on {}", path.display()))?;

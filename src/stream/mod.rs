@@ -1,4 +1,5 @@
-//! Outputs beyond JSON Lines: a Unix socket for the mirror's app and an HTTP server with a live
+//! Emission: what every output receives about a frame ([`record`]), JSON Lines ([`jsonl`]),
+//! MQTT, and the hub behind a Unix socket for the mirror's app and an HTTP server with a live
 //! preview page, MJPEG, Server-Sent Events and Prometheus metrics.
 //!
 //! Nothing here can slow the pipeline. Lines go to each client through its own small bounded
@@ -10,6 +11,7 @@ pub mod http;
 pub mod jsonl;
 pub mod metrics;
 pub mod mqtt;
+pub mod record;
 pub mod unix;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,9 +24,10 @@ use image::RgbImage;
 
 use crate::clock::SystemClock;
 use crate::health::{Health, RunStatus};
-use crate::pipeline::{Emitted, Sink};
+use crate::labels::Labels;
 use crate::postprocess::Instance;
 use metrics::Metrics;
+pub use record::{write_record, Emitted, FrameRecord, Sink};
 
 /// JPEG quality of the preview: good enough to read labels, small enough for Wi-Fi.
 const JPEG_QUALITY: u8 = 80;
@@ -187,8 +190,8 @@ pub struct HubSink {
 }
 
 impl HubSink {
-    /// `labels[k]` names class `k` (index 0 unused), for the overlay captions.
-    pub fn new(hub: Arc<Hub>, labels: Vec<String>) -> Self {
+    /// `labels` names the classes in the overlay's captions.
+    pub fn new(hub: Arc<Hub>, labels: Labels) -> Self {
         let job: Arc<(Mutex<RenderJob>, Condvar)> = Arc::default();
         let renderer = {
             let (hub, job) = (Arc::clone(&hub), Arc::clone(&job));
@@ -207,15 +210,16 @@ impl Sink for HubSink {
         self.hub.events.send(out.line);
         self.hub.socket.send(out.line);
         self.hub.metrics.record(out);
+        let r = out.record;
         let (job, ready) = &*self.job;
         let mut j = lock(job);
-        j.width = out.frame.width;
-        j.height = out.frame.height;
+        j.width = r.frame.width;
+        j.height = r.frame.height;
         j.rgb.clear();
-        j.rgb.extend_from_slice(&out.frame.rgb);
+        j.rgb.extend_from_slice(&r.frame.rgb);
         j.instances.clear();
         j.track_ids.clear();
-        let tracked = out.result.instances.iter().zip(&out.tracks.instances);
+        let tracked = r.result.instances.iter().zip(&r.tracks.instances);
         for (i, t) in tracked.filter(|(i, _)| i.score >= PREVIEW_MIN_SCORE) {
             j.instances.push(i.clone());
             j.track_ids.push(t.track_id);
@@ -237,7 +241,7 @@ impl Drop for HubSink {
     }
 }
 
-fn render_loop(hub: &Hub, job: &(Mutex<RenderJob>, Condvar), labels: &[String]) {
+fn render_loop(hub: &Hub, job: &(Mutex<RenderJob>, Condvar), labels: &Labels) {
     let mut local = RenderJob::default();
     let mut canvas = RgbImage::new(1, 1);
     loop {
@@ -259,7 +263,7 @@ fn render_loop(hub: &Hub, job: &(Mutex<RenderJob>, Condvar), labels: &[String]) 
         }
         canvas.copy_from_slice(&local.rgb);
         crate::overlay::draw_tracked(&mut canvas, &local.instances, &local.track_ids, |c| {
-            labels.get(c).map_or("?", String::as_str)
+            labels.get(c)
         });
         let mut jpeg = Vec::with_capacity(local.rgb.len() / 8);
         let encoded = JpegEncoder::new_with_quality(&mut jpeg, JPEG_QUALITY).encode_image(&canvas);
@@ -268,11 +272,4 @@ fn render_loop(hub: &Hub, job: &(Mutex<RenderJob>, Condvar), labels: &[String]) 
             Err(e) => tracing::warn!("preview JPEG encoding failed: {e}"),
         }
     }
-}
-
-/// Class names indexed by class id (0 = background), for the renderer.
-pub fn labels_by_id(model: &crate::MaskRcnn) -> Vec<String> {
-    (0..model.architecture().num_classes)
-        .map(|c| model.label(c).to_string())
-        .collect()
 }
