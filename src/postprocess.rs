@@ -18,13 +18,32 @@ use crate::rle::{Rect, Rle};
 const PASTE_PADDING: usize = 1;
 
 /// A final detection in original-image pixels.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Instance {
     pub class_id: usize,
     pub score: f32,
     pub bbox: Box,
     /// `None` when a latency budget capped the mask head before this detection.
     pub mask: Option<Rle>,
+}
+
+/// By hand so that `clone_from` reuses the target's mask buffer (see [`Rle`]'s).
+impl Clone for Instance {
+    fn clone(&self) -> Self {
+        Self {
+            class_id: self.class_id,
+            score: self.score,
+            bbox: self.bbox,
+            mask: self.mask.clone(),
+        }
+    }
+
+    fn clone_from(&mut self, source: &Self) {
+        self.class_id = source.class_id;
+        self.score = source.score;
+        self.bbox = source.bbox;
+        self.mask.clone_from(&source.mask);
+    }
 }
 
 /// The result of one image.
@@ -143,6 +162,9 @@ pub struct Postprocessor {
     padded: Vec<f32>,
     /// Masks of instances from earlier frames, kept for their buffers.
     spare: Vec<Rle>,
+    /// The most runs one mask has had. A buffer handed out holds at least this many, so each
+    /// grows at most once after the largest mask has been seen, whichever masks it gets.
+    most_runs: usize,
     rows: Vec<LinearTap>,
     /// Milliseconds spent pasting and encoding in the last call.
     paste_ms: f64,
@@ -162,6 +184,7 @@ impl Postprocessor {
             regions: Vec::new(),
             padded: vec![0.0; PADDED_SIDE * PADDED_SIDE],
             spare: Vec::new(),
+            most_runs: 0,
             rows: Vec::new(),
             paste_ms: 0.0,
             rle_ms: 0.0,
@@ -255,8 +278,11 @@ impl Postprocessor {
                 width: 0,
                 counts: Vec::new(),
             });
+            rle.counts.clear();
+            rle.counts.reserve(self.most_runs);
             let pixels = &self.pixels[region.offset..][..region.inside.area()];
             rle.encode_region_into(pixels, region.inside, original);
+            self.most_runs = self.most_runs.max(rle.counts.len());
             instance.mask = Some(rle);
         }
         self.paste_ms = (pasted - started).as_secs_f64() * 1e3;

@@ -3,7 +3,7 @@
 
 /// A binary mask as COCO's uncompressed RLE: alternating run lengths of 0s and 1s in
 /// column-major (Fortran) order, starting with 0s.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Rle {
     pub height: usize,
     pub width: usize,
@@ -136,6 +136,24 @@ impl Rle {
         let mut s = String::new();
         self.write_coco_string(&mut s).expect("writing to a String");
         s
+    }
+}
+
+/// Written by hand so that `clone_from` reuses the target's run buffer: a sink that keeps a copy
+/// of each frame's masks then allocates nothing once its buffers have grown.
+impl Clone for Rle {
+    fn clone(&self) -> Self {
+        Self {
+            height: self.height,
+            width: self.width,
+            counts: self.counts.clone(),
+        }
+    }
+
+    fn clone_from(&mut self, source: &Self) {
+        self.height = source.height;
+        self.width = source.width;
+        self.counts.clone_from(&source.counts);
     }
 }
 

@@ -22,6 +22,7 @@ use std::time::Duration;
 use image::codecs::jpeg::JpegEncoder;
 use image::RgbImage;
 
+use crate::alloc::{Account, Scope};
 use crate::clock::SystemClock;
 use crate::health::{Health, RunStatus};
 use crate::labels::Labels;
@@ -31,6 +32,9 @@ pub use record::{write_record, Emitted, FrameRecord, Sink};
 
 /// JPEG quality of the preview: good enough to read labels, small enough for Wi-Fi.
 const JPEG_QUALITY: u8 = 80;
+/// Preview JPEG buffers the renderer keeps for reuse at most (the hub holds one; slow MJPEG
+/// clients may hold a few more).
+const JPEG_BUFFERS: usize = 8;
 /// The preview draws only instances at least this confident, so a mirror shows garments, not
 /// the long tail of low-score guesses (every instance still goes to the JSON outputs).
 pub const PREVIEW_MIN_SCORE: f32 = 0.5;
@@ -39,28 +43,62 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Buffers a [`LineFanout`] keeps for reuse at most; lines beyond them (many slow clients) get
+/// a buffer of their own.
+const FANOUT_BUFFERS: usize = 64;
+
+/// A line as subscribers receive it: shared, and reused by the fan-out once all have let go.
+pub type Line = Arc<Vec<u8>>;
+
 /// Every line to every subscriber, through a bounded queue per subscriber.
 #[derive(Default)]
 pub struct LineFanout {
-    subscribers: Mutex<Vec<SyncSender<Arc<[u8]>>>>,
+    state: Mutex<FanoutState>,
     dropped: AtomicU64,
+}
+
+#[derive(Default)]
+struct FanoutState {
+    subscribers: Vec<SyncSender<Line>>,
+    /// Buffers lines went out in: one no subscriber holds any more is refilled rather than a
+    /// new one allocated, so a steady stream of lines allocates nothing.
+    buffers: Vec<Line>,
 }
 
 impl LineFanout {
     /// A new subscriber whose queue holds `capacity` lines.
-    pub fn subscribe(&self, capacity: usize) -> Receiver<Arc<[u8]>> {
+    pub fn subscribe(&self, capacity: usize) -> Receiver<Line> {
         let (tx, rx) = sync_channel(capacity);
-        lock(&self.subscribers).push(tx);
+        lock(&self.state).subscribers.push(tx);
         rx
     }
 
     pub fn send(&self, line: &[u8]) {
-        let mut subs = lock(&self.subscribers);
-        if subs.is_empty() {
+        let mut state = lock(&self.state);
+        let FanoutState {
+            subscribers,
+            buffers,
+        } = &mut *state;
+        if subscribers.is_empty() {
             return;
         }
-        let line: Arc<[u8]> = Arc::from(line);
-        subs.retain(|tx| match tx.try_send(Arc::clone(&line)) {
+        let free = buffers.iter_mut().position(|b| Arc::get_mut(b).is_some());
+        let shared = match free {
+            Some(i) => {
+                let buf = Arc::get_mut(&mut buffers[i]).expect("no other holder");
+                buf.clear();
+                buf.extend_from_slice(line);
+                Arc::clone(&buffers[i])
+            }
+            None => {
+                let fresh = Arc::new(line.to_vec());
+                if buffers.len() < FANOUT_BUFFERS {
+                    buffers.push(Arc::clone(&fresh));
+                }
+                fresh
+            }
+        };
+        subscribers.retain(|tx| match tx.try_send(Arc::clone(&shared)) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -76,7 +114,7 @@ impl LineFanout {
     }
 
     pub fn subscribers(&self) -> usize {
-        lock(&self.subscribers).len()
+        lock(&self.state).subscribers.len()
     }
 }
 
@@ -175,8 +213,10 @@ struct RenderJob {
     width: usize,
     height: usize,
     rgb: Vec<u8>,
+    /// The first `shown` are this frame's; the rest keep their mask buffers for later frames.
     instances: Vec<Instance>,
-    /// The track of each of `instances`.
+    shown: usize,
+    /// The track of each shown instance.
     track_ids: Vec<u64>,
     stop: bool,
 }
@@ -185,6 +225,9 @@ struct RenderJob {
 /// to the renderer thread (started on creation, stopped on drop).
 pub struct HubSink {
     hub: Arc<Hub>,
+    /// The most runs a shown mask has had: every copy's buffer is made at least this large, so
+    /// each grows at most once after the largest mask has been seen (see `Postprocessor`'s).
+    most_runs: usize,
     job: Arc<(Mutex<RenderJob>, Condvar)>,
     renderer: Option<std::thread::JoinHandle<()>>,
 }
@@ -199,6 +242,7 @@ impl HubSink {
         };
         Self {
             hub,
+            most_runs: 0,
             job,
             renderer: Some(renderer),
         }
@@ -212,20 +256,33 @@ impl Sink for HubSink {
         self.hub.metrics.record(out);
         let r = out.record;
         let (job, ready) = &*self.job;
-        let mut j = lock(job);
+        let mut guard = lock(job);
+        let j = &mut *guard;
         j.width = r.frame.width;
         j.height = r.frame.height;
         j.rgb.clear();
         j.rgb.extend_from_slice(&r.frame.rgb);
-        j.instances.clear();
         j.track_ids.clear();
+        j.shown = 0;
         let tracked = r.result.instances.iter().zip(&r.tracks.instances);
         for (i, t) in tracked.filter(|(i, _)| i.score >= PREVIEW_MIN_SCORE) {
-            j.instances.push(i.clone());
+            // Copied into the buffers an earlier frame left here, not cloned afresh.
+            let runs = i.mask.as_ref().map_or(0, |m| m.counts.len());
+            self.most_runs = self.most_runs.max(runs);
+            if j.shown == j.instances.len() {
+                j.instances.push(i.clone());
+            }
+            let slot = &mut j.instances[j.shown];
+            if let Some(m) = &mut slot.mask {
+                m.counts.clear();
+                m.counts.reserve(self.most_runs);
+            }
+            slot.clone_from(i);
             j.track_ids.push(t.track_id);
+            j.shown += 1;
         }
         j.fresh = true;
-        drop(j);
+        drop(guard);
         ready.notify_one();
         Ok(())
     }
@@ -244,6 +301,8 @@ impl Drop for HubSink {
 fn render_loop(hub: &Hub, job: &(Mutex<RenderJob>, Condvar), labels: &Labels) {
     let mut local = RenderJob::default();
     let mut canvas = RgbImage::new(1, 1);
+    // JPEGs published before: refilled once the hub and every client have let go of them.
+    let mut buffers: Vec<Arc<Vec<u8>>> = Vec::new();
     loop {
         {
             let (m, ready) = job;
@@ -262,13 +321,27 @@ fn render_loop(hub: &Hub, job: &(Mutex<RenderJob>, Condvar), labels: &Labels) {
             canvas = RgbImage::new(local.width as u32, local.height as u32);
         }
         canvas.copy_from_slice(&local.rgb);
-        crate::overlay::draw_tracked(&mut canvas, &local.instances, &local.track_ids, |c| {
-            labels.get(c)
+        let shown = &local.instances[..local.shown];
+        crate::overlay::draw_tracked(&mut canvas, shown, &local.track_ids, |c| labels.get(c));
+        // A buffer no client is still sending, else a new one (kept if there is room).
+        let free = buffers.iter_mut().position(|b| Arc::get_mut(b).is_some());
+        let i = free.unwrap_or_else(|| {
+            buffers.push(Arc::new(Vec::with_capacity(local.rgb.len() / 8)));
+            buffers.len() - 1
         });
-        let mut jpeg = Vec::with_capacity(local.rgb.len() / 8);
-        let encoded = JpegEncoder::new_with_quality(&mut jpeg, JPEG_QUALITY).encode_image(&canvas);
+        let jpeg = Arc::get_mut(&mut buffers[i]).expect("no other holder");
+        jpeg.clear();
+        let encoded = {
+            let _encoder = Scope::enter(Account::Encoder);
+            JpegEncoder::new_with_quality(&mut *jpeg, JPEG_QUALITY).encode_image(&canvas)
+        };
+        let jpeg = if buffers.len() > JPEG_BUFFERS {
+            buffers.swap_remove(i)
+        } else {
+            Arc::clone(&buffers[i])
+        };
         match encoded {
-            Ok(()) => hub.jpeg.publish(Arc::new(jpeg)),
+            Ok(()) => hub.jpeg.publish(jpeg),
             Err(e) => tracing::warn!("preview JPEG encoding failed: {e}"),
         }
     }
