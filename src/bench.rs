@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::alloc::Account;
 use crate::error::Result;
 use crate::model::transform::Transform;
 use crate::model::{MaskRcnn, Timings};
@@ -19,8 +20,9 @@ pub struct StageStats {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub stages: BTreeMap<&'static str, StageStats>,
-    /// Heap allocations during one `detect`, averaged over the timed runs (0 when the binary
-    /// does not count allocations).
+    /// Heap allocations the model makes during one `detect` (booked to
+    /// [`crate::alloc::Account::Model`]: candle's tensors, gemm's buffers), averaged over the
+    /// timed runs (0 when the binary does not count allocations).
     pub model_allocs_per_frame: f64,
     pub peak_rss_mb: Option<f64>,
     /// Where the model ran, e.g. `Cpu`, `Cuda { gpu_id: 0 }`.
@@ -93,9 +95,9 @@ pub fn run(
     let mut samples = Vec::with_capacity(iters);
     let mut allocs = 0;
     for _ in 0..iters {
-        let before = crate::alloc::counts().0;
+        let before = crate::alloc::booked(Account::Model);
         detector.run(model, rgb, size, settings, &mut result)?;
-        allocs += crate::alloc::counts().0 - before;
+        allocs += crate::alloc::booked(Account::Model) - before;
         samples.push(result.timings);
         progress();
     }
