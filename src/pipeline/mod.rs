@@ -3,10 +3,14 @@
 //! emitted as it is made.
 //!
 //! ```text
-//! capture thread ── publish ──> [LatestFrame] ── take newest ──> budget plan ─> model ─> sinks
+//! capture thread ── publish ──> [LatestFrame] ── take newest ──> budget plan ─> model ─>
 //!   (never blocks;                (one frame;                     (stale? mask cap?
 //!    superseded = dropped)         no queue)                       input size?)
+//!     ─> postprocess ─> tracker ─> sinks
 //! ```
+//!
+//! [`slot`] is the hand-off, [`budget`] the plan, [`stats`] what a run counts; the sinks and
+//! the record they receive live in [`crate::stream`].
 //!
 //! The budget is kept by, in order: never starting on a stale frame; capping how many detections
 //! go to the mask head from a cost model learnt online (seeded by `drape calibrate`); stepping
