@@ -38,6 +38,13 @@ pub struct BenchReport {
     pub instances: usize,
     pub iters: usize,
     pub threads: usize,
+    /// Device→host reads per timed frame, averaged (see [`crate::device::RoundTrips`]).
+    pub host_reads_per_frame: f64,
+    /// Device synchronisations per timed frame, averaged: 0 unless stages are synchronised.
+    pub syncs_per_frame: f64,
+    /// Whether each stage boundary waited for the device (`--sync-stages`), which makes the
+    /// per-stage times exact on a GPU.
+    pub stages_synchronized: bool,
 }
 
 /// Nearest-rank percentile of sorted `v`.
@@ -94,6 +101,7 @@ pub fn run(
     }
     let mut samples = Vec::with_capacity(iters);
     let mut allocs = 0;
+    let trips_before = crate::device::round_trips();
     for _ in 0..iters {
         let before = crate::alloc::booked(Account::Model);
         detector.run(model, rgb, size, settings, &mut result)?;
@@ -101,6 +109,7 @@ pub fn run(
         samples.push(result.timings);
         progress();
     }
+    let trips = trips_before.since(crate::device::round_trips());
     let stages = stage_stats(&samples);
     let (rw, rh) = result.input_size;
     let (ph, pw) = Transform::padded_size((rh, rw));
@@ -119,6 +128,9 @@ pub fn run(
         instances,
         iters,
         threads: rayon::current_num_threads(),
+        host_reads_per_frame: trips.reads as f64 / iters.max(1) as f64,
+        syncs_per_frame: trips.syncs as f64 / iters.max(1) as f64,
+        stages_synchronized: model.sync_stages(),
     })
 }
 
