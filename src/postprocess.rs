@@ -18,32 +18,13 @@ use crate::rle::{Rect, Rle};
 const PASTE_PADDING: usize = 1;
 
 /// A final detection in original-image pixels.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Instance {
     pub class_id: usize,
     pub score: f32,
     pub bbox: Box,
     /// `None` when a latency budget capped the mask head before this detection.
     pub mask: Option<Rle>,
-}
-
-/// By hand so that `clone_from` reuses the target's mask buffer (see [`Rle`]'s).
-impl Clone for Instance {
-    fn clone(&self) -> Self {
-        Self {
-            class_id: self.class_id,
-            score: self.score,
-            bbox: self.bbox,
-            mask: self.mask.clone(),
-        }
-    }
-
-    fn clone_from(&mut self, source: &Self) {
-        self.class_id = source.class_id;
-        self.score = source.score;
-        self.bbox = source.bbox;
-        self.mask.clone_from(&source.mask);
-    }
 }
 
 /// The result of one image.

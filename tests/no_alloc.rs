@@ -12,8 +12,9 @@
 //! Its own test binary with a single test, so nothing else allocates while it counts. Nothing
 //! depends on the machine's speed: the source hands out frame `k` only once the sinks have seen
 //! `k` frames (so none is superseded and the frames come in order), frames are stamped on a
-//! clock that moves only by the fixed cost each frame is given (so none is stale), and that
-//! fixed cost replaces the measured one (so the budget never changes the input size).
+//! clock that moves only by the cost each frame is given (so none is stale), and those injected
+//! costs replace the measured ones (so the budget's input size and mask cap are the same on any
+//! machine).
 
 mod common;
 
@@ -40,8 +41,11 @@ const COUNTED: usize = 60;
 /// Bounds a wait for the pipeline; only a hang gets anywhere near it.
 const HANG_TIMEOUT: Duration = Duration::from_secs(120);
 const FPS: f64 = 2.0;
-/// What each frame costs on the run's clock.
-const FRAME_COST: Duration = Duration::from_millis(400);
+/// What each frame costs on the run's clock, besides its masks...
+const FIXED_MS: f64 = 400.0;
+/// ...and what each mask costs: at a 1000 ms budget planned to 85%, nine masks fit, so the
+/// budget's mask cap leaves most instances without one, as on a slow machine.
+const MASK_MS: f64 = 50.0;
 /// Empty frames after each pass over the fixture frames: longer on the run's clock than the
 /// tracker's default expiry (1 s), so tracks are born, confirmed and end every round.
 const EMPTY_FRAMES: usize = 3;
@@ -183,11 +187,13 @@ fn the_real_loop_allocates_nothing_outside_the_model() {
     let options = PipelineOptions {
         clock: clock as Arc<dyn Clock>,
         status: Some(Arc::clone(&hub.status)),
-        // Fixed costs, so the budget keeps the input size and every mask.
+        // Injected costs, so the budget keeps the input size and caps the masks alike on any
+        // machine.
         after_inference: Some(Arc::new(move |d: &mut drape::Detections| {
             d.timings = Default::default();
-            d.timings.total = FRAME_COST.as_secs_f64() * 1e3;
-            hook_clock.advance(FRAME_COST);
+            d.timings.mask_head = MASK_MS * d.masked as f64;
+            d.timings.total = FIXED_MS + d.timings.mask_head;
+            hook_clock.advance(Duration::from_secs_f64(d.timings.total / 1e3));
         })),
         ..PipelineOptions::new(1000.0)
     };
@@ -237,6 +243,10 @@ fn the_real_loop_allocates_nothing_outside_the_model() {
     let instances = last["instances"].as_array().unwrap();
     assert!(!instances.is_empty(), "{last}");
     assert!(instances.iter().any(|i| i["mask"]["counts"].is_string()));
+    assert!(
+        instances.iter().any(|i| i["mask"].is_null()),
+        "the mask cap never bound"
+    );
     // ...and so was the tracking: garments left the frames and came back as new tracks.
     for kind in ["started", "ended"] {
         let needle = format!("\"event\":\"{kind}\"");

@@ -27,6 +27,7 @@ use crate::clock::SystemClock;
 use crate::health::{Health, RunStatus};
 use crate::labels::Labels;
 use crate::postprocess::Instance;
+use crate::rle::Rle;
 use metrics::Metrics;
 pub use record::{write_record, Emitted, FrameRecord, Sink};
 
@@ -225,8 +226,9 @@ struct RenderJob {
 /// to the renderer thread (started on creation, stopped on drop).
 pub struct HubSink {
     hub: Arc<Hub>,
-    /// The most runs a shown mask has had: every copy's buffer is made at least this large, so
-    /// each grows at most once after the largest mask has been seen (see `Postprocessor`'s).
+    /// The most instances a frame has shown and the most runs one of their masks has had: the
+    /// render jobs' buffers are made at least this large (see `Postprocessor`'s).
+    most_shown: usize,
     most_runs: usize,
     job: Arc<(Mutex<RenderJob>, Condvar)>,
     renderer: Option<std::thread::JoinHandle<()>>,
@@ -242,6 +244,7 @@ impl HubSink {
         };
         Self {
             hub,
+            most_shown: 0,
             most_runs: 0,
             job,
             renderer: Some(renderer),
@@ -255,6 +258,11 @@ impl Sink for HubSink {
         self.hub.socket.send(out.line);
         self.hub.metrics.record(out);
         let r = out.record;
+        let previewed = |i: &&Instance| i.score >= PREVIEW_MIN_SCORE;
+        let runs = |i: &Instance| i.mask.as_ref().map_or(0, |m| m.counts.len());
+        let shown = r.result.instances.iter().filter(previewed);
+        self.most_shown = self.most_shown.max(shown.clone().count());
+        self.most_runs = shown.map(runs).fold(self.most_runs, usize::max);
         let (job, ready) = &*self.job;
         let mut guard = lock(job);
         let j = &mut *guard;
@@ -262,22 +270,40 @@ impl Sink for HubSink {
         j.height = r.frame.height;
         j.rgb.clear();
         j.rgb.extend_from_slice(&r.frame.rgb);
+        // Whichever job this is (the renderer swaps two), it is sized for the busiest frame
+        // seen so far before anything is copied, so it grows at most once after that frame.
         j.track_ids.clear();
+        j.track_ids.reserve(self.most_shown);
+        j.instances
+            .resize_with(self.most_shown.max(j.instances.len()), || Instance {
+                class_id: 0,
+                score: 0.0,
+                bbox: [0.0; 4],
+                mask: None,
+            });
+        for slot in &mut j.instances {
+            let mask = slot.mask.get_or_insert_with(|| Rle {
+                height: 0,
+                width: 0,
+                counts: Vec::new(),
+            });
+            mask.counts
+                .reserve(self.most_runs.saturating_sub(mask.counts.len()));
+        }
         j.shown = 0;
         let tracked = r.result.instances.iter().zip(&r.tracks.instances);
-        for (i, t) in tracked.filter(|(i, _)| i.score >= PREVIEW_MIN_SCORE) {
-            // Copied into the buffers an earlier frame left here, not cloned afresh.
-            let runs = i.mask.as_ref().map_or(0, |m| m.counts.len());
-            self.most_runs = self.most_runs.max(runs);
-            if j.shown == j.instances.len() {
-                j.instances.push(i.clone());
-            }
+        for (i, t) in tracked.filter(|(i, _)| previewed(i)) {
             let slot = &mut j.instances[j.shown];
-            if let Some(m) = &mut slot.mask {
-                m.counts.clear();
-                m.counts.reserve(self.most_runs);
+            (slot.class_id, slot.score, slot.bbox) = (i.class_id, i.score, i.bbox);
+            let mask = slot.mask.as_mut().expect("every slot holds a mask buffer");
+            match &i.mask {
+                Some(m) => mask.clone_from(m),
+                // Beyond the mask cap: no runs draw nothing, and the buffer stays.
+                None => {
+                    (mask.height, mask.width) = (0, 0);
+                    mask.counts.clear();
+                }
             }
-            slot.clone_from(i);
             j.track_ids.push(t.track_id);
             j.shown += 1;
         }
