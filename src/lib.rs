@@ -5,7 +5,7 @@
 //! let model = drape::MaskRcnn::load("weights/drape-tiny-r50.safetensors", |_| {}, &candle_core::Device::Cpu)?;
 //! let image = drape::image_io::load_rgb("tests/fixtures/images/landscape.png")?;
 //! let result = model.detect(image.as_raw(), (image.height() as usize, image.width() as usize))?;
-//! println!("{}", drape::output::to_json(&model, &result, Default::default()));
+//! println!("{}", drape::output::to_json(model.labels(), &result, Default::default()));
 //! # Ok(()) }
 //! ```
 
@@ -23,6 +23,7 @@ pub mod eval;
 pub mod health;
 pub mod image_io;
 pub mod inspect;
+pub mod interp;
 pub mod labels;
 mod mmap;
 pub mod model;
@@ -30,6 +31,7 @@ pub mod output;
 pub mod overlay;
 pub mod pipeline;
 pub mod postprocess;
+pub mod rle;
 pub mod service;
 pub mod stream;
 pub mod synthetic;
@@ -40,4 +42,5 @@ pub mod weights;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use model::{Detections, MaskRcnn};
+pub use model::MaskRcnn;
+pub use postprocess::Detections;

@@ -12,16 +12,16 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use drape::alloc::CountingAlloc;
-use drape::calibrate::{Profile, ProfileTransforms};
+use drape::calibrate::{Profile, ProfileTransforms, RunSetup, Seed};
 use drape::capture::{Crop, PixelFormat, Rotation, SourceSpec, Transforms};
 use drape::clock::SystemClock;
 use drape::health::RunStatus;
-use drape::pipeline::{self, BudgetController, JsonLines, PipelineOptions, Sink};
+use drape::pipeline::{self, BudgetController, PipelineOptions};
 use drape::stream::http::{HttpOptions, HttpServer};
-use drape::stream::jsonl::{JsonlFile, RotatePolicy, SinkHealth};
+use drape::stream::jsonl::{JsonLines, JsonlFile, RotatePolicy, SinkHealth};
 use drape::stream::mqtt::{MqttConfig, MqttSink, MqttStats};
 use drape::stream::unix::{UnixOptions, UnixServer};
-use drape::stream::{labels_by_id, Hub, HubSink};
+use drape::stream::{Hub, HubSink, Sink};
 use drape::track::TrackerConfig;
 use drape::{image_io, output, overlay};
 
@@ -401,7 +401,7 @@ fn detect(args: DetectArgs) -> Result<()> {
         result.input_size.1
     );
 
-    let text = serde_json::to_string(&output::to_json(&model, &result, args.rle.into()))?;
+    let text = serde_json::to_string(&output::to_json(model.labels(), &result, args.rle.into()))?;
     match args.json.as_deref() {
         None => writeln!(std::io::stdout().lock(), "{text}")?,
         Some(target) if target == Path::new("-") => writeln!(std::io::stdout().lock(), "{text}")?,
@@ -714,24 +714,24 @@ fn stream(
     let threads = rayon::current_num_threads();
     let base = (model.config().min_size, model.config().max_size);
     let mut controller = BudgetController::new(budget_ms, base, model.config().detections_per_img);
-    if !outputs.no_profile {
-        let path = outputs
-            .profile
-            .clone()
-            .unwrap_or_else(|| Profile::default_path(model.device(), threads));
-        if path.exists() || outputs.profile.is_some() {
-            let profile = Profile::load(&path)?;
-            let sha = drape::weights::sha256_file(&model_args.weights_path()?)?;
-            if profile.model_sha256 != sha {
-                tracing::warn!(profile = %path.display(), "profile was calibrated for another model; ignoring it");
-            } else {
-                // The costs are facts about this device; the chosen size only fits its budget.
-                let level = if profile.budget_ms == budget_ms {
-                    profile.level
-                } else {
-                    0
-                };
-                controller = controller.with_costs(profile.costs, level);
+    let explicit = outputs.profile.as_deref();
+    let found = Profile::for_run(explicit, model.device(), threads);
+    if let Some(path) = found.filter(|_| !outputs.no_profile) {
+        let profile = Profile::load(&path)?;
+        let setup = RunSetup {
+            device: &drape::calibrate::device_name(model.device(), threads),
+            threads,
+            model_sha256: &drape::weights::sha256_file(&model_args.weights_path()?)?,
+            budget_ms,
+            base,
+            transforms: &source_args.transforms(),
+        };
+        match profile.seed(&setup) {
+            Seed::Ignore(why) => {
+                tracing::warn!(profile = %path.display(), "{why}; ignoring it");
+            }
+            Seed::Costs { costs, level } => {
+                controller = controller.with_costs(costs, level);
                 eprintln!("drape: costs from {}", path.display());
             }
         }
@@ -797,7 +797,7 @@ fn stream(
     if outputs.unix.is_some() || http.is_some() {
         sinks.push(Box::new(HubSink::new(
             Arc::clone(&hub),
-            labels_by_id(&model),
+            model.labels().clone(),
         )));
     }
     if let Some(config) = mqtt {
@@ -895,7 +895,6 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
         level,
         min_size: measured[level].min_size,
         max_size: measured[level].max_size,
-        max_masks,
         costs,
         transforms: args.source.transforms(),
         measured,
@@ -910,7 +909,7 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
         profile.device,
         profile.min_size,
         profile.max_size,
-        profile.max_masks,
+        max_masks,
         profile.budget_ms,
         if profile.measured[level].fixed_p99_ms <= profile.budget_ms { "this" } else { "even the smallest" },
         profile.measured[level].fixed_p99_ms,

@@ -18,11 +18,11 @@ use drape::capture::{
 };
 use drape::clock::ManualClock;
 use drape::health::RunStatus;
-use drape::pipeline::{self, BudgetController, Emitted, PipelineOptions, Sink};
+use drape::pipeline::{self, BudgetController, PipelineOptions};
 use drape::stream::http::{AcceptBackoff, HttpOptions, HttpServer};
 use drape::stream::jsonl::{JsonlFile, RotatePolicy, SinkHealth};
 use drape::stream::unix::{UnixOptions, UnixServer};
-use drape::stream::Hub;
+use drape::stream::{Emitted, Hub, Sink};
 use drape::Error;
 
 /// Generous: only a hung run takes this long.
@@ -1030,7 +1030,7 @@ fn healthz_turns_503_with_a_reason_when_frames_stop() {
             let model = common::tiny_model();
             let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(drape::stream::HubSink::new(
                 Arc::clone(&hub),
-                drape::stream::labels_by_id(&model),
+                model.labels().clone(),
             ))];
             let source = Stalling {
                 frames: 1,

@@ -15,7 +15,8 @@ use drape::eval::{
     coco, imaterialist, kaggle_rle, masks, submit, Annotations, EvalError, EvalOptions, Evaluation,
     GtObject, RleError, DEFAULT_MIN_SCORE,
 };
-use drape::postprocess::{Instance, Rle};
+use drape::postprocess::Instance;
+use drape::rle::Rle;
 use serde::Deserialize;
 
 const TINY_MODEL: &str = "tests/fixtures/tiny_r50/model.safetensors";

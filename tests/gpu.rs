@@ -22,7 +22,7 @@ use drape::device::{DeviceSpec, GpuOptions};
 use drape::model::roi_align::RoiAlign;
 use drape::model::roi_heads::{Detection, MASK_SIZE};
 use drape::model::topk::top_n;
-use drape::postprocess::{Instance, Paster};
+use drape::postprocess::{Instance, Postprocessor};
 use drape::MaskRcnn;
 
 fn cuda() -> Device {
@@ -122,7 +122,7 @@ fn paste_matches_the_cpu() {
     .unwrap();
     let paste = |probs: &Tensor| {
         let mut out: Vec<Instance> = Vec::new();
-        Paster::new()
+        Postprocessor::new()
             .paste_into(
                 &detections,
                 Some(probs),

@@ -15,8 +15,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use drape::pipeline::{write_record, Emitted, FrameRecord, Sink};
 use drape::stream::mqtt::{MqttConfig, MqttSink, MqttStats};
+use drape::stream::{write_record, Emitted, FrameRecord, Sink};
 use serde_json::Value;
 
 /// Bounds hangs only; every wait ends as soon as its condition holds.
@@ -396,7 +396,7 @@ fn with_no_broker_the_queue_fills_and_every_further_message_is_counted_dropped()
     let (result, tracks) = (drape::Detections::default(), Default::default());
     let counters = Default::default();
     let record = FrameRecord {
-        model: &model,
+        labels: model.labels(),
         frame: &frame,
         result: &result,
         tracks: &tracks,
@@ -410,12 +410,8 @@ fn with_no_broker_the_queue_fills_and_every_further_message_is_counted_dropped()
     let started = Instant::now();
     for _ in 0..10 {
         sink.frame(&Emitted {
-            line: &line,
             record: &record,
-            tracks: &tracks,
-            frame: &frame,
-            result: &result,
-            latency_ms: 0.0,
+            line: &line,
             counters: &counters,
         })
         .unwrap();

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use drape::capture::{CaptureError, CaptureStats, Frame, FrameSource};
 use drape::clock::{Clock, ManualClock};
-use drape::pipeline::{self, BudgetController, Emitted, PipelineOptions, Sink};
+use drape::pipeline::{self, BudgetController, PipelineOptions};
+use drape::stream::{Emitted, Sink};
 
 /// Bounds a wait for the pipeline; only a hang gets anywhere near it.
 const HANG_TIMEOUT: Duration = Duration::from_secs(120);

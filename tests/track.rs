@@ -8,7 +8,8 @@ mod common;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use drape::postprocess::{Instance, Rle};
+use drape::postprocess::Instance;
+use drape::rle::Rle;
 use drape::track::{EventKind, FrameTracks, TrackEvent, Tracker, TrackerConfig};
 
 const H: usize = 120;

@@ -26,7 +26,7 @@ pub mod submit;
 
 use std::path::{Path, PathBuf};
 
-use crate::postprocess::Rle;
+use crate::rle::Rle;
 pub use kaggle_rle::RleError;
 pub use run::{
     sweep_plot, write_submission, Annotations, EvalOptions, EvalReport, Evaluation, RunReport,

@@ -14,8 +14,9 @@ use crate::eval::metric::{CocoEvaluator, ImaterialistMetric, Scored};
 use crate::eval::plot::{self, Point, Series};
 use crate::eval::submit::{self, SubmissionWriter};
 use crate::eval::{coco, imaterialist, locate_image, Dataset, EvalError, GtImage};
-use crate::model::{Detections, FrameSettings, Workspace};
-use crate::pipeline::BudgetController;
+use crate::model::FrameSettings;
+use crate::pipeline::ladder;
+use crate::postprocess::{Detections, Detector};
 use crate::{image_io, MaskRcnn};
 
 /// Detections scoring below this are left out of submissions and of the iMaterialist score,
@@ -183,14 +184,11 @@ fn device_name(location: DeviceLocation) -> String {
 fn sweep_settings(model: &MaskRcnn) -> Vec<FrameSettings> {
     let cfg = model.config();
     let all = cfg.detections_per_img;
-    // Only the ladder is wanted, so the budget is irrelevant.
-    let controller = BudgetController::new(f64::INFINITY, (cfg.min_size, cfg.max_size), all);
     let mut caps: Vec<usize> = SWEEP_MASK_CAPS.iter().map(|&c| c.min(all)).collect();
     caps.dedup();
-    controller
-        .ladder()
-        .iter()
-        .flat_map(|&(min_size, max_size)| {
+    ladder((cfg.min_size, cfg.max_size))
+        .into_iter()
+        .flat_map(|(min_size, max_size)| {
             caps.iter().map(move |&max_masks| FrameSettings {
                 min_size,
                 max_size,
@@ -314,16 +312,16 @@ impl Evaluation {
 
     /// Runs every image in every configuration; `progress` is called after each model run.
     pub fn run(mut self, mut progress: impl FnMut()) -> Result<EvalReport, EvalError> {
-        let mut workspaces: Vec<Workspace> =
-            self.models.iter().map(|_| Workspace::default()).collect();
+        let mut detectors: Vec<Detector> =
+            self.models.iter().map(|_| Detector::default()).collect();
         let mut out = Detections::default();
         for (i, (truth, path)) in self.dataset.images.iter().zip(&self.paths).enumerate() {
             let image = image_io::load_rgb(path)?;
             let size = (truth.height, truth.width);
             let models = &self.models;
             let mut detect = |model: usize, settings: FrameSettings, out: &mut Detections| {
-                models[model]
-                    .detect_into(image.as_raw(), size, settings, &mut workspaces[model], out)
+                detectors[model]
+                    .run(&models[model], image.as_raw(), size, settings, out)
                     .map_err(|source| EvalError::Detect {
                         path: path.clone(),
                         source: Box::new(source),
@@ -397,17 +395,17 @@ pub fn write_submission(
         );
     }
     let mut writer = SubmissionWriter::create(out)?;
-    let mut ws = Workspace::default();
+    let mut detector = Detector::default();
     let mut detections = Detections::default();
     for path in images {
         let image = image_io::load_rgb(path)?;
         let size = (image.height() as usize, image.width() as usize);
-        model
-            .detect_into(
+        detector
+            .run(
+                model,
                 image.as_raw(),
                 size,
                 model.default_settings(),
-                &mut ws,
                 &mut detections,
             )
             .map_err(|source| EvalError::Detect {

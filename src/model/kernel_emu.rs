@@ -182,7 +182,7 @@ pub fn paste_masks(
     let f = symbol::<F>(cuda(), b"emu_paste_masks");
     assert_eq!(table.len(), 9 * gy as usize);
     // SAFETY: `probs` holds 784 values per region, and the table's offsets and sizes lie
-    // inside `out` (the caller's Paster built both).
+    // inside `out` (the caller's Postprocessor built both).
     unsafe {
         f(
             probs.as_ptr(),

@@ -339,7 +339,7 @@ impl RoiHeads {
 
     /// Mask head and predictor on pooled features, then `maskrcnn_inference`: the sigmoid of
     /// each detection's own class. Returns `[D, 28, 28]` f32 probabilities on the device, which
-    /// [`crate::postprocess::Paster`] pastes there.
+    /// [`crate::postprocess::Postprocessor`] pastes there.
     pub fn mask_probs_from_pooled(&self, pooled: &Tensor, labels: &[usize]) -> Result<Tensor> {
         let d = labels.len();
         let device = pooled.device();
