@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 
+use super::ring::Ring;
 use crate::model::transform::Transform;
 use crate::model::{FrameSettings, Timings};
 
@@ -48,10 +49,8 @@ pub struct BudgetController {
     mask_ms: Option<f64>,
     /// Multiplier from typical to p99 cost (>= 1), from calibration.
     safety: f64,
-    /// Fixed cost per megapixel of the last frames, newest at `recent_next - 1`.
-    recent: [f64; RECENT_FRAMES],
-    recent_len: usize,
-    recent_next: usize,
+    /// Fixed cost per megapixel of the last frames.
+    recent: Ring<f64>,
     over: u32,
     under: u32,
 }
@@ -75,9 +74,7 @@ impl BudgetController {
             fixed_ms_per_mpx: None,
             mask_ms: None,
             safety: 1.0,
-            recent: [0.0; RECENT_FRAMES],
-            recent_len: 0,
-            recent_next: 0,
+            recent: Ring::with_capacity(RECENT_FRAMES),
             over: 0,
             under: 0,
         }
@@ -111,10 +108,7 @@ impl BudgetController {
 
     fn fixed_ms(&self, size: (usize, usize), level: usize) -> Option<f64> {
         let typical = self.fixed_ms_per_mpx? * self.safety;
-        let worst_recent = self.recent[..self.recent_len]
-            .iter()
-            .copied()
-            .fold(0.0, f64::max);
+        let worst_recent = self.recent.values().iter().copied().fold(0.0, f64::max);
         Some(typical.max(worst_recent) * self.mpx(size, level))
     }
 
@@ -171,9 +165,7 @@ impl BudgetController {
         let ewma =
             |old: Option<f64>, new: f64| Some(old.map_or(new, |o| o + EWMA_WEIGHT * (new - o)));
         self.fixed_ms_per_mpx = ewma(self.fixed_ms_per_mpx, rate);
-        self.recent[self.recent_next] = rate;
-        self.recent_next = (self.recent_next + 1) % RECENT_FRAMES;
-        self.recent_len = (self.recent_len + 1).min(RECENT_FRAMES);
+        self.recent.push(rate);
         if masked > 0 {
             self.mask_ms = ewma(self.mask_ms, mask_cost / masked as f64);
         }

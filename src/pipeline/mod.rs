@@ -18,6 +18,7 @@
 //! counting any miss that still happens.
 
 pub mod budget;
+mod ring;
 pub mod slot;
 pub mod stats;
 

@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use super::budget::CostModel;
+use super::ring::Ring;
 use crate::capture::CaptureStats;
 
 /// Latency samples kept for the summary's percentiles (the most recent ones).
@@ -11,30 +12,19 @@ const SUMMARY_SAMPLES: usize = 8192;
 
 /// A bounded record of recent samples for percentiles, allocated once.
 #[derive(Debug, Clone)]
-pub struct Samples {
-    values: Vec<f64>,
-    next: usize,
-}
+pub struct Samples(Ring<f64>);
 
 impl Samples {
     pub fn new() -> Self {
-        Self {
-            values: Vec::with_capacity(SUMMARY_SAMPLES),
-            next: 0,
-        }
+        Self(Ring::with_capacity(SUMMARY_SAMPLES))
     }
 
     pub fn push(&mut self, v: f64) {
-        if self.values.len() < SUMMARY_SAMPLES {
-            self.values.push(v);
-        } else {
-            self.values[self.next] = v;
-            self.next = (self.next + 1) % SUMMARY_SAMPLES;
-        }
+        self.0.push(v);
     }
 
     pub fn percentiles(&self) -> Percentiles {
-        let mut v = self.values.clone();
+        let mut v = self.0.values().to_vec();
         v.sort_by(f64::total_cmp);
         let p = |q| crate::bench::percentile(&v, q);
         Percentiles {
