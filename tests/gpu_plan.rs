@@ -212,25 +212,14 @@ fn the_full_r50_plans_under_a_gib_at_800_and_far_less_at_512() {
 /// A copy of the tiny model whose `layer1.0.bn2` has a gamma of 1e6 (stored as f32), so the
 /// folded `layer1.0.conv2` weights reach far beyond f16's 65504.
 fn beyond_f16_checkpoint(dir: &std::path::Path) -> std::path::PathBuf {
-    let bytes = std::fs::read(fixtures().join("tiny_r50/model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let gamma_name = "backbone.body.layer1.0.bn2.weight";
-    let channels = st.tensor(gamma_name).unwrap().shape()[0];
-    let gamma: Vec<u8> = (0..channels).flat_map(|_| 1e6f32.to_le_bytes()).collect();
-    let mut views = Vec::new();
-    for (name, view) in st.tensors() {
-        let view = if name == gamma_name {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![channels], &gamma)
-                .unwrap()
-        } else {
-            view
-        };
-        views.push((name, view));
-    }
-    let out = safetensors::serialize(views, meta.metadata().clone()).unwrap();
+    let (mut tensors, meta) = read_safetensors(&tiny_weights());
+    let gamma = stored_mut(&mut tensors, "backbone.body.layer1.0.bn2.weight");
+    gamma.dtype = safetensors::Dtype::F32;
+    gamma.data = (0..gamma.shape[0])
+        .flat_map(|_| 1e6f32.to_le_bytes())
+        .collect();
     let path = dir.join("beyond-f16.safetensors");
-    std::fs::write(&path, out).unwrap();
+    write_safetensors(&path, &tensors, &meta);
     path
 }
 
