@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use common::scripted::{Scripted, Then};
 use drape::capture::{
-    CameraSource, CaptureControl, CaptureError, CaptureStats, Device, Frame, FrameSource,
-    PixelFormat, RawBuffer, ReconnectPolicy, StreamFormat,
+    CameraSource, CaptureControl, CaptureError, Device, Frame, FrameSource, PixelFormat, RawBuffer,
+    ReconnectPolicy, StreamFormat,
 };
 use drape::clock::ManualClock;
 use drape::health::RunStatus;
@@ -50,69 +51,11 @@ impl Sink for Discard {
     }
 }
 
-/// A looping source that delivers `frames` good 32x32 frames, then does `after`.
-struct Scripted {
-    frames: usize,
-    after: After,
-    delivered: usize,
-    /// When set, frame `i` is delivered only once this many (`i`) frames were processed, so
-    /// no frame is superseded however slow the machine is.
-    gate: Option<Arc<AtomicUsize>>,
-}
-
-#[derive(Clone, Copy)]
-enum After {
-    /// Panic in `next_frame`, as a decoder bug would.
-    Panic,
-    /// Keep delivering frames the model rejects (0x0), forever.
-    Unusable,
-    /// End the stream, as a recording does.
-    End,
-}
-
-impl FrameSource for Scripted {
-    fn next_frame(&mut self, frame: &mut Frame) -> Result<(), CaptureError> {
-        // Paced a little so the loop sees frames one by one; not a timing assumption.
-        std::thread::sleep(Duration::from_millis(2));
-        if let (Some(gate), true) = (&self.gate, self.delivered < self.frames) {
-            let waiting = Instant::now();
-            while gate.load(Ordering::Relaxed) < self.delivered {
-                assert!(
-                    waiting.elapsed() < HANG,
-                    "frame {} never processed",
-                    self.delivered
-                );
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-        if self.delivered >= self.frames {
-            match self.after {
-                After::Panic => panic!("decoder bug"),
-                After::Unusable => frame.resize(0, 0),
-                After::End => return Err(CaptureError::EndOfStream),
-            }
-        } else {
-            frame.resize(32, 32);
-            frame.rgb.fill(100);
-        }
-        self.delivered += 1;
-        frame.seq = self.delivered as u64;
-        frame.captured = Instant::now();
-        Ok(())
-    }
-    fn stats(&self) -> CaptureStats {
-        CaptureStats {
-            frames: self.delivered as u64,
-            ..Default::default()
-        }
-    }
-    fn describe(&self) -> String {
-        "scripted".into()
-    }
-    fn fps(&self) -> f64 {
-        // Slow enough that no frame is ever stale on a loaded machine.
-        0.01
-    }
+/// `frames` flat 32x32 frames, paced so the loop sees them one by one, then `then`.
+fn scripted(frames: usize, then: Then) -> Scripted {
+    Scripted::flat(32, 32, 100, frames)
+        .then(then)
+        .paced(Duration::from_millis(2))
 }
 
 fn run_scripted(source: Scripted) -> drape::Result<pipeline::Summary> {
@@ -139,13 +82,7 @@ fn run_scripted_into(
 
 #[test]
 fn a_panicking_capture_thread_ends_the_run_with_a_named_error() {
-    let err = run_scripted(Scripted {
-        frames: 2,
-        after: After::Panic,
-        delivered: 0,
-        gate: None,
-    })
-    .unwrap_err();
+    let err = run_scripted(scripted(2, Then::Panic)).unwrap_err();
     assert!(
         matches!(&err, Error::Panicked { thread: "capture", message } if message == "decoder bug"),
         "{err}"
@@ -154,13 +91,7 @@ fn a_panicking_capture_thread_ends_the_run_with_a_named_error() {
 
 #[test]
 fn an_early_error_in_the_run_loop_stops_a_source_that_never_ends() {
-    let err = run_scripted(Scripted {
-        frames: 1,
-        after: After::Unusable,
-        delivered: 0,
-        gate: None,
-    })
-    .unwrap_err();
+    let err = run_scripted(scripted(1, Then::Unusable)).unwrap_err();
     assert!(err.to_string().contains("does not hold a 0x0"), "{err}");
 }
 
@@ -380,14 +311,9 @@ fn bad_flags_are_refused_naming_the_flag() {
 /// `n` frames, each delivered once the previous one was processed, and the sink that counts
 /// them (it must be among the run's sinks).
 fn frames(n: usize) -> (Scripted, Box<Count>) {
-    let processed = Arc::new(AtomicUsize::new(0));
-    let source = Scripted {
-        frames: n,
-        after: After::End,
-        delivered: 0,
-        gate: Some(Arc::clone(&processed)),
-    };
-    (source, Box::new(Count(processed)))
+    let source = scripted(n, Then::End).lock_step();
+    let count = Box::new(Count(source.seen()));
+    (source, count)
 }
 
 /// Counts the frames it is given.
@@ -975,44 +901,6 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
     assert!(messages.iter().any(|m| m == "WATCHDOG=1"), "{messages:?}");
 }
 
-/// A source that delivers `frames` frames and then blocks (a stalled camera) until stopped.
-struct Stalling {
-    frames: usize,
-    delivered: usize,
-    control: Option<Arc<CaptureControl>>,
-}
-
-impl FrameSource for Stalling {
-    fn next_frame(&mut self, frame: &mut Frame) -> Result<(), CaptureError> {
-        if self.delivered >= self.frames {
-            loop {
-                if self.control.as_ref().is_some_and(|c| c.stopped()) {
-                    return Err(CaptureError::Stopped);
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-        self.delivered += 1;
-        frame.resize(32, 32);
-        frame.rgb.fill(90);
-        frame.seq = self.delivered as u64;
-        frame.captured = Instant::now();
-        Ok(())
-    }
-    fn stats(&self) -> CaptureStats {
-        CaptureStats::default()
-    }
-    fn describe(&self) -> String {
-        "stalling".into()
-    }
-    fn fps(&self) -> f64 {
-        1.0
-    }
-    fn attach(&mut self, control: Arc<CaptureControl>) {
-        self.control = Some(control);
-    }
-}
-
 #[test]
 fn healthz_turns_503_with_a_reason_when_frames_stop() {
     let clock = Arc::new(ManualClock::new());
@@ -1032,11 +920,7 @@ fn healthz_turns_503_with_a_reason_when_frames_stop() {
                 Arc::clone(&hub),
                 model.labels().clone(),
             ))];
-            let source = Stalling {
-                frames: 1,
-                delivered: 0,
-                control: None,
-            };
+            let source = Scripted::flat(32, 32, 90, 1).then(Then::Stall).fps(1.0);
             let options = PipelineOptions {
                 status: Some(Arc::clone(&hub.status)),
                 ..PipelineOptions::new(10_000.0)

@@ -21,10 +21,10 @@ mod common;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::scripted::Scripted;
 use drape::alloc::{booked, counts, own_allocations, Account, CountingAlloc};
-use drape::capture::{CaptureError, CaptureStats, Frame, FrameSource};
 use drape::clock::{Clock, ManualClock};
 use drape::pipeline::{self, BudgetController, PipelineOptions};
 use drape::stream::jsonl::{JsonlFile, RotatePolicy, SinkHealth};
@@ -38,8 +38,6 @@ static GLOBAL: CountingAlloc<std::alloc::System> = CountingAlloc(std::alloc::Sys
 const WARMUP: usize = 40;
 /// Frames counted.
 const COUNTED: usize = 60;
-/// Bounds a wait for the pipeline; only a hang gets anywhere near it.
-const HANG_TIMEOUT: Duration = Duration::from_secs(120);
 const FPS: f64 = 2.0;
 /// What each frame costs on the run's clock, besides its masks...
 const FIXED_MS: f64 = 400.0;
@@ -49,48 +47,6 @@ const MASK_MS: f64 = 50.0;
 /// Empty frames after each pass over the fixture frames: longer on the run's clock than the
 /// tracker's default expiry (1 s), so tracks are born, confirmed and end every round.
 const EMPTY_FRAMES: usize = 3;
-
-/// The fixture recording, one frame at a time and in order: frame `k` is handed out once the
-/// sinks have seen `k` frames, stamped on the run's clock, and the stream ends after `total`.
-struct Lockstep {
-    images: Vec<image::RgbImage>,
-    clock: Arc<ManualClock>,
-    seen: Arc<AtomicUsize>,
-    served: usize,
-    total: usize,
-}
-
-impl FrameSource for Lockstep {
-    fn next_frame(&mut self, frame: &mut Frame) -> Result<(), CaptureError> {
-        if self.served == self.total {
-            return Err(CaptureError::EndOfStream);
-        }
-        let waited = Instant::now();
-        while self.seen.load(Ordering::SeqCst) < self.served {
-            assert!(waited.elapsed() < HANG_TIMEOUT, "frame {}", self.served);
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let image = &self.images[self.served % self.images.len()];
-        frame.resize(image.width() as usize, image.height() as usize);
-        frame.rgb.copy_from_slice(image.as_raw());
-        frame.seq = self.served as u64;
-        frame.captured = self.clock.now();
-        self.served += 1;
-        Ok(())
-    }
-    fn stats(&self) -> CaptureStats {
-        CaptureStats {
-            frames: self.served as u64,
-            ..Default::default()
-        }
-    }
-    fn describe(&self) -> String {
-        "lockstep fixture frames".into()
-    }
-    fn fps(&self) -> f64 {
-        FPS
-    }
-}
 
 /// What the counters say at a point of the run.
 #[derive(Debug, Clone, Copy)]
@@ -144,7 +100,6 @@ fn the_real_loop_allocates_nothing_outside_the_model() {
     let model = common::tiny_model();
     let dir = tempfile::tempdir().unwrap();
     let jsonl = dir.path().join("run.jsonl");
-    let seen = Arc::new(AtomicUsize::new(0));
     let marks = Arc::new(Mutex::new([None; 2]));
     let total = WARMUP + COUNTED;
     let clock = Arc::new(ManualClock::new());
@@ -158,13 +113,11 @@ fn the_real_loop_allocates_nothing_outside_the_model() {
     let (w, h) = images[0].dimensions();
     let empty = image::RgbImage::from_pixel(w, h, image::Rgb([128; 3]));
     images.extend(std::iter::repeat_n(empty, EMPTY_FRAMES));
-    let source = Lockstep {
-        images,
-        clock: Arc::clone(&clock),
-        seen: Arc::clone(&seen),
-        served: 0,
-        total,
-    };
+    // The fixture recording, one frame at a time and in order, stamped on the run's clock.
+    let source = Scripted::new(images, total)
+        .lock_step()
+        .clock(Arc::clone(&clock))
+        .fps(FPS);
     let hub = Hub::new();
     let subscribers = [hub.events.subscribe(4), hub.socket.subscribe(4)];
     let lines_read = Arc::new(AtomicUsize::new(0));
@@ -177,7 +130,7 @@ fn the_real_loop_allocates_nothing_outside_the_model() {
         Box::new(file),
         Box::new(HubSink::new(Arc::clone(&hub), model.labels().clone())),
         Box::new(Window {
-            seen,
+            seen: source.seen(),
             marks: Arc::clone(&marks),
             subscribers,
             lines_read: Arc::clone(&lines_read),

@@ -11,13 +11,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use drape::capture::{CaptureError, CaptureStats, Frame, FrameSource};
+use common::scripted::Scripted;
 use drape::clock::{Clock, ManualClock};
 use drape::pipeline::{self, BudgetController, PipelineOptions};
 use drape::stream::{Emitted, Sink};
-
-/// Bounds a wait for the pipeline; only a hang gets anywhere near it.
-const HANG_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn frames_dir() -> String {
     common::fixtures().join("frames").display().to_string()
@@ -66,68 +63,13 @@ impl<F: FnMut(usize)> Sink for Recorder<F> {
 /// A camera stand-in that plays a script: frame `k` is one fixture image with sequence
 /// number `k`, stamped on the test's clock as `ages_ms[k]` old, and handed out only once the
 /// sinks have seen `gate(k)` frames, so which frames meet in the slot is fixed by the script.
-struct Scripted {
-    rgb: Vec<u8>,
-    size: (usize, usize),
-    clock: Arc<ManualClock>,
-    ages_ms: Vec<f64>,
-    gate: fn(u64) -> usize,
-    emitted: Arc<AtomicUsize>,
-    seq: u64,
-}
-
-impl Scripted {
-    fn new(clock: &Arc<ManualClock>, ages_ms: Vec<f64>, gate: fn(u64) -> usize) -> Self {
-        let im =
-            drape::image_io::load_rgb(common::fixtures().join("frames/frame_000.jpg")).unwrap();
-        Self {
-            size: (im.height() as usize, im.width() as usize),
-            rgb: im.into_raw(),
-            clock: Arc::clone(clock),
-            ages_ms,
-            gate,
-            emitted: Arc::default(),
-            seq: 0,
-        }
-    }
-}
-
-impl FrameSource for Scripted {
-    fn next_frame(&mut self, frame: &mut Frame) -> Result<(), CaptureError> {
-        let Some(&age_ms) = self.ages_ms.get(self.seq as usize) else {
-            return Err(CaptureError::EndOfStream);
-        };
-        let want = (self.gate)(self.seq);
-        let waited = Instant::now();
-        while self.emitted.load(Ordering::SeqCst) < want {
-            if waited.elapsed() > HANG_TIMEOUT {
-                return Err(CaptureError::Disconnected {
-                    device: "scripted".into(),
-                    reason: format!("frame {} waited for {want} emitted frames", self.seq),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        frame.resize(self.size.1, self.size.0);
-        frame.rgb.copy_from_slice(&self.rgb);
-        frame.seq = self.seq;
-        frame.captured = self.clock.now() - Duration::from_secs_f64(age_ms / 1e3);
-        frame.captured_at_unix_ms = 0.0;
-        self.seq += 1;
-        Ok(())
-    }
-    fn stats(&self) -> CaptureStats {
-        CaptureStats {
-            frames: self.seq,
-            ..Default::default()
-        }
-    }
-    fn describe(&self) -> String {
-        "scripted".into()
-    }
-    fn fps(&self) -> f64 {
-        FPS
-    }
+fn scripted(clock: &Arc<ManualClock>, ages_ms: Vec<f64>, gate: fn(u64) -> usize) -> Scripted {
+    let im = drape::image_io::load_rgb(common::fixtures().join("frames/frame_000.jpg")).unwrap();
+    Scripted::new(vec![im], ages_ms.len())
+        .ages_ms(ages_ms)
+        .gated(gate)
+        .clock(Arc::clone(clock))
+        .fps(FPS)
 }
 
 const FPS: f64 = 30.0;
@@ -170,12 +112,11 @@ fn never_starts_on_a_stale_frame_and_counts_every_drop() {
     let ages = (0..FRAMES)
         .map(|k| if k % 2 == 0 { 0.0 } else { 2.0 * period })
         .collect();
-    let source = Scripted::new(&clock, ages, |k| k.div_ceil(2) as usize);
-    let emitted = Arc::clone(&source.emitted);
+    let source = scripted(&clock, ages, |k| k.div_ceil(2) as usize);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(Recorder {
         seen: Arc::clone(&seen),
-        count: emitted,
+        count: source.seen(),
         after: |_| {},
     })];
     let hook_clock = Arc::clone(&clock);
@@ -220,14 +161,13 @@ fn budget_controller_steps_down_under_a_slow_stage_and_back_up_without_it() {
     let budget = 300.0;
     let m = common::tiny_model();
     let clock = test_clock();
-    let source = Scripted::new(&clock, vec![0.0; TOTAL], |k| k as usize);
-    let emitted = Arc::clone(&source.emitted);
+    let source = scripted(&clock, vec![0.0; TOTAL], |k| k as usize);
     let slow = Arc::new(AtomicBool::new(true));
     let seen = Arc::new(Mutex::new(Vec::new()));
     let slow_off = Arc::clone(&slow);
     let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(Recorder {
         seen: Arc::clone(&seen),
-        count: emitted,
+        count: source.seen(),
         after: move |n| {
             if n == SLOW_FRAMES {
                 slow_off.store(false, Ordering::SeqCst);

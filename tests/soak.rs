@@ -11,10 +11,9 @@ mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
+use common::scripted::Scripted;
 use drape::alloc::{live_bytes, CountingAlloc};
-use drape::capture::{CaptureError, CaptureStats, Frame, FrameSource};
 use drape::pipeline::{self, BudgetController, PipelineOptions};
 use drape::stream::jsonl::{JsonlFile, RotatePolicy, SinkHealth};
 use drape::stream::{Emitted, Hub, HubSink, Sink};
@@ -27,51 +26,6 @@ const MEASURE_FROM: usize = 500;
 /// Growth allowed between frame 500 and the end: under 100 bytes a frame. A per-frame leak of
 /// anything the size of a frame, a line or a tensor is far above it.
 const MAX_GROWTH_BYTES: i64 = 128 * 1024;
-/// Only bounds a hang.
-const HANG: Duration = Duration::from_secs(600);
-
-/// One fixture image shrunk to 64 x 48, delivered in lock step with the pipeline.
-struct LockStep {
-    rgb: Vec<u8>,
-    delivered: usize,
-    processed: Arc<AtomicUsize>,
-}
-
-impl FrameSource for LockStep {
-    fn next_frame(&mut self, frame: &mut Frame) -> Result<(), CaptureError> {
-        if self.delivered == FRAMES {
-            return Err(CaptureError::EndOfStream);
-        }
-        let waiting = Instant::now();
-        while self.processed.load(Ordering::Acquire) < self.delivered {
-            assert!(
-                waiting.elapsed() < HANG,
-                "frame {} never processed",
-                self.delivered
-            );
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        frame.resize(64, 48);
-        frame.rgb.copy_from_slice(&self.rgb);
-        self.delivered += 1;
-        frame.seq = self.delivered as u64;
-        frame.captured = Instant::now();
-        Ok(())
-    }
-    fn stats(&self) -> CaptureStats {
-        CaptureStats {
-            frames: self.delivered as u64,
-            ..Default::default()
-        }
-    }
-    fn describe(&self) -> String {
-        "lock-step fixture".into()
-    }
-    fn fps(&self) -> f64 {
-        // A period long enough that no frame is ever stale.
-        0.01
-    }
-}
 
 fn count_entries(dir: &str) -> usize {
     std::fs::read_dir(dir).unwrap().count()
@@ -118,7 +72,7 @@ fn two_thousand_frames_leave_heap_threads_and_fds_flat() {
         48,
         image::imageops::FilterType::Triangle,
     );
-    let processed = Arc::new(AtomicUsize::new(0));
+    let source = Scripted::new(vec![image], FRAMES).lock_step();
     let samples = Arc::new(Mutex::new(Vec::new()));
     let dir = tempfile::tempdir().unwrap();
     let hub = Hub::new();
@@ -137,15 +91,10 @@ fn two_thousand_frames_leave_heap_threads_and_fds_flat() {
         Box::new(jsonl),
         Box::new(HubSink::new(Arc::clone(&hub), model.labels().clone())),
         Box::new(Probe {
-            processed: Arc::clone(&processed),
+            processed: source.seen(),
             samples: Arc::clone(&samples),
         }),
     ];
-    let source = LockStep {
-        rgb: image.into_raw(),
-        delivered: 0,
-        processed,
-    };
     let options = PipelineOptions {
         status: Some(Arc::clone(&hub.status)),
         ..PipelineOptions::new(100_000.0)

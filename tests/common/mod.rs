@@ -1,6 +1,8 @@
-//! Shared test helpers: fixture loading, an independent COCO RLE decoder, and the detection
-//! matcher the parity tests use.
+//! Shared test helpers: fixture loading, an independent COCO RLE decoder, the detection
+//! matcher the parity tests use, and a scripted frame source for the pipeline tests.
 #![allow(dead_code)]
+
+pub mod scripted;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
