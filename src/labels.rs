@@ -71,11 +71,10 @@ impl Labels {
 
     /// Names for foreground classes 1..num_classes-1 when the file carries none.
     pub fn default_for(num_classes: usize) -> Self {
-        if num_classes == IMATERIALIST_2019.len() + 1 {
-            Self::new(IMATERIALIST_2019.map(str::to_owned).to_vec())
-        } else {
-            Self::new((1..num_classes).map(|k| format!("class {k}")).collect())
-        }
+        Self::new(
+            imaterialist_names(num_classes)
+                .unwrap_or_else(|| (1..num_classes).map(|k| format!("class {k}")).collect()),
+        )
     }
 
     /// The name of torchvision label `class_id` (1-based; 0 is background).
@@ -85,6 +84,13 @@ impl Labels {
             .and_then(|i| self.0.get(i))
             .map_or(BACKGROUND, String::as_str)
     }
+}
+
+/// iMaterialist's names for a model with its class count (46 and background), `None` for any
+/// other: the one place that decides a model without `labels` metadata is an iMaterialist model.
+pub fn imaterialist_names(num_classes: usize) -> Option<Vec<String>> {
+    (num_classes == IMATERIALIST_2019.len() + 1)
+        .then(|| IMATERIALIST_2019.map(str::to_owned).to_vec())
 }
 
 #[cfg(test)]
@@ -100,5 +106,11 @@ mod tests {
         );
         assert_eq!(Labels::default_for(47).get(9), "skirt");
         assert_eq!(Labels::default_for(3).get(2), "class 2");
+    }
+
+    #[test]
+    fn only_a_47_class_model_gets_imaterialist_names() {
+        assert_eq!(imaterialist_names(3), None);
+        assert_eq!(imaterialist_names(47).unwrap()[8], "skirt");
     }
 }

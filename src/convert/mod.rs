@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use safetensors::tensor::TensorView;
 
-use crate::labels::IMATERIALIST_2019;
+use crate::labels::imaterialist_names;
 use crate::model::Architecture;
 use crate::weights::sha256_hex;
 use crate::MaskRcnn;
@@ -298,8 +298,7 @@ fn labels_for(
     num_classes: Option<usize>,
 ) -> Result<Option<Vec<String>>, ConvertError> {
     let Some(given) = given else {
-        let imaterialist = num_classes == Some(IMATERIALIST_2019.len() + 1);
-        return Ok(imaterialist.then(|| IMATERIALIST_2019.map(str::to_owned).to_vec()));
+        return Ok(num_classes.and_then(imaterialist_names));
     };
     let Some(n) = num_classes else {
         return Ok(Some(given.to_vec()));
