@@ -15,6 +15,7 @@ use candle_core::Device;
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::labels::Labels;
 use crate::model::plan::{plan, DevicePlan, PlanTarget};
 use crate::model::Architecture;
 use crate::weights::{sha256_hex, HeadVariant, Weights};
@@ -42,7 +43,7 @@ pub struct Report {
     /// The rest is what the loader found; absent when the check failed.
     pub architecture: Option<Architecture>,
     /// Names of classes 1..num_classes-1.
-    pub labels: Option<Vec<String>>,
+    pub labels: Option<Labels>,
     pub min_size: Option<usize>,
     pub max_size: Option<usize>,
     pub check: Check,
@@ -103,13 +104,8 @@ pub fn inspect(path: &Path, plan_request: Option<PlanRequest>) -> Result<Report>
     };
     match MaskRcnn::load(path, sizes, &Device::Cpu) {
         Ok(model) => {
-            let a = model.architecture();
-            report.labels = Some(
-                (1..a.num_classes)
-                    .map(|k| model.label(k).to_owned())
-                    .collect(),
-            );
-            report.architecture = Some(a.clone());
+            report.labels = Some(model.labels().clone());
+            report.architecture = Some(model.architecture().clone());
             report.min_size = Some(model.config().min_size);
             report.max_size = Some(model.config().max_size);
             if let Some(r) = plan_request {

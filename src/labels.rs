@@ -77,6 +77,11 @@ impl Labels {
         )
     }
 
+    /// The names in class order, torchvision label 1 first.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+
     /// The name of torchvision label `class_id` (1-based; 0 is background).
     pub fn get(&self, class_id: usize) -> &str {
         class_id
@@ -91,6 +96,13 @@ impl Labels {
 pub fn imaterialist_names(num_classes: usize) -> Option<Vec<String>> {
     (num_classes == IMATERIALIST_2019.len() + 1)
         .then(|| IMATERIALIST_2019.map(str::to_owned).to_vec())
+}
+
+/// As the list of names, so a report that carries the table writes it as a JSON array.
+impl serde::Serialize for Labels {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
 }
 
 #[cfg(test)]
@@ -112,5 +124,14 @@ mod tests {
     fn only_a_47_class_model_gets_imaterialist_names() {
         assert_eq!(imaterialist_names(3), None);
         assert_eq!(imaterialist_names(47).unwrap()[8], "skirt");
+    }
+
+    #[test]
+    fn serialises_as_the_list_of_names() {
+        let labels = Labels::default_for(3);
+        assert_eq!(
+            serde_json::to_string(&labels).unwrap(),
+            r#"["class 1","class 2"]"#
+        );
     }
 }
