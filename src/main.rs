@@ -378,6 +378,9 @@ struct BenchArgs {
     /// meaningless; add --score-thresh 0 to run the mask head on all 100).
     #[arg(long, conflicts_with = "weights")]
     random_r50: bool,
+    /// Also draw per-stage medians and the latency distribution (p50/p90/p99) to this PNG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 fn detect(args: DetectArgs) -> Result<()> {
@@ -551,12 +554,18 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
         || bar.inc(1),
     )?;
     bar.finish_and_clear();
+    let a = model.architecture();
+    if let Some(path) = &args.plot {
+        let name = format!("{}, {} classes", a.backbone, a.num_classes);
+        drape::bench::plot::draw(&report, &name)
+            .save(path)
+            .with_context(|| format!("writing the plot to {}", path.display()))?;
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         writeln!(out, "{}", serde_json::to_string(&report)?)?;
         return Ok(());
     }
-    let a = model.architecture();
     writeln!(
         out,
         "{} ({} classes, FPN {}), input {}x{} from {}x{}, {}, {} threads, {} runs, {} instances",
