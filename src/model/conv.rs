@@ -122,7 +122,14 @@ impl FusedConv {
                 });
             return (out, Shape::from((n, self.out_channels, oh, ow)));
         }
-        let rows_per_tile = (TILE_PIXELS / ow).clamp(1, oh);
+        // About TILE_PIXELS columns per GEMM; for a single image, a tile count that is a
+        // multiple of the thread count, so layer3's 32×32 maps are not split 768 + 256 pixels
+        // and layer4's 16×16 ones not left to one thread.
+        let mut tiles_wanted = (oh * ow).div_ceil(TILE_PIXELS);
+        if n == 1 {
+            tiles_wanted = tiles_wanted.next_multiple_of(rayon::current_num_threads().max(1));
+        }
+        let rows_per_tile = oh.div_ceil(tiles_wanted).clamp(1, oh);
         let tiles_per_image = oh.div_ceil(rows_per_tile);
         let ptr = OutPtr(out.as_mut_ptr());
         (0..n * tiles_per_image).into_par_iter().for_each(|job| {

@@ -114,12 +114,15 @@ impl Tiles {
         self.images * self.down
     }
 
-    /// Tile rows per job: about `TILES_PER_JOB` tiles, but at least one job per thread where
-    /// the batch has that many rows (layer4's 16×16 maps are only four tile rows).
+    /// Tile rows per job: about `TILES_PER_JOB` tiles, with the job count a multiple of the
+    /// thread count so both threads of a 2-core machine get equal work (layer4's 16×16 maps
+    /// are only four tile rows; layer1's 128×128 ones would split 7 ways).
     pub fn rows_per_job(&self, threads: usize) -> usize {
-        let by_size = (TILES_PER_JOB / self.across).max(1);
-        let by_threads = self.rows().div_ceil(threads.max(1)).max(1);
-        by_size.min(by_threads)
+        let rows = self.rows().max(1);
+        let jobs = rows
+            .div_ceil((TILES_PER_JOB / self.across).max(1))
+            .next_multiple_of(threads.max(1));
+        rows.div_ceil(jobs).max(1)
     }
 }
 
