@@ -39,15 +39,19 @@ pub struct FusedConv {
     pub winograd: Option<Arc<Winograd>>,
 }
 
-/// Raw output pointer shared by the tile workers; each writes a disjoint set of columns.
+/// Raw output pointer shared by parallel workers (conv tiles, Winograd jobs and its
+/// load-time weight transform); each writes a disjoint set of elements.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
+// SAFETY: every user hands each worker a disjoint part of the buffer (said at each use), and
+// the buffer outlives the parallel loop.
 unsafe impl Send for OutPtr {}
+// SAFETY: as for Send: no element is written by two workers or read during the loop.
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// A method, not a field access, so closures capture the `Sync` wrapper, not the pointer.
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }

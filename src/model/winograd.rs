@@ -19,6 +19,10 @@
 
 use std::cell::RefCell;
 
+use rayon::prelude::*;
+
+use super::conv::OutPtr;
+
 /// Output tile side.
 const M: usize = 4;
 /// Input tile side: `M + 3 - 1`.
@@ -135,22 +139,28 @@ pub struct Epilogue<'a> {
 }
 
 impl Winograd {
-    /// `weight` is PyTorch's `[out, in, 3, 3]`.
+    /// `weight` is PyTorch's `[out, in, 3, 3]`. Runs at load, spread over the threads: the
+    /// model's 3×3 convs hold 1.8 M (out, in) pairs, a large part of the load time.
     pub fn new(weight: &[f32], out: usize, inp: usize) -> Self {
         let mut u = vec![0f32; XI * out * inp];
-        for o in 0..out {
+        let dst = OutPtr(u.as_mut_ptr());
+        (0..out).into_par_iter().for_each(|o| {
+            let dst = dst.get();
             for c in 0..inp {
                 let k: [f64; 9] = std::array::from_fn(|i| f64::from(weight[(o * inp + c) * 9 + i]));
                 // Columns: G g (6×3), then rows: (G g) G^T (6×6).
                 let cols: [[f64; T]; 3] = [0, 1, 2].map(|j| g([k[j], k[3 + j], k[6 + j]]));
-                for r in 0..T {
-                    let row = g([cols[0][r], cols[1][r], cols[2][r]]);
+                let rows: [[f64; T]; T] =
+                    std::array::from_fn(|r| g([cols[0][r], cols[1][r], cols[2][r]]));
+                for (r, row) in rows.iter().enumerate() {
                     for (s, v) in row.iter().enumerate() {
-                        u[((r * T + s) * out + o) * inp + c] = *v as f32;
+                        // SAFETY: the index is inside `u` (xi < 36, o < out, c < inp), and
+                        // only this iteration writes output channel `o`'s entries.
+                        unsafe { *dst.add(((r * T + s) * out + o) * inp + c) = *v as f32 };
                     }
                 }
             }
-        }
+        });
         Self { u, out, inp }
     }
 
