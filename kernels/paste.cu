@@ -34,7 +34,9 @@ __device__ __forceinline__ float padded(const float* mask, int row, int col) {
     return mask[(row - 1) * MASK + (col - 1)];
 }
 
-extern "C" __global__ void paste_masks(const float* probs, const uint32_t* table, float thresh,
+// 256-thread blocks (PasteLaunch::THREADS in postprocess.rs), declared so the compiler sizes
+// registers for them.
+extern "C" __global__ void __launch_bounds__(256) paste_masks(const float* probs, const uint32_t* table, float thresh,
                                        uint8_t* out) {
     const uint32_t* r = table + 9 * blockIdx.y;
     const int x0 = (int)r[0];

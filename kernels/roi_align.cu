@@ -56,13 +56,15 @@ __device__ void roi_align_forward(
     const T* input, const float* rois, T* output, uint32_t num_rois, uint32_t batch,
     uint32_t channels, uint32_t height, uint32_t width, uint32_t pooled_h, uint32_t pooled_w,
     float spatial_scale, int32_t sampling_ratio, uint32_t aligned) {
-    const uint64_t total = (uint64_t)num_rois * channels * pooled_h * pooled_w;
-    for (uint64_t index = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; index < total;
-         index += (uint64_t)blockDim.x * gridDim.x) {
-        const int pw = index % pooled_w;
-        const int ph = (index / pooled_w) % pooled_h;
-        const int c = (index / pooled_w / pooled_h) % channels;
-        const int n = index / pooled_w / pooled_h / channels;
+    // 32-bit indices: the host (roi_align.rs's `kernel_params`) keeps the output and feature
+    // counts below 2^31, so neither an index nor an index plus the grid's stride wraps.
+    const uint32_t total = num_rois * channels * pooled_h * pooled_w;
+    for (uint32_t index = blockIdx.x * blockDim.x + threadIdx.x; index < total;
+         index += blockDim.x * gridDim.x) {
+        const uint32_t pw = index % pooled_w;
+        const uint32_t ph = (index / pooled_w) % pooled_h;
+        const uint32_t c = (index / pooled_w / pooled_h) % channels;
+        const uint32_t n = index / pooled_w / pooled_h / channels;
 
         const float* roi = rois + n * 5;
         const float b = roi[0];
@@ -88,7 +90,7 @@ __device__ void roi_align_forward(
         const int grid_w = sampling_ratio > 0 ? sampling_ratio : (int)ceilf(roi_w / pooled_w);
         const float count = fmaxf((float)(grid_h * grid_w), 1.0f);
 
-        const T* plane = input + ((uint64_t)(int)b * channels + c) * height * width;
+        const T* plane = input + ((uint32_t)b * channels + c) * height * width;
         float sum = 0.0f;
         for (int iy = 0; iy < grid_h; iy++) {
             const float y = start_h + ph * bin_h + (iy + 0.5f) * bin_h / grid_h;
@@ -101,8 +103,11 @@ __device__ void roi_align_forward(
     }
 }
 
+// 256-thread blocks (roi_align.rs's THREADS): the bound lets the compiler budget up to 255
+// registers a thread, where an unbounded kernel compiled for 1024-thread blocks would fail to
+// launch with LAUNCH_OUT_OF_RESOURCES once it needs more than 64.
 #define ROI_ALIGN_OP(TYPENAME, FN_NAME)                                                          \
-    extern "C" __global__ void FN_NAME(                                                          \
+    extern "C" __global__ void __launch_bounds__(256) FN_NAME(                                   \
         const TYPENAME* input, const float* rois, TYPENAME* output, uint32_t num_rois,           \
         uint32_t batch, uint32_t channels, uint32_t height, uint32_t width, uint32_t pooled_h,   \
         uint32_t pooled_w, float spatial_scale, int32_t sampling_ratio, uint32_t aligned) {      \

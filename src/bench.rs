@@ -37,6 +37,13 @@ pub struct BenchReport {
     pub instances: usize,
     pub iters: usize,
     pub threads: usize,
+    /// Device→host reads per timed frame, averaged (see [`crate::device::RoundTrips`]).
+    pub host_reads_per_frame: f64,
+    /// Device synchronisations per timed frame, averaged: 0 unless stages are synchronised.
+    pub syncs_per_frame: f64,
+    /// Whether each stage boundary waited for the device (`--sync-stages`), which makes the
+    /// per-stage times exact on a GPU.
+    pub stages_synchronized: bool,
     /// End-to-end latency of each timed run, in run order.
     pub total_ms: Vec<f64>,
     pub cpu: CpuInfo,
@@ -159,6 +166,7 @@ pub fn run(
     }
     let mut samples = Vec::with_capacity(iters);
     let mut allocs = 0;
+    let trips_before = crate::device::round_trips();
     for _ in 0..iters {
         let before = crate::alloc::counts().0;
         model.detect_into(rgb, size, settings, &mut ws, &mut result)?;
@@ -166,6 +174,7 @@ pub fn run(
         samples.push(result.timings);
         progress();
     }
+    let trips = trips_before.since(crate::device::round_trips());
     let stages = stage_stats(&samples);
     let total_ms = samples.iter().map(|t| t.total).collect();
     let (rw, rh) = result.input_size;
@@ -187,6 +196,9 @@ pub fn run(
         threads: rayon::current_num_threads(),
         total_ms,
         cpu: CpuInfo::detect(),
+        host_reads_per_frame: trips.reads as f64 / iters.max(1) as f64,
+        syncs_per_frame: trips.syncs as f64 / iters.max(1) as f64,
+        stages_synchronized: model.sync_stages(),
     })
 }
 

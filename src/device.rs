@@ -6,18 +6,87 @@
 //! Precision: the CPU path is the f32 reference. On CUDA and Metal the weights and every
 //! activation stay f16 (convs, matmuls, RoIAlign's output); what needs f32 is done in f32:
 //! RoIAlign accumulates its bilinear samples in f32, cuBLAS accumulates f16 GEMMs in f32 (candle's
-//! default; convs are im2col + GEMM), the RPN's top-n ranks the f16 logits widened to f32 on the
-//! device, the mask logits are widened before their bias, sigmoid and paste, and the class and
-//! box logits leave the device as f32 for softmax, box decoding and NMS, which run on the host as
-//! on CPU (their inputs are a few thousand boxes). Boxes stay f32 throughout. One exception: with
-//! the `cudnn` feature candle asks cuDNN for f16 accumulation in convs.
+//! default; convs are GEMMs, see `model::gpu_conv`), and with the `cudnn` feature convs run in
+//! cuDNN's pseudo-half configuration (f16 data, f32 accumulation); the RPN's top-n ranks the f16
+//! logits widened to f32 on the device, the mask logits are widened before their bias, sigmoid
+//! and paste, and the class and box logits leave the device as f32 for softmax, box decoding and
+//! NMS, which run on the host as on CPU (their inputs are a few thousand boxes). Boxes stay f32
+//! throughout. A layer whose folded weights exceed f16's range stays f32
+//! (`model::layers::layer_dtype`).
 
+use std::cell::Cell;
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::{DType, Device, DeviceLocation};
+use candle_core::{DType, Device, DeviceLocation, Tensor, WithDType};
 
 use crate::error::{Error, Result};
+
+/// Device→host reads and device synchronisations: the round trips that stall a GPU's queue
+/// and its host thread. Every read and every synchronisation of a frame goes through
+/// [`read_vec1`], [`to_host`], [`count_read`] or [`synchronize`], on every backend, so the CPU
+/// counts exactly what a GPU would wait for and a test can pin the figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RoundTrips {
+    pub reads: u64,
+    pub syncs: u64,
+}
+
+impl RoundTrips {
+    /// What happened between `self` (taken earlier) and `later`.
+    pub fn since(self, later: RoundTrips) -> RoundTrips {
+        RoundTrips {
+            reads: later.reads - self.reads,
+            syncs: later.syncs - self.syncs,
+        }
+    }
+}
+
+thread_local! {
+    /// Per thread, so models running on other threads (tests run in parallel) never mix
+    /// their counts: a frame's device work, and so each of its reads, is issued from the one
+    /// thread that calls `detect`.
+    static ROUND_TRIPS: Cell<RoundTrips> = const { Cell::new(RoundTrips { reads: 0, syncs: 0 }) };
+}
+
+/// This thread's round trips so far; subtract two snapshots ([`RoundTrips::since`]) for a
+/// frame's.
+pub fn round_trips() -> RoundTrips {
+    ROUND_TRIPS.with(Cell::get)
+}
+
+/// Counts one device→host read made outside candle's tensor API (a kernel's output copied
+/// with the driver's own memcpy), or a result the host consumes in place on the CPU where a
+/// GPU would copy it.
+pub fn count_read() {
+    ROUND_TRIPS.with(|c| {
+        let mut v = c.get();
+        v.reads += 1;
+        c.set(v);
+    });
+}
+
+/// `t.to_vec1()`, counted as one read.
+pub fn read_vec1<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
+    count_read();
+    Ok(t.to_vec1()?)
+}
+
+/// `t` copied to the CPU, counted as one read.
+pub fn to_host(t: &Tensor) -> Result<Tensor> {
+    count_read();
+    Ok(t.to_device(&Device::Cpu)?)
+}
+
+/// `device.synchronize()`, counted.
+pub fn synchronize(device: &Device) -> Result<()> {
+    ROUND_TRIPS.with(|c| {
+        let mut v = c.get();
+        v.syncs += 1;
+        c.set(v);
+    });
+    Ok(device.synchronize()?)
+}
 
 /// One concrete device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,6 +390,17 @@ pub fn memory(device: &Device) -> Option<DeviceMemory> {
     }
 }
 
+/// Restarts the CUDA pool's high-water mark ([`DeviceMemory::pool_peak_mb`]) from what is in
+/// use now, so a measurement covers one frame rather than everything since start-up; nothing to
+/// do elsewhere.
+pub fn reset_memory_peak(device: &Device) -> Result<()> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => Ok(cuda::reset_peak(d)?),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{result, sys};
@@ -435,6 +515,23 @@ mod cuda {
         // SAFETY: cuDriverGetVersion writes one int; it needs no context.
         unsafe { sys::cuDriverGetVersion(&mut v) }.result()?;
         Ok(CudaVersion::from_api(v.max(0) as u32))
+    }
+
+    pub(super) fn reset_peak(device: &CudaDevice) -> candle_core::Result<()> {
+        if let Some(pool) = pool(device)? {
+            // The driver only accepts 0: the mark restarts from the next allocation.
+            let mut zero = 0u64;
+            // SAFETY: a valid pool; the attribute is a cuuint64_t.
+            unsafe {
+                result::mem_pool::set_attribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    (&mut zero as *mut u64).cast(),
+                )
+            }
+            .w()?;
+        }
+        Ok(())
     }
 
     pub(super) fn memory(device: &CudaDevice) -> candle_core::Result<DeviceMemory> {

@@ -15,6 +15,7 @@ use candle_core::Device;
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::model::plan::{plan, DevicePlan, PlanTarget};
 use crate::model::Architecture;
 use crate::weights::{sha256_hex, Weights};
 use crate::MaskRcnn;
@@ -52,11 +53,21 @@ pub struct Report {
     pub min_size: Option<usize>,
     pub max_size: Option<usize>,
     pub check: Check,
+    /// The device-memory plan, when asked for (`--plan`) and the check passed.
+    pub plan: Option<DevicePlan>,
+}
+
+/// `--plan TARGET [--min-size N] [--max-size N]`: sizes default to the file's (or drape's).
+#[derive(Debug, Clone, Copy)]
+pub struct PlanRequest {
+    pub target: PlanTarget,
+    pub min_size: Option<usize>,
+    pub max_size: Option<usize>,
 }
 
 /// Inspects `path`. Errors only when the file cannot be read as safetensors at all; a file
 /// that is safetensors but not a model drape can run is a report with a failed check.
-pub fn inspect(path: &Path) -> Result<Report> {
+pub fn inspect(path: &Path, plan_request: Option<PlanRequest>) -> Result<Report> {
     // The loader's own reading of the file, so a bad file gets the same message here as in
     // `detect` (truncation, a directory, a header that is not JSON, ...).
     let weights = Weights::open(path)?;
@@ -92,8 +103,15 @@ pub fn inspect(path: &Path) -> Result<Report> {
             ok: true,
             error: None,
         },
+        plan: None,
     };
-    match MaskRcnn::load(path, |_| {}, &Device::Cpu) {
+    let sizes = |c: &mut crate::Config| {
+        if let Some(r) = plan_request {
+            c.min_size = r.min_size.unwrap_or(c.min_size);
+            c.max_size = r.max_size.unwrap_or(c.max_size);
+        }
+    };
+    match MaskRcnn::load(path, sizes, &Device::Cpu) {
         Ok(model) => {
             let a = model.architecture();
             report.labels = Some(
@@ -104,6 +122,10 @@ pub fn inspect(path: &Path) -> Result<Report> {
             report.architecture = Some(a.clone());
             report.min_size = Some(model.config().min_size);
             report.max_size = Some(model.config().max_size);
+            if let Some(r) = plan_request {
+                let c = model.config();
+                report.plan = Some(plan(&weights, &model, r.target, c.min_size, c.max_size)?);
+            }
         }
         Err(e) => {
             report.check = Check {

@@ -381,6 +381,10 @@ struct BenchArgs {
     /// Also draw per-stage medians and the latency distribution (p50/p90/p99) to this PNG.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Wait for the device at every stage boundary, so per-stage times are exact on a GPU
+    /// (each wait idles it; the CPU's times are the same either way).
+    #[arg(long)]
+    sync_stages: bool,
 }
 
 fn detect(args: DetectArgs) -> Result<()> {
@@ -423,11 +427,25 @@ struct InspectArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Also plan one frame's device memory for `cuda` or `metal`, from shapes alone.
+    #[arg(long)]
+    plan: Option<drape::model::plan::PlanTarget>,
+    /// Shorter side the plan resizes to (default: the file's metadata, else 800).
+    #[arg(long, requires = "plan")]
+    min_size: Option<usize>,
+    /// Cap on the longer side for the plan (default: the file's metadata, else 1333).
+    #[arg(long, requires = "plan")]
+    max_size: Option<usize>,
 }
 
 /// Prints the report; fails (exit code 1) when the check fails.
 fn inspect(args: InspectArgs) -> Result<()> {
-    let report = drape::inspect::inspect(&args.weights)?;
+    let plan = args.plan.map(|target| drape::inspect::PlanRequest {
+        target,
+        min_size: args.min_size,
+        max_size: args.max_size,
+    });
+    let report = drape::inspect::inspect(&args.weights, plan)?;
     let mut out = std::io::stdout().lock();
     if args.json {
         writeln!(out, "{}", serde_json::to_string(&report)?)?;
@@ -488,6 +506,28 @@ fn print_report(r: &drape::inspect::Report, out: &mut impl Write) -> std::io::Re
             "  input size    shorter side {min}, longer side at most {max}"
         )?;
     }
+    if let Some(p) = &r.plan {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        writeln!(
+            out,
+            "  plan          {} {} at {}x{}: peak {:.0} MiB (weights {:.0} MiB) at {}, largest \
+             scratch {:.1} MiB ({}){}",
+            p.target,
+            p.dtype,
+            p.input_size[0],
+            p.input_size[1],
+            mib(p.peak_device_bytes),
+            mib(p.weights_bytes),
+            p.peak_at,
+            mib(p.largest_scratch_bytes),
+            p.largest_scratch_at,
+            if p.f32_layers.is_empty() {
+                String::new()
+            } else {
+                format!(", kept f32: {}", p.f32_layers.join(", "))
+            }
+        )?;
+    }
     for (k, v) in &r.metadata {
         // Labels were shown above, one per class.
         if k != "labels" {
@@ -525,7 +565,8 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
         None
     };
     let load_start = Instant::now();
-    let model = model_args.load()?;
+    let mut model = model_args.load()?;
+    model.set_sync_stages(args.sync_stages);
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     let image_path = match args.image {
         Some(path) => path,

@@ -338,6 +338,9 @@ impl Paster {
         if self.pixels.is_empty() {
             return Ok(());
         }
+        // The mask stage's one read: the pasted pixels (CUDA), the probabilities (Metal), or on
+        // the CPU the probabilities used in place, counted alike so the CPU pins the GPU's count.
+        crate::device::count_read();
         {
             let (storage, layout) = probs.storage_and_layout();
             match (&*storage, layout.contiguous_offsets()) {

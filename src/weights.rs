@@ -90,6 +90,8 @@ pub struct Weights {
     tensors: HashMap<String, Entry>,
     metadata: HashMap<String, String>,
     used: RefCell<HashSet<String>>,
+    /// Layers whose folded values lie beyond f16's range (see `layers::layer_dtype`).
+    beyond_f16: RefCell<Vec<String>>,
 }
 
 impl Weights {
@@ -117,11 +119,23 @@ impl Weights {
             tensors,
             metadata,
             used: RefCell::new(HashSet::new()),
+            beyond_f16: RefCell::new(Vec::new()),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Records that `layer`'s folded weights do not fit f16 (whatever the device: the CPU
+    /// computes in f32 anyway, but `inspect --plan` reports what a GPU would do).
+    pub fn note_beyond_f16(&self, layer: &str) {
+        self.beyond_f16.borrow_mut().push(layer.to_string());
+    }
+
+    /// The layers [`Self::note_beyond_f16`] recorded, in load order.
+    pub fn beyond_f16(&self) -> Vec<String> {
+        self.beyond_f16.borrow().clone()
     }
 
     /// The whole file, as mapped.

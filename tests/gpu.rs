@@ -9,7 +9,9 @@
 //! the output). The f16 backbone and FPN stay within 5% of the f32 CPU features' scale. End to
 //! end the GPU computes in f16, so the fixtures' matcher (same class, box
 //! IoU >= 0.98, score within 0.01, mask IoU >= 0.95) must match at least 90% of torchvision's
-//! instances (f32 on the CPU matches all of them, tests/parity.rs).
+//! instances (f32 on the CPU matches all of them, tests/parity.rs). The full-size ResNet-50-FPN
+//! layout (random weights) in f16 must match at least 95% of the CPU's own f32 instances, and the
+//! pool's measured peak for one frame must stay within `inspect --plan`'s figure.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -181,5 +183,82 @@ fn tiny_models_match_torchvision_in_f16() {
                 "{model}/{img}: {report:?}"
             );
         }
+    }
+}
+
+/// The full-size ResNet-50-FPN layout with random weights, written to `dir`.
+fn random_r50(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("r50.safetensors");
+    drape::synthetic::write_random_weights(
+        &path,
+        &drape::synthetic::SyntheticSpec::resnet50_fpn(),
+        1,
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn full_size_r50_in_f16_matches_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = random_r50(dir.path());
+    let sizes = |c: &mut drape::Config| {
+        c.min_size = 800;
+        c.max_size = 1333;
+    };
+    let cpu = MaskRcnn::load(&path, sizes, &Device::Cpu).unwrap();
+    let gpu = MaskRcnn::load(&path, sizes, &cuda()).unwrap();
+    let im = fixture_image("landscape");
+    let size = (im.height() as usize, im.width() as usize);
+    let want = cpu.detect(im.as_raw(), size).unwrap();
+    let reference: FinalJson =
+        serde_json::from_value(drape::output::to_json(&cpu, &want, Default::default())).unwrap();
+    let ours = candidates(&gpu.detect(im.as_raw(), size).unwrap());
+    let report = match_instances(&reference, &ours);
+    println!("full-size R50 at 800/1333, f16 on CUDA vs f32 on the CPU: {report:?}");
+    assert!(report.reference > 0, "the CPU found nothing to match");
+    assert!(report.matched * 100 >= report.reference * 95, "{report:?}");
+}
+
+#[test]
+fn one_frames_pool_peak_stays_within_the_plan() {
+    use drape::inspect::{inspect, PlanRequest};
+    use drape::model::plan::PlanTarget;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = random_r50(dir.path());
+    let gpu = cuda();
+    let im = fixture_image("landscape");
+    let size = (im.height() as usize, im.width() as usize);
+    for (min_size, max_size) in [(512, 853), (800, 1333)] {
+        let request = PlanRequest {
+            target: PlanTarget::Cuda,
+            min_size: Some(min_size),
+            max_size: Some(max_size),
+        };
+        let plan = inspect(&path, Some(request)).unwrap().plan.unwrap();
+        // Score threshold 0: every proposal and 100 detections reach the heads, as planned.
+        let m = MaskRcnn::load(
+            &path,
+            |c| {
+                c.min_size = min_size;
+                c.max_size = max_size;
+                c.box_score_thresh = 0.0;
+            },
+            &gpu,
+        )
+        .unwrap();
+        m.detect(im.as_raw(), size).unwrap();
+        drape::device::reset_memory_peak(&gpu).unwrap();
+        m.detect(im.as_raw(), size).unwrap();
+        let peak_mb = drape::device::memory(&gpu)
+            .and_then(|m| m.pool_peak_mb)
+            .expect("a stream-ordered pool");
+        let plan_mb = plan.peak_device_bytes as f64 / (1024.0 * 1024.0);
+        println!("{min_size}/{max_size}: pool peak {peak_mb:.1} MiB, plan {plan_mb:.1} MiB");
+        assert!(
+            peak_mb <= plan_mb,
+            "{min_size}/{max_size}: {peak_mb} > {plan_mb}"
+        );
     }
 }

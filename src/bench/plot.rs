@@ -225,6 +225,9 @@ mod tests {
             instances: 0,
             iters: totals.len(),
             threads: 2,
+            host_reads_per_frame: 0.0,
+            syncs_per_frame: 0.0,
+            stages_synchronized: false,
             total_ms: totals,
             cpu: CpuInfo {
                 model: "Test CPU".into(),

@@ -1,23 +1,67 @@
 //! The two parametrised blocks every stage is made of, loaded from torchvision key paths.
 //! BatchNorm never reaches the hot path: it is folded into the preceding conv at load time.
 
-use candle_core::{Device, Shape, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
 
 use super::conv::FusedConv;
+pub use super::gpu_conv::ConvGeometry;
+use super::gpu_conv::DeviceConv;
 
 use crate::device::compute_dtype;
 use crate::error::Result;
 use crate::weights::Weights;
 
-/// A weight on `device` in the device's compute dtype (f16 on GPUs). The values arrive as f32
-/// whatever the file's dtype, with BatchNorm already folded in f32, and are cast once on the
-/// device: an f16 file round-trips exactly and a folded weight is rounded once, not per step.
-pub(crate) fn upload(values: Vec<f32>, shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
-    Ok(Tensor::from_vec(values, shape, device)?.to_dtype(compute_dtype(device.location()))?)
+/// f16's largest finite value; a folded weight beyond it would become infinite in f16.
+pub const F16_MAX: f32 = 65504.0;
+
+/// Whether every value survives the cast to f16 as a finite number (values up to 65519.99
+/// round to 65504; the cast is round-to-nearest).
+pub fn fits_f16(values: &[f32]) -> bool {
+    values.iter().all(|&v| half::f16::from_f32(v).is_finite())
+}
+
+/// The dtype `layer`'s tensors are kept in on `device`: its compute dtype (f16 on GPUs), except
+/// that a layer with a folded value beyond f16's range stays f32 there, with a log line naming
+/// it. BatchNorm folding with a tiny running variance (COCO-initialised models use eps 0) can
+/// give such weights; the layer's output is usually in range again, since the bias cancels the
+/// large products, so the layer computes in f32 and its output is cast back to f16.
+pub(crate) fn layer_dtype(w: &Weights, layer: &str, parts: &[&[f32]], device: &Device) -> DType {
+    let dtype = compute_dtype(device.location());
+    if parts.iter().all(|p| fits_f16(p)) {
+        return dtype;
+    }
+    w.note_beyond_f16(layer);
+    if dtype != DType::F16 {
+        return dtype;
+    }
+    let max_abs = parts
+        .iter()
+        .flat_map(|p| p.iter())
+        .fold(0f32, |m, v| m.max(v.abs()));
+    tracing::warn!(
+        layer,
+        max_abs,
+        f16_max = F16_MAX,
+        "folded weights beyond f16's range: this layer stays f32 on the device"
+    );
+    DType::F32
+}
+
+/// Weight values on `device` in `dtype`. The values arrive as f32 whatever the file's dtype,
+/// with BatchNorm already folded in f32, and are cast once on the device: an f16 file
+/// round-trips exactly and a folded weight is rounded once, not per step.
+pub(crate) fn upload(
+    values: Vec<f32>,
+    shape: impl Into<Shape>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    Ok(Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?)
 }
 
 /// A conv with bias (folded BatchNorm or its own). On CPU it runs through [`FusedConv`]; on
-/// other devices through candle's `conv2d`.
+/// other devices through [`DeviceConv`] (bounded scratch, no im2col for 1×1), or with the
+/// `cudnn` feature through cuDNN.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     kernel: Kernel,
@@ -27,13 +71,7 @@ pub struct Conv2d {
 #[derive(Debug, Clone)]
 enum Kernel {
     Cpu(FusedConv),
-    Device {
-        weight: Tensor,
-        /// `[1, out, 1, 1]`, ready to broadcast.
-        bias: Tensor,
-        stride: usize,
-        padding: usize,
-    },
+    Device(DeviceConv),
 }
 
 /// How a conv is laid out; the output width comes from the weights.
@@ -79,7 +117,7 @@ impl Conv2d {
         let out = out_channels(w, &wname)?;
         let weight = w.tensor(&wname, &[out, spec.in_channels, spec.kernel, spec.kernel])?;
         let bias = w.tensor(&format!("{prefix}.bias"), &[out])?;
-        Self::from_host(weight, bias, out, spec, device)
+        Self::from_host(w, prefix, weight, bias, out, spec, device)
     }
 
     /// torchvision's `Conv2dNormActivation` at `prefix`: the conv at `{prefix}.0`, with a
@@ -139,10 +177,12 @@ impl Conv2d {
                 .for_each(|v| *v *= scale);
             bias.push(beta[o] - mean[o] * scale);
         }
-        Self::from_host(weight, bias, out, spec, device)
+        Self::from_host(w, conv, weight, bias, out, spec, device)
     }
 
     fn from_host(
+        w: &Weights,
+        layer: &str,
         weight: Vec<f32>,
         bias: Vec<f32>,
         out: usize,
@@ -150,6 +190,9 @@ impl Conv2d {
         device: &Device,
     ) -> Result<Self> {
         let k = spec.kernel;
+        // Checked on every device, so a CPU load (`inspect --plan`) knows what a GPU would keep
+        // in f32.
+        let dtype = layer_dtype(w, layer, &[&weight, &bias], device);
         let kernel = if device.is_cpu() {
             Kernel::Cpu(FusedConv::new(
                 weight,
@@ -159,12 +202,12 @@ impl Conv2d {
                 (k, spec.stride, spec.padding),
             ))
         } else {
-            Kernel::Device {
-                weight: upload(weight, (out, spec.in_channels, k, k), device)?,
-                bias: upload(bias, (1, out, 1, 1), device)?,
-                stride: spec.stride,
-                padding: spec.padding,
-            }
+            Kernel::Device(DeviceConv::new(
+                &upload(weight, (out, spec.in_channels, k, k), dtype, device)?,
+                &upload(bias, out, dtype, device)?,
+                spec.stride,
+                spec.padding,
+            )?)
         };
         Ok(Self {
             kernel,
@@ -178,19 +221,22 @@ impl Conv2d {
 
     /// Multiply-accumulates of one forward over an `h × w` input.
     pub fn macs(&self, h: usize, w: usize) -> u64 {
+        let g = self.geometry();
+        let (oh, ow) = g.output_size(h, w);
+        (g.out_channels * g.in_channels * g.kernel * g.kernel * oh * ow) as u64
+    }
+
+    /// The conv's shape parameters, for shape walks such as the device-memory plan.
+    pub fn geometry(&self) -> ConvGeometry {
         match &self.kernel {
-            Kernel::Cpu(op) => op.macs(h, w),
-            Kernel::Device {
-                weight,
-                stride,
-                padding,
-                ..
-            } => {
-                let (o, c, k, _) = weight.dims4().unwrap_or((0, 0, 0, 0));
-                let oh = (h + 2 * padding - k) / stride + 1;
-                let ow = (w + 2 * padding - k) / stride + 1;
-                (o * c * k * k * oh * ow) as u64
-            }
+            Kernel::Cpu(op) => ConvGeometry {
+                in_channels: op.in_channels,
+                out_channels: op.out_channels,
+                kernel: op.kernel,
+                stride: op.stride,
+                padding: op.padding,
+            },
+            Kernel::Device(op) => op.geometry,
         }
     }
 
@@ -204,15 +250,10 @@ impl Conv2d {
                     None => x.apply_op1_no_bwd(&op)?,
                 })
             }
-            Kernel::Device {
-                weight,
-                bias,
-                stride,
-                padding,
-            } => {
-                let mut y = x
-                    .conv2d(weight, *padding, *stride, 1, 1)?
-                    .broadcast_add(bias)?;
+            Kernel::Device(op) => {
+                // A layer kept in f32 (beyond f16's range) takes and gives the activations'
+                // dtype; the casts are no-ops otherwise.
+                let mut y = op.forward(&x.to_dtype(op.dtype())?)?.to_dtype(x.dtype())?;
                 if let Some(r) = residual {
                     y = (y + r)?;
                 }
@@ -259,11 +300,12 @@ impl Linear {
         };
         let weight = w.tensor(&wname, &[out, in_features])?;
         let bias = w.tensor(&format!("{prefix}.bias"), &[out])?;
+        let dtype = layer_dtype(w, prefix, &[&weight, &bias], device);
         Ok(Self {
-            weight_t: upload(weight, (out, in_features), device)?
+            weight_t: upload(weight, (out, in_features), dtype, device)?
                 .t()?
                 .contiguous()?,
-            bias: upload(bias, (1, out), device)?,
+            bias: upload(bias, (1, out), dtype, device)?,
             out_features: out,
         })
     }
@@ -274,6 +316,11 @@ impl Linear {
 
     /// `[N, in] -> [N, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.weight_t)?.broadcast_add(&self.bias)?)
+        // Casts are no-ops unless the layer was kept in f32 (see `layer_dtype`).
+        let y = x
+            .to_dtype(self.weight_t.dtype())?
+            .matmul(&self.weight_t)?
+            .broadcast_add(&self.bias)?;
+        Ok(y.to_dtype(x.dtype())?)
     }
 }

@@ -7,9 +7,11 @@ pub mod backbone;
 pub mod box_ops;
 pub mod conv;
 pub mod fpn;
+pub mod gpu_conv;
 #[cfg(test)]
 pub(crate) mod kernel_emu;
 pub mod layers;
+pub mod plan;
 pub mod poolers;
 pub mod roi_align;
 pub mod roi_heads;
@@ -151,6 +153,10 @@ pub struct MaskRcnn {
     device: Device,
     /// [`crate::device::compute_dtype`] of `device`: what the input is cast to.
     dtype: DType,
+    /// Synchronise the device at every stage boundary so per-stage times are exact.
+    sync_stages: bool,
+    /// Layers whose folded weights do not fit f16: kept f32 on GPUs.
+    beyond_f16: Vec<String>,
 }
 
 /// Parses a JSON list of exactly `N` numbers.
@@ -204,6 +210,7 @@ impl MaskRcnn {
         let rpn = Rpn::load(&w, fpn.channels(), &config, device)?;
         let roi_heads = RoiHeads::load(&w, fpn.channels(), &config, bn_eps, device)?;
         w.check_all_used()?;
+        let beyond_f16 = w.beyond_f16();
 
         let num_classes = roi_heads.num_classes();
         let labels =
@@ -249,7 +256,27 @@ impl MaskRcnn {
             roi_heads,
             device: device.clone(),
             dtype: crate::device::compute_dtype(device.location()),
+            sync_stages: false,
+            beyond_f16,
         })
+    }
+
+    /// Whether [`Timings`] are exact per stage on a GPU: each stage boundary then waits for
+    /// the device (one counted synchronisation each). Off, a GPU's stage times are mostly
+    /// enqueue times and the wait lands where the results are read; `total` is right either
+    /// way. The CPU runs synchronously, so its times are the same both ways.
+    pub fn set_sync_stages(&mut self, on: bool) {
+        self.sync_stages = on;
+    }
+
+    pub fn sync_stages(&self) -> bool {
+        self.sync_stages
+    }
+
+    /// Layers whose folded weights lie beyond f16's range, which GPUs keep in f32 (see
+    /// [`layers::layer_dtype`]); recorded on every device.
+    pub fn beyond_f16(&self) -> &[String] {
+        &self.beyond_f16
     }
 
     pub fn config(&self) -> &Config {
@@ -317,7 +344,7 @@ impl MaskRcnn {
         let start = Instant::now();
         let mut clock = Lap {
             last: start,
-            device: &self.device,
+            device: self.sync_stages.then_some(&self.device),
         };
 
         let batch = {
@@ -371,10 +398,13 @@ impl MaskRcnn {
             let _span = tracing::debug_span!("box_head").entered();
             let (logits, regression) = heads.box_predictor(&heads.box_head(&pooled)?)?;
             // Softmax, box decoding and NMS run on the host in f32, whatever the device computed.
-            let host = |t: Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
+            // Both outputs come back in one read: [P*K] logits then [P*4K] regression.
+            let both = Tensor::cat(&[logits.flatten_all()?, regression.flatten_all()?], 0)?;
+            let both: Vec<f32> = crate::device::read_vec1(&both.to_dtype(DType::F32)?)?;
+            let (logits, regression) = both.split_at(logits.elem_count());
             heads.postprocess_detections(
-                &host(logits)?,
-                &host(regression)?,
+                logits,
+                regression,
                 proposals,
                 batch.image_size,
                 &mut ws.candidates,
@@ -429,14 +459,17 @@ impl MaskRcnn {
 /// Milliseconds since the previous lap.
 struct Lap<'a> {
     last: Instant,
-    /// Waited for before reading the clock: GPU work is queued asynchronously, so without it a
-    /// stage's time would land in whichever later stage first copies to the host.
-    device: &'a Device,
+    /// Waited for before reading the clock when stages are profiled: GPU work is queued
+    /// asynchronously, so without it a stage's time lands in whichever later stage first reads
+    /// back. Off by default, since each wait idles the GPU while the host catches up.
+    device: Option<&'a Device>,
 }
 
 impl Lap<'_> {
     fn lap(&mut self) -> Result<f64> {
-        self.device.synchronize()?;
+        if let Some(device) = self.device {
+            crate::device::synchronize(device)?;
+        }
         let now = Instant::now();
         let ms = (now - self.last).as_secs_f64() * 1e3;
         self.last = now;

@@ -53,15 +53,22 @@ impl RoiAlign {
         ))
     }
 
-    /// Scalar arguments of the GPU kernels and their output count, one thread each. Thread ids
-    /// are 32-bit, so the count must fit a `u32`.
+    /// Scalar arguments of the GPU kernels and their output count, one thread each. The
+    /// kernels index outputs and features with 32-bit integers (64-bit division costs several
+    /// times as much on a GPU), so both counts must stay below [`MAX_KERNEL_ELEMENTS`]: then no
+    /// index, nor an index plus the grid's stride, can wrap.
     #[cfg(any(test, feature = "cuda", feature = "metal"))]
     fn kernel_params(&self, d: &Dims) -> candle_core::Result<(KernelParams, u32)> {
         let total = self.out_shape(d).elem_count();
-        let Ok(total) = u32::try_from(total) else {
-            candle_core::bail!("roi_align: {total} outputs exceed one launch");
-        };
-        // Feature-map and output sizes; none comes near u32::MAX.
+        let features = d.batch * d.channels * d.height * d.width;
+        if total > MAX_KERNEL_ELEMENTS || features > MAX_KERNEL_ELEMENTS {
+            candle_core::bail!(
+                "roi_align: {total} outputs over {features} feature values exceed the kernels' \
+                 32-bit indices (at most {MAX_KERNEL_ELEMENTS} each)"
+            );
+        }
+        let total = total as u32;
+        // Every size is at most a count checked above.
         let u = |v: usize| v as u32;
         let params = KernelParams {
             num_rois: u(d.num_rois),
@@ -78,6 +85,16 @@ impl RoiAlign {
         Ok((params, total))
     }
 }
+
+/// The most outputs or feature values one kernel launch indexes: 2^31 - 1, so that an index
+/// plus the grid's stride (at most 2^31 threads) still fits 32 bits.
+#[cfg(any(test, feature = "cuda", feature = "metal"))]
+const MAX_KERNEL_ELEMENTS: usize = i32::MAX as usize;
+
+/// Threads per block of the CUDA kernel, as its `__launch_bounds__` declares: few enough that
+/// the compiler keeps every thread's registers on chip at any occupancy.
+#[cfg(any(test, feature = "cuda"))]
+const THREADS: u32 = 256;
 
 /// The scalar arguments of `roi_align_{f32,f16}`, in the order kernels/roi_align.cu takes them
 /// and kernels/roi_align.metal's `RoiAlignParams` declares them.
@@ -329,7 +346,12 @@ impl CustomOp2 for RoiAlign {
             );
             // SAFETY: the argument list matches `roi_align_{f32,f16}` in kernels/roi_align.cu,
             // and the buffers hold the sizes `p` describes.
-            unsafe { b.launch(LaunchConfig::for_num_elems(total)) }.w()?;
+            let config = LaunchConfig {
+                grid_dim: (total.div_ceil(THREADS), 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(config) }.w()?;
             Ok(out)
         }
 
@@ -473,6 +495,36 @@ mod tests {
     use candle_core::Device;
 
     #[test]
+    fn launches_that_32_bit_indices_cannot_cover_are_refused() {
+        let op = RoiAlign {
+            output_size: (14, 14),
+            spatial_scale: 0.25,
+            sampling_ratio: 2,
+            aligned: false,
+        };
+        let dims = |num_rois, channels, height, width| Dims {
+            batch: 1,
+            channels,
+            height,
+            width,
+            num_rois,
+        };
+        // (rois, channels, feature h, w) -> accepted: a full frame's masks, then outputs and
+        // features one past 2^31 - 1.
+        let cases = [
+            ((100, 256, 200, 336), true),
+            ((MAX_KERNEL_ELEMENTS / 196, 1, 1, 1), true),
+            ((MAX_KERNEL_ELEMENTS / 196 + 1, 1, 1, 1), false),
+            ((1, 1, MAX_KERNEL_ELEMENTS, 1), true),
+            ((1, 1, MAX_KERNEL_ELEMENTS + 1, 1), false),
+        ];
+        for ((r, c, h, w), ok) in cases {
+            let got = op.kernel_params(&dims(r, c, h, w));
+            assert_eq!(got.is_ok(), ok, "{r} rois, {c}×{h}×{w}: {:?}", got.err());
+        }
+    }
+
+    #[test]
     fn averages_bilinear_samples_like_torchvision() {
         // A 4×4 ramp f(y, x) = 4y + x is linear, so every in-bounds bilinear sample is exact
         // and a bin's average is f at the bin centre.
@@ -544,9 +596,9 @@ mod tests {
             // SAFETY: KernelParams is #[repr(C)], ten 4-byte fields.
             let words: [u32; 10] = unsafe { std::mem::transmute(params) };
             let seed = seed as u64;
-            // CUDA's launch (`LaunchConfig::for_num_elems`), and Metal's whole threadgroups
-            // (256 wide here), which run threads past the last output.
-            let launch = (total.div_ceil(1024), 1024);
+            // CUDA's launch, and Metal's whole threadgroups (256 wide here), which run threads
+            // past the last output.
+            let launch = (total.div_ceil(THREADS), THREADS);
             let metal_threads = total.div_ceil(256) * 256;
             let kernels = |input: &Values, out: *mut std::ffi::c_void, which: usize| {
                 if which == 0 {

@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::box_ops::{self, Box, BoxCoder, Candidates};
-use super::layers::{upload, Conv2d, ConvSpec, Linear};
+use super::layers::{layer_dtype, upload, Conv2d, ConvSpec, Linear};
 use super::poolers::MultiScaleRoIAlign;
 use crate::config::{Config, BOX_MIN_SIZE};
 use crate::error::{Error, Result};
@@ -201,6 +201,18 @@ impl RoiHeads {
             &[num_classes],
         )?;
 
+        let deconv_dtype = layer_dtype(
+            w,
+            "roi_heads.mask_predictor.conv5_mask",
+            &[&deconv_weight, &deconv_bias],
+            device,
+        );
+        let logits_dtype = layer_dtype(
+            w,
+            "roi_heads.mask_predictor.mask_fcn_logits",
+            &[&logits_weight],
+            device,
+        );
         Ok(Self {
             box_roi_pool: MultiScaleRoIAlign::new(BOX_POOL_SIZE),
             mask_roi_pool: MultiScaleRoIAlign::new(MASK_POOL_SIZE),
@@ -208,10 +220,15 @@ impl RoiHeads {
             cls_score,
             bbox_pred,
             mask_convs,
-            deconv_weight: upload(deconv_weight, (c, deconv_out * 4), device)?,
-            deconv_bias: upload(deconv_bias, (1, deconv_out, 1), device)?,
+            deconv_weight: upload(deconv_weight, (c, deconv_out * 4), deconv_dtype, device)?,
+            deconv_bias: upload(deconv_bias, (1, deconv_out, 1), deconv_dtype, device)?,
             deconv_out,
-            mask_logits_weight: upload(logits_weight, (num_classes, deconv_out), device)?,
+            mask_logits_weight: upload(
+                logits_weight,
+                (num_classes, deconv_out),
+                logits_dtype,
+                device,
+            )?,
             mask_logits_bias: Tensor::from_vec(mask_logits_bias, num_classes, device)?,
             num_classes,
             coder: BoxCoder::new(BOX_CODER_WEIGHTS),
@@ -336,8 +353,10 @@ impl RoiHeads {
             x = conv.forward_relu(&x)?;
         }
         let (_, c, h, w) = x.dims4()?;
-        // [D, C, h, w] -> [D*h*w, C] x [C, out*4] -> [D*h*w, out, 4] (+bias, relu).
+        // [D, C, h, w] -> [D*h*w, C] x [C, out*4] -> [D*h*w, out, 4] (+bias, relu), in the
+        // dtype the layer was kept in (f32 only beyond f16's range, see `layer_dtype`).
         let y = x
+            .to_dtype(self.deconv_weight.dtype())?
             .permute((0, 2, 3, 1))?
             .reshape((d * h * w, c))?
             .matmul(&self.deconv_weight)?
@@ -359,6 +378,7 @@ impl RoiHeads {
             .index_select(&labels_t, 0)?
             .reshape((d, 1, 1))?;
         let logits = y
+            .to_dtype(self.mask_logits_weight.dtype())?
             .reshape((d, h * w, self.deconv_out, 4))?
             .permute((0, 1, 3, 2))?
             .reshape((d, h * w * 4, self.deconv_out))?

@@ -8,7 +8,7 @@ use super::anchors::LevelAnchors;
 use super::box_ops::{self, Box, BoxCoder, Candidates};
 use super::layers::{Conv2d, ConvSpec};
 use super::sigmoid;
-use super::topk::top_n;
+use super::topk::top_n_levels;
 use crate::config::{Config, RPN_MIN_SIZE};
 use crate::error::Result;
 use crate::weights::Weights;
@@ -92,39 +92,67 @@ impl Rpn {
         out: &mut Vec<Box>,
     ) -> Result<()> {
         cand.clear();
-        for (level, feature) in features.iter().enumerate() {
-            let anchors = LevelAnchors::new(level, (feature.dim(2)?, feature.dim(3)?), padded);
+        // Every level's head is enqueued before anything is read back, so the device runs
+        // them back to back instead of idling while the host waits for each level's top-n.
+        let mut logits = Vec::with_capacity(features.len());
+        let mut deltas = Vec::with_capacity(features.len());
+        let mut grids = Vec::with_capacity(features.len());
+        for feature in features {
             let mut t = feature.clone();
             for conv in &self.convs {
                 t = conv.forward_relu(&t)?;
             }
-            // [1, A, H, W] -> [H, W, A], the anchors' order. The top-n runs on the device
-            // (see `topk`); only the winners' logits and box deltas come to the host, where
-            // decoding and NMS run in f32 (the deltas are f16 on GPUs until here).
-            let logits = self
-                .cls_logits
-                .forward(&t)?
-                .permute((0, 2, 3, 1))?
-                .flatten_all()?;
-            let top = top_n(&logits, self.pre_nms_top_n)?;
-            // [1, 4A, H, W] -> [1, A, 4, H, W] -> [H, W, A, 4].
             let (_, _, h, w) = t.dims4()?;
-            let winners = Tensor::from_slice(&top.indices, top.indices.len(), t.device())?;
-            let deltas: Vec<f32> = self
-                .bbox_pred
-                .forward(&t)?
-                .reshape((1, self.num_anchors, 4, h, w))?
-                .permute((0, 3, 4, 1, 2))?
-                .reshape((h * w * self.num_anchors, 4))?
-                .index_select(&winners, 0)?
-                .flatten_all()?
-                .to_dtype(DType::F32)?
-                .to_vec1()?;
+            // [1, A, H, W] -> [H, W, A], the anchors' order.
+            logits.push(
+                self.cls_logits
+                    .forward(&t)?
+                    .permute((0, 2, 3, 1))?
+                    .flatten_all()?,
+            );
+            // [1, 4A, H, W] -> [1, A, 4, H, W] -> [H, W, A, 4].
+            deltas.push(
+                self.bbox_pred
+                    .forward(&t)?
+                    .reshape((1, self.num_anchors, 4, h, w))?
+                    .permute((0, 3, 4, 1, 2))?
+                    .reshape((h * w * self.num_anchors, 4))?,
+            );
+            grids.push((h, w));
+        }
+        // The top-n runs on the device for all levels at once (see `topk`); only the
+        // winners' logits and box deltas come to the host, where decoding and NMS run in f32
+        // (the deltas are f16 on GPUs until here).
+        let tops = top_n_levels(&logits, self.pre_nms_top_n)?;
+        // One gather and one read of every level's winners' deltas: indices into the levels'
+        // deltas stacked as [sum of H*W*A, 4].
+        let mut winners = Vec::with_capacity(tops.iter().map(|t| t.indices.len()).sum());
+        let mut offset = 0u32;
+        for (top, d) in tops.iter().zip(&deltas) {
+            winners.extend(top.indices.iter().map(|&i| offset + i));
+            offset += d.dim(0)? as u32;
+        }
+        let winner_deltas: Vec<f32> = if winners.is_empty() {
+            Vec::new()
+        } else {
+            let device = features[0].device();
+            let n = winners.len();
+            let winners = Tensor::from_vec(winners, n, device)?;
+            crate::device::read_vec1(
+                &Tensor::cat(&deltas, 0)?
+                    .index_select(&winners, 0)?
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?,
+            )?
+        };
+        let mut level_deltas = winner_deltas.chunks_exact(4);
+        for (level, (top, &grid)) in tops.iter().zip(&grids).enumerate() {
+            let anchors = LevelAnchors::new(level, grid, padded);
             for ((&i, &logit), deltas) in top
                 .indices
                 .iter()
                 .zip(&top.values)
-                .zip(deltas.chunks_exact(4))
+                .zip(level_deltas.by_ref())
             {
                 let b = self.coder.decode(&anchors.get(i as usize), deltas);
                 let b = box_ops::clip_to_image(&b, image_size);

@@ -60,78 +60,215 @@ pub struct TopN {
 
 /// The `n` largest entries of the 1-D `values` (f32, or f16 on CUDA), as f32.
 pub fn top_n(values: &Tensor, n: usize) -> Result<TopN> {
-    let len = values.dim(0)?;
-    let n = n.min(len);
-    if n == 0 {
-        return Ok(TopN::default());
-    }
-    let values = match values.device() {
-        Device::Metal(_) => values.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
-        _ => values.contiguous()?,
+    let mut tops = top_n_levels(std::slice::from_ref(values), n)?;
+    Ok(tops.pop().unwrap_or_default())
+}
+
+/// [`top_n`] of every level at once: each pass is launched for all levels and their results
+/// come back in one read, so the whole selection costs four reads whatever the level count
+/// (three histograms and the collect), not four per level.
+pub fn top_n_levels(levels: &[Tensor], n: usize) -> Result<Vec<TopN>> {
+    let lens = levels
+        .iter()
+        .map(|t| t.dim(0))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let Some(first) = levels.first() else {
+        return Ok(Vec::new());
     };
-    select(
-        len,
+    // Metal has no kernels for the passes: every level comes over in one read and the passes
+    // run on the CPU copy, whose results are already on the host (not read again).
+    let (levels, counted) = match first.device() {
+        Device::Metal(_) => {
+            let flat: Vec<Tensor> = levels
+                .iter()
+                .map(|t| t.to_dtype(DType::F32))
+                .collect::<candle_core::Result<_>>()?;
+            let host = crate::device::to_host(&Tensor::cat(&flat, 0)?)?;
+            let mut offset = 0;
+            let mut split = Vec::with_capacity(lens.len());
+            for &len in &lens {
+                split.push(host.narrow(0, offset, len)?.contiguous()?);
+                offset += len;
+            }
+            (split, false)
+        }
+        _ => (
+            levels
+                .iter()
+                .map(|t| t.contiguous())
+                .collect::<candle_core::Result<_>>()?,
+            true,
+        ),
+    };
+    select_levels(
+        &lens,
         n,
-        |op| Ok(values.apply_op1_no_bwd(op)?.to_vec1()?),
-        |op| Ok(values.apply_op1_no_bwd(op)?.to_vec1()?),
+        |ops| run_pass(&levels, ops, counted),
+        |ops| run_pass(&levels, ops, counted),
     )
 }
 
-/// The host side of the radix select over `len` values, whatever runs the two passes.
+/// One pass over every level with an op: the outputs concatenated, read once (counted when
+/// they come from the device), split back by level.
+fn run_pass<C: CustomOp1>(
+    levels: &[Tensor],
+    ops: &[Option<C>],
+    counted: bool,
+) -> Result<Vec<Vec<u32>>> {
+    let mut outs = Vec::new();
+    let mut sizes = Vec::with_capacity(ops.len());
+    for (values, op) in levels.iter().zip(ops) {
+        match op {
+            Some(op) => {
+                let out = values.apply_op1_no_bwd(op)?;
+                sizes.push(out.dim(0)?);
+                outs.push(out);
+            }
+            None => sizes.push(0),
+        }
+    }
+    if outs.is_empty() {
+        return Ok(vec![Vec::new(); ops.len()]);
+    }
+    let all = Tensor::cat(&outs, 0)?;
+    let all: Vec<u32> = if counted {
+        crate::device::read_vec1(&all)?
+    } else {
+        all.to_vec1()?
+    };
+    let mut rest = &all[..];
+    Ok(sizes
+        .iter()
+        .map(|&size| {
+            let (head, tail) = rest.split_at(size);
+            rest = tail;
+            head.to_vec()
+        })
+        .collect())
+}
+
+/// The host side of the radix select over one level of `len` values, whatever runs the two
+/// passes.
+#[cfg(test)]
 fn select(
     len: usize,
     n: usize,
     mut histogram: impl FnMut(&Histogram) -> Result<Vec<u32>>,
     collect: impl FnOnce(&Collect) -> Result<Vec<u32>>,
 ) -> Result<TopN> {
-    // How many of the n winners are still to be found among the keys that share `prefix`.
-    let mut need = n as u32;
-    let mut prefix = 0u32;
-    let mut at_threshold = 0u32;
+    let one = |v: Option<Vec<u32>>| vec![v.unwrap_or_default()];
+    let mut tops = select_levels(
+        &[len],
+        n,
+        |ops| Ok(one(ops[0].as_ref().map(&mut histogram).transpose()?)),
+        |ops| Ok(one(ops[0].as_ref().map(collect).transpose()?)),
+    )?;
+    Ok(tops.pop().unwrap_or_default())
+}
+
+/// Where one level's search stands between passes.
+struct Search {
+    len: usize,
+    n: usize,
+    /// How many of the n winners are still to be found among the keys that share `prefix`.
+    need: u32,
+    prefix: u32,
+    at_threshold: u32,
+}
+
+/// The host side of the radix select over levels of `lens` values in lock step: each pass
+/// asks `histogram` (then `collect`) for every level with something to select (`None` for the
+/// others) and gets one result per level back.
+fn select_levels(
+    lens: &[usize],
+    n: usize,
+    mut histogram: impl FnMut(&[Option<Histogram>]) -> Result<Vec<Vec<u32>>>,
+    collect: impl FnOnce(&[Option<Collect>]) -> Result<Vec<Vec<u32>>>,
+) -> Result<Vec<TopN>> {
+    let mut searches: Vec<Search> = lens
+        .iter()
+        .map(|&len| Search {
+            len,
+            n: n.min(len),
+            need: n.min(len) as u32,
+            prefix: 0,
+            at_threshold: 0,
+        })
+        .collect();
     for (shift, bits) in DIGITS {
-        let hist = histogram(&Histogram {
-            prefix,
-            prefix_shift: shift + bits,
-            shift,
-            bits,
-        })?;
-        let mut digit = None;
-        for (d, &count) in hist.iter().enumerate().rev() {
-            if count >= need {
-                digit = Some(d as u32);
-                at_threshold = count;
-                break;
+        let ops: Vec<Option<Histogram>> = searches
+            .iter()
+            .map(|s| {
+                (s.n > 0).then_some(Histogram {
+                    prefix: s.prefix,
+                    prefix_shift: shift + bits,
+                    shift,
+                    bits,
+                })
+            })
+            .collect();
+        let hists = histogram(&ops)?;
+        for (s, hist) in searches.iter_mut().zip(&hists).filter(|(s, _)| s.n > 0) {
+            let mut digit = None;
+            for (d, &count) in hist.iter().enumerate().rev() {
+                if count >= s.need {
+                    digit = Some(d as u32);
+                    s.at_threshold = count;
+                    break;
+                }
+                s.need -= count;
             }
-            need -= count;
+            let Some(digit) = digit else {
+                // The matching keys were counted as at least `need` one pass earlier.
+                let msg = format!(
+                    "top_n: histogram of {} values lost entries at shift {shift}",
+                    s.len
+                );
+                return Err(candle_core::Error::Msg(msg).into());
+            };
+            s.prefix = (s.prefix << bits) | digit;
         }
-        let Some(digit) = digit else {
-            // The matching keys were counted as at least `need` one pass earlier.
-            let msg = format!("top_n: histogram of {len} values lost entries at shift {shift}");
-            return Err(candle_core::Error::Msg(msg).into());
-        };
-        prefix = (prefix << bits) | digit;
     }
-    let above = n as u32 - need;
-    let collected = collect(&Collect {
-        threshold: prefix,
-        above,
-        equal: at_threshold,
-    })?;
-    let (counts, collected) = collected.split_at(2);
-    if counts != [above, at_threshold] {
+    let ops: Vec<Option<Collect>> = searches
+        .iter()
+        .map(|s| {
+            (s.n > 0).then_some(Collect {
+                threshold: s.prefix,
+                above: s.n as u32 - s.need,
+                equal: s.at_threshold,
+            })
+        })
+        .collect();
+    let collected = collect(&ops)?;
+    searches
+        .iter()
+        .zip(&ops)
+        .zip(&collected)
+        .map(|((s, op), collected)| match op {
+            None => Ok(TopN::default()),
+            Some(op) => winners(s, op, collected),
+        })
+        .collect()
+}
+
+/// One level's winners from its collect pass, best first.
+fn winners(s: &Search, op: &Collect, collected: &[u32]) -> Result<TopN> {
+    let (above, at_threshold) = (op.above, op.equal);
+    if collected.len() < 2 || collected[..2] != [above, at_threshold] {
         let msg = format!(
-            "top_n: collected {} keys above and {} at the threshold where the histograms \
+            "top_n: collected {:?} keys above and at the threshold where the histograms \
              counted {above} and {at_threshold}",
-            counts[0], counts[1]
+            collected.get(..2)
         );
         return Err(candle_core::Error::Msg(msg).into());
     }
+    let collected = &collected[2..];
     let (pairs, equal) = collected.split_at(2 * above as usize);
     let mut winners: Vec<(u32, u32)> = pairs.chunks_exact(2).map(|p| (p[0], p[1])).collect();
     winners.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     let mut equal = equal.to_vec();
     equal.sort_unstable();
-    winners.extend(equal.iter().take(need as usize).map(|&i| (prefix, i)));
+    winners.extend(equal.iter().take(s.need as usize).map(|&i| (s.prefix, i)));
     Ok(TopN {
         indices: winners.iter().map(|w| w.1).collect(),
         values: winners.iter().map(|w| from_key(w.0)).collect(),

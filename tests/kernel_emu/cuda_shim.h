@@ -15,6 +15,8 @@ extern emu_dim3 blockIdx, blockDim, gridDim, threadIdx;
 #define __device__ static
 #define __forceinline__ inline
 #define __shared__ static
+// Occupancy hints for nvcc; the emulation runs threads one by one.
+#define __launch_bounds__(...)
 
 // Threads run one after another, so a barrier has nothing to wait for; kernels that need one
 // between phases (topk_histogram) are launched with one thread per block.
