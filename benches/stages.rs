@@ -10,7 +10,7 @@ use std::time::Duration;
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion};
 use drape::model::box_ops::Candidates;
-use drape::model::{Detections, Workspace};
+use drape::postprocess::{Detections, Detector};
 use drape::synthetic::{write_random_weights, SyntheticSpec};
 use drape::MaskRcnn;
 
@@ -118,12 +118,12 @@ fn stages(c: &mut Criterion) {
         group.bench_function("mask_head", |b| {
             b.iter(|| heads.mask_probs_from_pooled(&mask_pooled, &labels).unwrap())
         });
-        let (mut ws, mut out) = (Workspace::default(), Detections::default());
+        let (mut detector, mut out) = (Detector::default(), Detections::default());
         let settings = model.default_settings();
         group.bench_function("end_to_end", |b| {
             b.iter(|| {
-                model
-                    .detect_into(&rgb, (512, 512), settings, &mut ws, &mut out)
+                detector
+                    .run(&model, &rgb, (512, 512), settings, &mut out)
                     .unwrap()
             })
         });

@@ -7,9 +7,11 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::alloc::Account;
 use crate::error::Result;
 use crate::model::transform::Transform;
-use crate::model::{Detections, MaskRcnn, Timings, Workspace};
+use crate::model::{MaskRcnn, Timings};
+use crate::postprocess::{Detections, Detector};
 
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct StageStats {
@@ -20,8 +22,9 @@ pub struct StageStats {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub stages: BTreeMap<&'static str, StageStats>,
-    /// Heap allocations during one `detect`, averaged over the timed runs (0 when the binary
-    /// does not count allocations).
+    /// Heap allocations the model makes during one `detect` (booked to
+    /// [`crate::alloc::Account::Model`]: candle's tensors, gemm's buffers), averaged over the
+    /// timed runs (0 when the binary does not count allocations).
     pub model_allocs_per_frame: f64,
     pub peak_rss_mb: Option<f64>,
     /// Where the model ran, e.g. `Cpu`, `Cuda { gpu_id: 0 }`.
@@ -154,23 +157,23 @@ pub fn run(
     mut progress: impl FnMut(),
 ) -> Result<BenchReport> {
     let settings = model.default_settings();
-    let mut ws = Workspace::default();
+    let mut detector = Detector::default();
     let mut result = Detections::default();
-    model.detect_into(rgb, size, settings, &mut ws, &mut result)?;
+    detector.run(model, rgb, size, settings, &mut result)?;
     let instances = result.instances.len();
     let cold_start_ms = process_start.elapsed().as_secs_f64() * 1e3;
     progress();
     for _ in 1..warmup {
-        model.detect_into(rgb, size, settings, &mut ws, &mut result)?;
+        detector.run(model, rgb, size, settings, &mut result)?;
         progress();
     }
     let mut samples = Vec::with_capacity(iters);
     let mut allocs = 0;
     let trips_before = crate::device::round_trips();
     for _ in 0..iters {
-        let before = crate::alloc::counts().0;
-        model.detect_into(rgb, size, settings, &mut ws, &mut result)?;
-        allocs += crate::alloc::counts().0 - before;
+        let before = crate::alloc::booked(Account::Model);
+        detector.run(model, rgb, size, settings, &mut result)?;
+        allocs += crate::alloc::booked(Account::Model) - before;
         samples.push(result.timings);
         progress();
     }

@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::bench::percentile;
 use crate::error::{Error, Result};
 use crate::model::transform::Transform;
-use crate::model::{Detections, FrameSettings, MaskRcnn, Workspace};
-use crate::pipeline::{BudgetController, CostModel};
+use crate::model::{FrameSettings, MaskRcnn};
+use crate::pipeline::{ladder, CostModel};
+use crate::postprocess::{Detections, Detector};
 
 /// Share of the budget the chosen settings may use at p99 (as the pipeline plans).
 const PROFILE_HEADROOM: f64 = 0.9;
@@ -86,20 +87,46 @@ pub struct ProfileTransforms {
     pub crop: Option<String>,
 }
 
+/// What `drape calibrate` found, and what `drape run` checks before trusting it (see
+/// [`Profile::seed`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Profile {
+    /// [`device_name`] of the device measured: costs are facts about it alone.
     pub device: String,
     pub threads: usize,
     pub model_sha256: String,
     pub budget_ms: f64,
-    /// The chosen ladder position and what it means.
+    /// The chosen ladder position and the input size it stood for.
     pub level: usize,
     pub min_size: usize,
     pub max_size: usize,
-    pub max_masks: usize,
     pub costs: CostModel,
     pub transforms: ProfileTransforms,
     pub measured: Vec<Measured>,
+}
+
+/// What a run is, for deciding how much of a profile applies to it.
+#[derive(Debug, Clone)]
+pub struct RunSetup<'a> {
+    /// [`device_name`] of the device the run uses.
+    pub device: &'a str,
+    pub threads: usize,
+    pub model_sha256: &'a str,
+    pub budget_ms: f64,
+    /// The model's own (min_size, max_size), the top of the run's ladder.
+    pub base: (usize, usize),
+    pub transforms: &'a ProfileTransforms,
+}
+
+/// How a run uses a profile.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Seed {
+    /// Made for another model or device: nothing in it applies. Says why.
+    Ignore(String),
+    /// Costs to start the cost model from, and the ladder level to start at: the profile's
+    /// choice where it was made for this very run (budget, threads, input sizes and camera
+    /// transforms alike), else the top, from which the budget steps down as it learns.
+    Costs { costs: CostModel, level: usize },
 }
 
 impl Profile {
@@ -134,6 +161,34 @@ impl Profile {
         })
     }
 
+    /// How much of this profile `run` may use; see [`Seed`].
+    pub fn seed(&self, run: &RunSetup<'_>) -> Seed {
+        if self.model_sha256 != run.model_sha256 {
+            return Seed::Ignore("calibrated for another model".into());
+        }
+        if self.device != run.device {
+            return Seed::Ignore(format!("calibrated on {}", self.device));
+        }
+        let same_size = ladder(run.base).get(self.level) == Some(&(self.min_size, self.max_size));
+        let same_run = self.budget_ms == run.budget_ms
+            && self.threads == run.threads
+            && &self.transforms == run.transforms
+            && same_size;
+        Seed::Costs {
+            costs: self.costs,
+            level: if same_run { self.level } else { 0 },
+        }
+    }
+
+    /// The profile `run` loads: `explicit` if given, else the default one for `device` if it
+    /// exists.
+    pub fn for_run(explicit: Option<&Path>, device: &Device, threads: usize) -> Option<PathBuf> {
+        match explicit {
+            Some(path) => Some(path.to_path_buf()),
+            None => Some(Self::default_path(device, threads)).filter(|p| p.exists()),
+        }
+    }
+
     /// The default profile location for `device`: the bundled `calibration/` folder, so
     /// `calibrate` and `run` agree on it from any working directory (relative to the working
     /// directory only when drape runs without its bundled files).
@@ -144,7 +199,7 @@ impl Profile {
     }
 }
 
-/// Runs `frames` frames at every ladder size of `controller` (first without masks, then with
+/// Runs `frames` frames at every size of the model's [`ladder`] (first without masks, then with
 /// every detection masked) and derives a profile for `budget_ms`. `progress` ticks per run.
 pub fn calibrate(
     model: &MaskRcnn,
@@ -153,21 +208,23 @@ pub fn calibrate(
     runs_per_size: usize,
     mut progress: impl FnMut(),
 ) -> Result<(Vec<Measured>, usize, usize, CostModel)> {
-    if frames.is_empty() || runs_per_size == 0 {
-        return Err(Error::Config(
-            "calibration needs frames and at least one run".into(),
+    if runs_per_size == 0 {
+        return Err(Error::Config("calibration needs at least one run".into()));
+    }
+    if frames.is_empty() {
+        return Err(Error::Capture(
+            "the source gave no frames to calibrate on".into(),
         ));
     }
     let base = (model.config().min_size, model.config().max_size);
     let full = model.config().detections_per_img;
-    let controller = BudgetController::new(budget_ms, base, full);
-    let mut ws = Workspace::default();
+    let mut detector = Detector::default();
     let mut out = Detections::default();
     // One untimed run first: the first frame pays for page faults and lazy set-up.
     let (rgb, size) = &frames[0];
-    model.detect_into(rgb, *size, model.default_settings(), &mut ws, &mut out)?;
+    detector.run(model, rgb, *size, model.default_settings(), &mut out)?;
     let mut measured = Vec::new();
-    for &(min_size, max_size) in controller.ladder() {
+    for (min_size, max_size) in ladder(base) {
         let mut fixed = Vec::new();
         let mut per_mask = Vec::new();
         let mut input = [0, 0];
@@ -179,7 +236,7 @@ pub fn calibrate(
                     max_size,
                     max_masks,
                 };
-                model.detect_into(rgb, *size, settings, &mut ws, &mut out)?;
+                detector.run(model, rgb, *size, settings, &mut out)?;
                 let t = &out.timings;
                 let mask = t.mask_head + t.paste + t.rle;
                 if max_masks == 0 {
@@ -265,5 +322,75 @@ mod tests {
             "{}",
             path.display()
         );
+    }
+
+    #[test]
+    fn a_profile_applies_as_far_as_the_run_matches_it() {
+        let costs = CostModel {
+            fixed_ms_per_mpx: 50.0,
+            mask_ms: 1.0,
+            safety: 1.2,
+        };
+        let base = (800, 1333);
+        let (min_size, max_size) = ladder(base)[2];
+        let profile = Profile {
+            device: "cpu-x-2t".into(),
+            threads: 2,
+            model_sha256: "abc".into(),
+            budget_ms: 100.0,
+            level: 2,
+            min_size,
+            max_size,
+            costs,
+            transforms: ProfileTransforms::default(),
+            measured: Vec::new(),
+        };
+        let transforms = ProfileTransforms::default();
+        let run = RunSetup {
+            device: "cpu-x-2t",
+            threads: 2,
+            model_sha256: "abc",
+            budget_ms: 100.0,
+            base,
+            transforms: &transforms,
+        };
+        assert_eq!(profile.seed(&run), Seed::Costs { costs, level: 2 });
+        let flipped = ProfileTransforms {
+            flip: true,
+            ..ProfileTransforms::default()
+        };
+        let top = Seed::Costs { costs, level: 0 };
+        for other in [
+            RunSetup {
+                budget_ms: 50.0,
+                ..run.clone()
+            },
+            RunSetup {
+                threads: 4,
+                ..run.clone()
+            },
+            RunSetup {
+                base: (640, 1066),
+                ..run.clone()
+            },
+            RunSetup {
+                transforms: &flipped,
+                ..run.clone()
+            },
+        ] {
+            assert_eq!(profile.seed(&other), top, "{other:?}");
+        }
+        for other in [
+            RunSetup {
+                model_sha256: "def",
+                ..run.clone()
+            },
+            RunSetup {
+                device: "cuda-a100",
+                ..run.clone()
+            },
+        ] {
+            assert!(matches!(profile.seed(&other), Seed::Ignore(_)), "{other:?}");
+        }
     }
 }

@@ -17,15 +17,8 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::model::plan::{plan, DevicePlan, PlanTarget};
 use crate::model::Architecture;
-use crate::weights::{sha256_hex, Weights};
+use crate::weights::{sha256_hex, HeadVariant, Weights};
 use crate::MaskRcnn;
-
-/// Tensors only one head variant has, to name it (torchvision's `maskrcnn_resnet50_fpn` is v1
-/// with `TwoMLPHead`; `maskrcnn_resnet50_fpn_v2` has a `FastRCNNConvFCHead` of conv blocks).
-const HEAD_MARKERS: &[(&str, &str)] = &[
-    ("roi_heads.box_head.fc6.weight", "v1"),
-    ("roi_heads.box_head.0.0.weight", "v2"),
-];
 
 /// Whether drape can run the file, and if not, the loader's error.
 #[derive(Debug, Clone, Serialize)]
@@ -77,10 +70,7 @@ pub fn inspect(path: &Path, plan_request: Option<PlanRequest>) -> Result<Report>
         .map(|(shape, _)| shape.iter().product::<usize>() as u64)
         .sum();
     let tensors = weights.entries().count();
-    let head = HEAD_MARKERS
-        .iter()
-        .find(|(name, _)| weights.contains(name))
-        .map_or("unknown", |(_, v)| v);
+    let head = weights.head_variant().map_or("unknown", HeadVariant::name);
 
     let mut report = Report {
         path: path.to_path_buf(),

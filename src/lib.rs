@@ -5,7 +5,7 @@
 //! let model = drape::MaskRcnn::load("weights/drape-tiny-r50.safetensors", |_| {}, &candle_core::Device::Cpu)?;
 //! let image = drape::image_io::load_rgb("tests/fixtures/images/landscape.png")?;
 //! let result = model.detect(image.as_raw(), (image.height() as usize, image.width() as usize))?;
-//! println!("{}", drape::output::to_json(&model, &result, Default::default()));
+//! println!("{}", drape::output::to_json(model.labels(), &result, Default::default()));
 //! # Ok(()) }
 //! ```
 
@@ -14,7 +14,6 @@ pub mod assets;
 pub mod bench;
 pub mod calibrate;
 pub mod capture;
-pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod convert;
@@ -24,12 +23,15 @@ pub mod eval;
 pub mod health;
 pub mod image_io;
 pub mod inspect;
+pub mod interp;
 pub mod labels;
+mod mmap;
 pub mod model;
 pub mod output;
 pub mod overlay;
 pub mod pipeline;
 pub mod postprocess;
+pub mod rle;
 pub mod service;
 pub mod stream;
 pub mod synthetic;
@@ -40,4 +42,5 @@ pub mod weights;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use model::{Detections, MaskRcnn};
+pub use model::MaskRcnn;
+pub use postprocess::Detections;

@@ -12,20 +12,22 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use drape::alloc::CountingAlloc;
-use drape::calibrate::{Profile, ProfileTransforms};
+use drape::calibrate::{Profile, ProfileTransforms, RunSetup, Seed};
 use drape::capture::{Crop, PixelFormat, Rotation, SourceSpec, Transforms};
-use drape::cli::ModelArgs;
 use drape::clock::SystemClock;
 use drape::health::RunStatus;
-use drape::output::RleFormat;
-use drape::pipeline::{self, BudgetController, JsonLines, PipelineOptions, Sink};
+use drape::pipeline::{self, BudgetController, PipelineOptions};
 use drape::stream::http::{HttpOptions, HttpServer};
-use drape::stream::jsonl::{JsonlFile, RotatePolicy, SinkHealth};
-use drape::stream::mqtt::{MqttConfig, MqttMasks, MqttSink, MqttStats};
+use drape::stream::jsonl::{JsonLines, JsonlFile, RotatePolicy, SinkHealth};
+use drape::stream::mqtt::{MqttConfig, MqttSink, MqttStats};
 use drape::stream::unix::{UnixOptions, UnixServer};
-use drape::stream::{labels_by_id, Hub, HubSink};
+use drape::stream::{Hub, HubSink, Sink};
 use drape::track::TrackerConfig;
 use drape::{image_io, output, overlay};
+
+mod cli;
+
+use cli::{choice, ModelArgs};
 
 // candle allocates a fresh buffer per tensor op; glibc malloc returns large ones to the kernel
 // and faults them back in every time, mimalloc keeps them (5x on large elementwise ops here).
@@ -59,14 +61,14 @@ enum Command {
     /// Time every stage over repeated runs on one image (median, p99, allocations, RSS).
     Bench(BenchArgs),
     /// Convert a PyTorch checkpoint (.pth/.pt) to the safetensors file drape loads.
-    Convert(drape::convert::ConvertArgs),
+    Convert(cli::convert::ConvertArgs),
     /// Describe a weights file and check that drape can run it.
     Inspect(InspectArgs),
     /// Accuracy on annotated images: iMaterialist 2019 score and COCO mask AP, per class;
     /// --sweep prices each input size and mask cap in accuracy and latency.
-    Eval(drape::eval::EvalArgs),
+    Eval(cli::eval::EvalArgs),
     /// Write a Kaggle iMaterialist submission CSV (non-overlapping masks).
-    Submit(drape::eval::SubmitArgs),
+    Submit(cli::eval::SubmitArgs),
     /// Stream a camera or a recording through the model under a latency budget (JSON Lines).
     Run(RunArgs),
     /// The whole pipeline on the bundled frames and model, with the live preview page.
@@ -223,7 +225,7 @@ struct OutputArgs {
     no_profile: bool,
     /// Mask encoding in the JSON lines.
     #[arg(long, value_enum, default_value = "coco")]
-    rle: RleFormat,
+    rle: choice::Rle,
     #[command(flatten)]
     mqtt: MqttArgs,
     #[command(flatten)]
@@ -242,7 +244,7 @@ struct MqttArgs {
     mqtt_ca: Option<PathBuf>,
     /// Masks in the frame records sent to the broker.
     #[arg(long, value_enum, default_value = "none", requires = "mqtt")]
-    mqtt_masks: MqttMasks,
+    mqtt_masks: choice::MqttMasks,
     /// MQTT client id, unique per mirror (default: drape-HOSTNAME).
     #[arg(long, requires = "mqtt")]
     mqtt_client_id: Option<String>,
@@ -259,19 +261,16 @@ impl MqttArgs {
         };
         let mut config = MqttConfig::from_url(url, &client_id)?.credentials_from_env()?;
         config.ca = self.mqtt_ca.clone();
-        config.masks = self.mqtt_masks;
+        config.masks = self.mqtt_masks.into();
         config.validate()?;
         Ok(Some(config))
     }
 }
 
 fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its whole length, which is what gethostname is told.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    match std::str::from_utf8(&buf[..end]) {
-        Ok(h) if rc == 0 && !h.is_empty() => h.to_string(),
+    let uname = rustix::system::uname();
+    match uname.nodename().to_str() {
+        Ok(h) if !h.is_empty() => h.to_string(),
         _ => "unknown".to_string(),
     }
 }
@@ -353,7 +352,7 @@ struct DetectArgs {
     overlay: Option<PathBuf>,
     /// Mask encoding in the JSON.
     #[arg(long, value_enum, default_value = "coco")]
-    rle: RleFormat,
+    rle: choice::Rle,
 }
 
 #[derive(clap::Args)]
@@ -405,7 +404,7 @@ fn detect(args: DetectArgs) -> Result<()> {
         result.input_size.1
     );
 
-    let text = serde_json::to_string(&output::to_json(&model, &result, args.rle))?;
+    let text = serde_json::to_string(&output::to_json(model.labels(), &result, args.rle.into()))?;
     match args.json.as_deref() {
         None => writeln!(std::io::stdout().lock(), "{text}")?,
         Some(target) if target == Path::new("-") => writeln!(std::io::stdout().lock(), "{text}")?,
@@ -724,24 +723,24 @@ fn stream(
     let threads = rayon::current_num_threads();
     let base = (model.config().min_size, model.config().max_size);
     let mut controller = BudgetController::new(budget_ms, base, model.config().detections_per_img);
-    if !outputs.no_profile {
-        let path = outputs
-            .profile
-            .clone()
-            .unwrap_or_else(|| Profile::default_path(model.device(), threads));
-        if path.exists() || outputs.profile.is_some() {
-            let profile = Profile::load(&path)?;
-            let sha = drape::weights::sha256_file(&model_args.weights_path()?)?;
-            if profile.model_sha256 != sha {
-                tracing::warn!(profile = %path.display(), "profile was calibrated for another model; ignoring it");
-            } else {
-                // The costs are facts about this device; the chosen size only fits its budget.
-                let level = if profile.budget_ms == budget_ms {
-                    profile.level
-                } else {
-                    0
-                };
-                controller = controller.with_costs(profile.costs, level);
+    let explicit = outputs.profile.as_deref();
+    let found = Profile::for_run(explicit, model.device(), threads);
+    if let Some(path) = found.filter(|_| !outputs.no_profile) {
+        let profile = Profile::load(&path)?;
+        let setup = RunSetup {
+            device: &drape::calibrate::device_name(model.device(), threads),
+            threads,
+            model_sha256: &drape::weights::sha256_file(&model_args.weights_path()?)?,
+            budget_ms,
+            base,
+            transforms: &source_args.transforms(),
+        };
+        match profile.seed(&setup) {
+            Seed::Ignore(why) => {
+                tracing::warn!(profile = %path.display(), "{why}; ignoring it");
+            }
+            Seed::Costs { costs, level } => {
+                controller = controller.with_costs(costs, level);
                 eprintln!("drape: costs from {}", path.display());
             }
         }
@@ -807,7 +806,7 @@ fn stream(
     if outputs.unix.is_some() || http.is_some() {
         sinks.push(Box::new(HubSink::new(
             Arc::clone(&hub),
-            labels_by_id(&model),
+            model.labels().clone(),
         )));
     }
     if let Some(config) = mqtt {
@@ -825,7 +824,7 @@ fn stream(
 
     let options = PipelineOptions {
         duration,
-        rle: outputs.rle,
+        rle: outputs.rle.into(),
         status: Some(Arc::clone(&hub.status)),
         track,
         ..PipelineOptions::new(budget_ms)
@@ -905,7 +904,6 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
         level,
         min_size: measured[level].min_size,
         max_size: measured[level].max_size,
-        max_masks,
         costs,
         transforms: args.source.transforms(),
         measured,
@@ -920,7 +918,7 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
         profile.device,
         profile.min_size,
         profile.max_size,
-        profile.max_masks,
+        max_masks,
         profile.budget_ms,
         if profile.measured[level].fixed_p99_ms <= profile.budget_ms { "this" } else { "even the smallest" },
         profile.measured[level].fixed_p99_ms,
@@ -1069,10 +1067,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Detect(args) => detect(args),
         Command::Bench(args) => bench(args, process_start),
-        Command::Convert(args) => drape::convert::run(args),
+        Command::Convert(args) => cli::convert::run(args),
         Command::Inspect(args) => inspect(args),
-        Command::Eval(args) => drape::eval::run_eval(args),
-        Command::Submit(args) => drape::eval::run_submit(args),
+        Command::Eval(args) => cli::eval::run_eval(args),
+        Command::Submit(args) => cli::eval::run_submit(args),
         Command::Run(args) => run(args),
         Command::Demo(args) => demo(args),
         Command::Calibrate(args) => calibrate(args),

@@ -7,12 +7,13 @@ use std::fmt;
 use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Serialize, Serializer};
 
-use crate::model::{Detections, MaskRcnn};
-use crate::postprocess::{Instance, Rle};
+use crate::labels::Labels;
+use crate::postprocess::{Detections, Instance};
+use crate::rle::Rle;
 use crate::track::InstanceTrack;
 
 /// How masks are written in JSON.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum RleFormat {
     /// `{"size": [H, W], "counts": "<COCO compressed RLE>"}`, as `pycocotools.mask.encode`.
     #[default]
@@ -26,7 +27,7 @@ pub enum RleFormat {
 /// track's `track_id`, `track_confirmed` and `smoothed_box` beside the raw values when `tracks`
 /// is given (one per instance, in order).
 pub struct InstancesJson<'a> {
-    pub model: &'a MaskRcnn,
+    pub labels: &'a Labels,
     pub instances: &'a [Instance],
     /// `None` leaves the `mask` key out (light records, e.g. for a message broker).
     pub masks: Option<RleFormat>,
@@ -58,7 +59,7 @@ impl Serialize for InstanceJson<'_> {
             m.serialize_entry("track_id", &t.track_id)?;
         }
         m.serialize_entry("class_id", &i.class_id)?;
-        m.serialize_entry("label", all.model.label(i.class_id))?;
+        m.serialize_entry("label", all.labels.get(i.class_id))?;
         m.serialize_entry("score", &i.score)?;
         m.serialize_entry("box", &i.bbox)?;
         if let Some(format) = all.masks {
@@ -107,8 +108,8 @@ impl fmt::Display for CountsStr<'_> {
 }
 
 /// `{"width", "height", "input_size", "timings_ms", "instances"}`, instances by descending score.
-pub fn to_json(model: &MaskRcnn, d: &Detections, format: RleFormat) -> serde_json::Value {
-    struct Json<'a>(&'a MaskRcnn, &'a Detections, RleFormat);
+pub fn to_json(labels: &Labels, d: &Detections, format: RleFormat) -> serde_json::Value {
+    struct Json<'a>(&'a Labels, &'a Detections, RleFormat);
     impl Serialize for Json<'_> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             let d = self.1;
@@ -119,7 +120,7 @@ pub fn to_json(model: &MaskRcnn, d: &Detections, format: RleFormat) -> serde_jso
             // The same stage names as `drape run`'s lines and `drape bench`.
             m.serialize_entry("timings_ms", &d.timings)?;
             let instances = InstancesJson {
-                model: self.0,
+                labels: self.0,
                 instances: &d.instances,
                 masks: Some(self.2),
                 tracks: None,
@@ -128,5 +129,5 @@ pub fn to_json(model: &MaskRcnn, d: &Detections, format: RleFormat) -> serde_jso
             m.end()
         }
     }
-    serde_json::to_value(Json(model, d, format)).expect("plain data serialises")
+    serde_json::to_value(Json(labels, d, format)).expect("plain data serialises")
 }

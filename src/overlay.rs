@@ -2,6 +2,8 @@
 //! 8×8 bitmap font (font8x8, public domain), coloured by class, or by track in the live preview
 //! so each garment keeps its colour while it moves.
 
+use std::fmt::{self, Display, Write};
+
 use font8x8::UnicodeFonts;
 use image::{Rgb, RgbImage};
 
@@ -41,7 +43,11 @@ pub fn draw<'a>(image: &mut RgbImage, instances: &[Instance], label: impl Fn(usi
         image,
         instances,
         |i| class_colour(instances[i].class_id),
-        |i| format!("{} {:.2}", label(instances[i].class_id), instances[i].score),
+        |i| Caption {
+            track: None,
+            label: label(instances[i].class_id),
+            score: instances[i].score,
+        },
     );
 }
 
@@ -58,19 +64,37 @@ pub fn draw_tracked<'a>(
         image,
         instances,
         |i| track_colour(id(i)),
-        |i| {
-            let inst = &instances[i];
-            format!("#{} {} {:.2}", id(i), label(inst.class_id), inst.score)
+        |i| Caption {
+            track: Some(id(i)),
+            label: label(instances[i].class_id),
+            score: instances[i].score,
         },
     );
 }
 
+/// "label score", after "#id " when tracked: formatted straight into the glyphs drawn, so
+/// drawing allocates nothing.
+struct Caption<'a> {
+    track: Option<u64>,
+    label: &'a str,
+    score: f32,
+}
+
+impl Display for Caption<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(id) = self.track {
+            write!(f, "#{id} ")?;
+        }
+        write!(f, "{} {:.2}", self.label, self.score)
+    }
+}
+
 /// Instances are addressed by index, so colour and caption may depend on more than the instance.
-fn draw_with(
+fn draw_with<'a>(
     image: &mut RgbImage,
     instances: &[Instance],
     colour_of: impl Fn(usize) -> [u8; 3],
-    caption_of: impl Fn(usize) -> String,
+    caption_of: impl Fn(usize) -> Caption<'a>,
 ) {
     for (i, inst) in instances.iter().enumerate().rev() {
         let colour = colour_of(i);
@@ -140,11 +164,34 @@ pub fn glyphs(image: &mut RgbImage, x: i64, y: i64, s: &str, colour: [u8; 3]) {
     }
 }
 
-/// White glyphs on a bar of `background`.
-fn text(image: &mut RgbImage, x: i64, y: i64, s: &str, background: [u8; 3]) {
-    let width = 8 * s.chars().count() as i64;
-    for dy in -1..9 {
-        hline(image, x, x + width, y + dy, background);
+/// White glyphs of `s` on a bar of `background`, drawn as `s` formats itself.
+fn text(image: &mut RgbImage, x: i64, y: i64, s: &impl Display, background: [u8; 3]) {
+    /// Counts the characters written, for the bar's width.
+    struct Count(i64);
+    impl Write for Count {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            self.0 += s.chars().count() as i64;
+            Ok(())
+        }
     }
-    glyphs(image, x, y, s, [255, 255, 255]);
+    /// Draws each piece after the ones before it.
+    struct Pen<'a> {
+        image: &'a mut RgbImage,
+        x: i64,
+        y: i64,
+    }
+    impl Write for Pen<'_> {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            glyphs(self.image, self.x, self.y, s, [255, 255, 255]);
+            self.x += 8 * s.chars().count() as i64;
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Neither writer fails, and a caption's `Display` only passes their results on.
+    let _ = write!(count, "{s}");
+    for dy in -1..9 {
+        hline(image, x, x + 8 * count.0, y + dy, background);
+    }
+    let _ = write!(Pen { image, x, y }, "{s}");
 }

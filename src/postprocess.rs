@@ -1,156 +1,21 @@
-//! From detections in resized-image coordinates to instances in the original image:
-//! torchvision's `transform.postprocess` (`resize_boxes`, `paste_masks_in_image`) followed by
-//! thresholding and COCO run-length encoding, as `pycocotools.mask.encode` writes it.
+//! The stage after the model: from detections in resized-image coordinates to instances in the
+//! original image. torchvision's `transform.postprocess` (`resize_boxes`,
+//! `paste_masks_in_image`) followed by thresholding and COCO run-length encoding, as
+//! `pycocotools.mask.encode` writes it.
 
 use std::time::Instant;
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 
 use crate::error::Result;
+use crate::interp::{linear_taps, LinearTap};
 use crate::model::box_ops::Box;
 use crate::model::roi_heads::{Detection, MASK_SIZE};
-use crate::model::transform::{linear_taps, LinearTap};
+use crate::model::{FrameSettings, MaskRcnn, ModelOutput, Timings, Workspace};
+use crate::rle::{Rect, Rle};
 
 /// `paste_masks_in_image(padding=1)`: masks get a one-pixel zero border and boxes grow to match.
 const PASTE_PADDING: usize = 1;
-
-/// A binary mask as COCO's uncompressed RLE: alternating run lengths of 0s and 1s in
-/// column-major (Fortran) order, starting with 0s.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rle {
-    pub height: usize,
-    pub width: usize,
-    pub counts: Vec<u32>,
-}
-
-impl Rle {
-    /// Encodes a row-major `0/1` mask.
-    pub fn encode(mask: &[u8], height: usize, width: usize) -> Self {
-        let mut rle = Self {
-            height,
-            width,
-            counts: Vec::new(),
-        };
-        let all = Rect {
-            x0: 0,
-            y0: 0,
-            x1: width,
-            y1: height,
-        };
-        let column_major: Vec<u8> = (0..width)
-            .flat_map(|x| (0..height).map(move |y| mask[y * width + x]))
-            .collect();
-        rle.encode_region_into(&column_major, all, (height, width));
-        rle
-    }
-
-    /// Encodes a `height`×`width` mask that is zero outside `rect`, given only `rect`'s
-    /// pixels in column-major order (COCO's), reusing this value's buffer: no allocation once
-    /// it has held a mask with as many runs, no pass over the zeros around the box, and runs
-    /// found by scanning contiguous columns.
-    pub fn encode_region_into(
-        &mut self,
-        pixels: &[u8],
-        rect: Rect,
-        (height, width): (usize, usize),
-    ) {
-        self.height = height;
-        self.width = width;
-        self.counts.clear();
-        let mut current = 0u8;
-        let mut run = 0u32;
-        let mut push = |counts: &mut Vec<u32>, value: u8, n: usize| {
-            if value != current && n > 0 {
-                counts.push(run);
-                run = 0;
-                current = value;
-            }
-            run += n as u32;
-        };
-        let rect_h = rect.y1 - rect.y0;
-        push(&mut self.counts, 0, rect.x0 * height);
-        for x in 0..rect.x1 - rect.x0 {
-            push(&mut self.counts, 0, rect.y0);
-            let mut rest = &pixels[x * rect_h..][..rect_h];
-            while let Some(&v) = rest.first() {
-                let n = rest.iter().position(|&p| p != v).unwrap_or(rest.len());
-                push(&mut self.counts, v, n);
-                rest = &rest[n..];
-            }
-            push(&mut self.counts, 0, height - rect.y1);
-        }
-        push(&mut self.counts, 0, (width - rect.x1) * height);
-        self.counts.push(run);
-    }
-
-    /// Calls `f(y, x)` for every foreground pixel.
-    pub fn for_each_foreground(&self, mut f: impl FnMut(usize, usize)) {
-        let mut pos = 0usize;
-        for (i, &c) in self.counts.iter().enumerate() {
-            if i % 2 == 1 {
-                for p in pos..pos + c as usize {
-                    f(p % self.height, p / self.height);
-                }
-            }
-            pos += c as usize;
-        }
-    }
-
-    pub fn area(&self) -> u64 {
-        self.counts
-            .iter()
-            .skip(1)
-            .step_by(2)
-            .map(|&c| c as u64)
-            .sum()
-    }
-
-    /// pycocotools' `rleToString`: each count (after the first two, as a difference to the
-    /// count two back) in little-endian 5-bit groups with a continuation bit, offset by 48.
-    pub fn write_coco_string(&self, out: &mut impl std::fmt::Write) -> std::fmt::Result {
-        for (i, &c) in self.counts.iter().enumerate() {
-            let mut x = c as i64;
-            if i > 2 {
-                x -= self.counts[i - 2] as i64;
-            }
-            loop {
-                let mut ch = (x & 0x1f) as u8;
-                x >>= 5;
-                let more = if ch & 0x10 != 0 { x != -1 } else { x != 0 };
-                if more {
-                    ch |= 0x20;
-                }
-                out.write_char((ch + 48) as char)?;
-                if !more {
-                    break;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The iMaterialist/Kaggle form: `start length` pairs of foreground runs, starts
-    /// 1-indexed in column-major order, space-separated.
-    pub fn write_kaggle_string(&self, out: &mut impl std::fmt::Write) -> std::fmt::Result {
-        let mut pos = 0u64;
-        let mut first = true;
-        for (i, &c) in self.counts.iter().enumerate() {
-            if i % 2 == 1 && c > 0 {
-                let sep = if first { "" } else { " " };
-                write!(out, "{sep}{} {c}", pos + 1)?;
-                first = false;
-            }
-            pos += c as u64;
-        }
-        Ok(())
-    }
-
-    pub fn to_coco_string(&self) -> String {
-        let mut s = String::new();
-        self.write_coco_string(&mut s).expect("writing to a String");
-        s
-    }
-}
 
 /// A final detection in original-image pixels.
 #[derive(Debug, Clone)]
@@ -162,18 +27,59 @@ pub struct Instance {
     pub mask: Option<Rle>,
 }
 
-/// A pixel rectangle `[x0, x1) × [y0, y1)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rect {
-    pub x0: usize,
-    pub y0: usize,
-    pub x1: usize,
-    pub y1: usize,
+/// The result of one image.
+#[derive(Debug, Clone, Default)]
+pub struct Detections {
+    pub width: usize,
+    pub height: usize,
+    pub instances: Vec<Instance>,
+    pub timings: Timings,
+    /// (width, height) of the resized image the model ran on.
+    pub input_size: (usize, usize),
+    /// How many instances got a mask (the rest were beyond the frame's mask cap).
+    pub masked: usize,
 }
 
-impl Rect {
-    fn area(&self) -> usize {
-        (self.x1 - self.x0) * (self.y1 - self.y0)
+impl MaskRcnn {
+    /// Runs the whole model on one interleaved 8-bit RGB image of `(height, width)`, then
+    /// postprocesses it: torchvision's `model(images)` for one image. Streams keep a
+    /// [`Detector`] (or a [`Workspace`] and a [`Postprocessor`]) instead, so their buffers
+    /// outlive the frame.
+    pub fn detect(&self, rgb: &[u8], size: (usize, usize)) -> Result<Detections> {
+        let mut out = Detections::default();
+        Detector::default().run(self, rgb, size, self.default_settings(), &mut out)?;
+        Ok(out)
+    }
+}
+
+/// Both stages' buffers for a caller that runs them back to back on each image (bench,
+/// calibration, evaluation), reused across images.
+#[derive(Default)]
+pub struct Detector {
+    pub workspace: Workspace,
+    pub model_output: ModelOutput,
+    pub postprocessor: Postprocessor,
+}
+
+impl Detector {
+    /// [`MaskRcnn::detect_into`] and then [`Postprocessor::run`] into `out`.
+    pub fn run(
+        &mut self,
+        model: &MaskRcnn,
+        rgb: &[u8],
+        size: (usize, usize),
+        settings: FrameSettings,
+        out: &mut Detections,
+    ) -> Result<()> {
+        model.detect_into(
+            rgb,
+            size,
+            settings,
+            &mut self.workspace,
+            &mut self.model_output,
+        )?;
+        self.postprocessor
+            .run(&self.model_output, model.config().mask_thresh, out)
     }
 }
 
@@ -188,7 +94,7 @@ struct Region {
     w: usize,
     h: usize,
     inside: Rect,
-    /// Start of this mask's pixels in [`Paster`]'s buffer.
+    /// Start of this mask's pixels in [`Postprocessor`]'s buffer.
     offset: usize,
 }
 
@@ -229,7 +135,7 @@ const PADDED_SIDE: usize = MASK_SIZE + 2 * PASTE_PADDING;
 /// probabilities are (a CUDA kernel on CUDA), so only the binary pixels inside each box come
 /// to the host. Owns every buffer it needs, so a stream of frames allocates nothing on the
 /// CPU path once the buffers have grown.
-pub struct Paster {
+pub struct Postprocessor {
     /// The masks of the last call: each region's pixels inside the image, column-major,
     /// concatenated.
     pixels: Vec<u8>,
@@ -237,34 +143,63 @@ pub struct Paster {
     padded: Vec<f32>,
     /// Masks of instances from earlier frames, kept for their buffers.
     spare: Vec<Rle>,
+    /// The most runs one mask has had. A buffer handed out holds at least this many, so each
+    /// grows at most once after the largest mask has been seen, whichever masks it gets.
+    most_runs: usize,
     rows: Vec<LinearTap>,
     /// Milliseconds spent pasting and encoding in the last call.
     paste_ms: f64,
     rle_ms: f64,
 }
 
-impl Default for Paster {
+impl Default for Postprocessor {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl Paster {
+impl Postprocessor {
     pub fn new() -> Self {
         Self {
             pixels: Vec::new(),
             regions: Vec::new(),
             padded: vec![0.0; PADDED_SIDE * PADDED_SIDE],
             spare: Vec::new(),
+            most_runs: 0,
             rows: Vec::new(),
             paste_ms: 0.0,
             rle_ms: 0.0,
         }
     }
 
-    /// (paste, RLE) milliseconds of the last [`Self::paste_into`].
-    pub fn last_timings(&self) -> (f64, f64) {
-        (self.paste_ms, self.rle_ms)
+    /// Makes `out` from what the model returned: instances in original-image pixels, masks
+    /// thresholded at `mask_thresh`, and the model's timings with this stage's added.
+    pub fn run(
+        &mut self,
+        model_output: &ModelOutput,
+        mask_thresh: f32,
+        out: &mut Detections,
+    ) -> Result<()> {
+        let m = model_output;
+        let started = Instant::now();
+        {
+            let _span = tracing::debug_span!("paste").entered();
+            self.paste_into(
+                &m.detections,
+                m.mask_probs.as_ref(),
+                (m.image_size, m.original),
+                mask_thresh,
+                &mut out.instances,
+            )?;
+        }
+        let mut t = m.timings;
+        (t.paste, t.rle) = (self.paste_ms, self.rle_ms);
+        t.total += started.elapsed().as_secs_f64() * 1e3;
+        out.timings = t;
+        (out.height, out.width) = m.original;
+        out.input_size = (m.image_size.1, m.image_size.0);
+        out.masked = m.masked;
+        Ok(())
     }
 
     /// Replaces `out` with one instance per detection; the first `D` detections get masks from
@@ -324,8 +259,11 @@ impl Paster {
                 width: 0,
                 counts: Vec::new(),
             });
+            rle.counts.clear();
+            rle.counts.reserve(self.most_runs);
             let pixels = &self.pixels[region.offset..][..region.inside.area()];
             rle.encode_region_into(pixels, region.inside, original);
+            self.most_runs = self.most_runs.max(rle.counts.len());
             instance.mask = Some(rle);
         }
         self.paste_ms = (pasted - started).as_secs_f64() * 1e3;
@@ -524,45 +462,6 @@ mod tests {
     use crate::test_rng::TestRng;
 
     #[test]
-    fn rle_is_column_major_and_starts_with_zeros() {
-        // 2×3, row-major:
-        // 1 0 1
-        // 1 0 0
-        let m = [1, 0, 1, 1, 0, 0];
-        let r = Rle::encode(&m, 2, 3);
-        // Column-major: 1 1 | 0 0 | 1 0
-        assert_eq!(r.counts, vec![0, 2, 2, 1, 1]);
-        assert_eq!(r.area(), 3);
-    }
-
-    #[test]
-    fn region_encoding_matches_the_full_canvas() {
-        let (h, w) = (7, 9);
-        let mut rng = TestRng::new(3);
-        let mut bit = || (rng.unit() < 0.5) as u8;
-        let rects = [
-            (0, 0, 9, 7),
-            (2, 1, 5, 6),
-            (0, 3, 1, 7),
-            (8, 0, 9, 1),
-            (4, 4, 4, 6),
-        ];
-        for (x0, y0, x1, y1) in rects {
-            let rect = Rect { x0, y0, x1, y1 };
-            let pixels: Vec<u8> = (0..rect.area()).map(|_| bit()).collect();
-            let mut canvas = vec![0u8; h * w];
-            for y in y0..y1 {
-                for x in x0..x1 {
-                    canvas[y * w + x] = pixels[(x - x0) * (y1 - y0) + (y - y0)];
-                }
-            }
-            let mut rle = Rle::encode(&[], 0, 0);
-            rle.encode_region_into(&pixels, rect, (h, w));
-            assert_eq!(rle, Rle::encode(&canvas, h, w), "{rect:?}");
-        }
-    }
-
-    #[test]
     fn the_cuda_kernel_pastes_what_the_cpu_does() {
         let mut rng = TestRng::new(4);
         let mut unit = || rng.unit();
@@ -592,7 +491,7 @@ mod tests {
                 .map(|_| (unit() * 8.0).floor() / 8.0)
                 .collect();
             let t = Tensor::from_slice(&probs, (40, MASK_SIZE, MASK_SIZE), &Device::Cpu).unwrap();
-            let mut paster = Paster::new();
+            let mut paster = Postprocessor::new();
             let sizes = (resized, original);
             paster
                 .paste_into(&dets, Some(&t), sizes, 0.5, &mut Vec::new())
@@ -642,7 +541,7 @@ mod tests {
         assert!(!strided.is_contiguous());
         let run = |probs: &Tensor| {
             let mut out = Vec::new();
-            Paster::new()
+            Postprocessor::new()
                 .paste_into(&dets, Some(probs), ((40, 40), (40, 40)), 0.5, &mut out)
                 .unwrap();
             out.into_iter().map(|i| i.mask.unwrap()).collect::<Vec<_>>()
@@ -655,49 +554,15 @@ mod tests {
         // Two masks, three detections: the last is beyond the cap.
         let mut out = Vec::new();
         let two = t.narrow(0, 0, 2).unwrap();
-        Paster::new()
+        Postprocessor::new()
             .paste_into(&dets, Some(&two), ((40, 40), (40, 40)), 0.5, &mut out)
             .unwrap();
         assert_eq!(
             out.iter().map(|i| i.mask.is_some()).collect::<Vec<_>>(),
             [true, true, false]
         );
-        assert!(Paster::new()
+        assert!(Postprocessor::new()
             .paste_into(&dets[..1], Some(&two), ((40, 40), (40, 40)), 0.5, &mut out)
             .is_err());
-    }
-
-    #[test]
-    fn kaggle_runs_are_one_indexed_and_column_major() {
-        // 3×2 row-major: first pixel (0,0) set, last pixel (2,1) set, and (1,1).
-        // Column-major order: (0,0) (1,0) (2,0) (0,1) (1,1) (2,1) → 1 0 0 0 1 1.
-        let r = Rle::encode(&[1, 0, 0, 1, 0, 1], 3, 2);
-        let mut s = String::new();
-        r.write_kaggle_string(&mut s).unwrap();
-        assert_eq!(s, "1 1 5 2");
-        let empty = Rle::encode(&[0; 6], 3, 2);
-        let mut s = String::new();
-        empty.write_kaggle_string(&mut s).unwrap();
-        assert_eq!(s, "");
-    }
-
-    #[test]
-    fn coco_string_matches_pycocotools() {
-        // pycocotools.mask.encode(np.asfortranarray(np.array([[1,0,1],[1,0,0]], np.uint8)))
-        // -> {'size': [2, 3], 'counts': b'022OO'}; the last two counts are differences of -1.
-        let r = Rle {
-            height: 2,
-            width: 3,
-            counts: vec![0, 2, 2, 1, 1],
-        };
-        assert_eq!(r.to_coco_string(), "022OO");
-        // A count over 15 spans several 5-bit groups; pycocotools gives b'T3' for a 10×10
-        // all-zero mask.
-        let big = Rle {
-            height: 10,
-            width: 10,
-            counts: vec![100],
-        };
-        assert_eq!(big.to_coco_string(), "T3");
     }
 }

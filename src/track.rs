@@ -20,9 +20,10 @@ use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Serialize, Serializer};
 
 use crate::error::{Error, Result};
+use crate::labels::Labels;
 use crate::model::box_ops::{self, Box};
-use crate::postprocess::{Instance, Rle};
-use crate::MaskRcnn;
+use crate::postprocess::Instance;
+use crate::rle::Rle;
 
 /// A detection and a track overlap enough to be the same garment at this IoU.
 pub const MIN_IOU: f32 = 0.3;
@@ -160,14 +161,21 @@ pub struct Tracker {
     cost: Vec<f64>,
     assign: Vec<usize>,
     hungarian: Hungarian,
+    /// The most runs a stored mask has had: a slot's mask buffer is made at least this large,
+    /// so each grows at most once after the largest mask has been seen.
+    most_runs: usize,
 }
+
+/// Events one frame can make at most: every track ends, and as many start in the freed slots.
+const MAX_EVENTS: usize = 2 * MAX_TRACKS;
 
 impl Tracker {
     pub fn new(config: TrackerConfig) -> Result<Self> {
         config.validate()?;
         Ok(Self {
             config,
-            tracks: Vec::new(),
+            // Bounded, so reserved whole: a busy frame never grows them mid-run.
+            tracks: Vec::with_capacity(MAX_TRACKS),
             next_id: 1,
             slot_of: Vec::new(),
             done: Vec::new(),
@@ -177,6 +185,7 @@ impl Tracker {
             cost: Vec::new(),
             assign: Vec::new(),
             hungarian: Hungarian::default(),
+            most_runs: 0,
         })
     }
 
@@ -194,6 +203,8 @@ impl Tracker {
     pub fn update(&mut self, instances: &[Instance], now: Instant, out: &mut FrameTracks) {
         out.instances.clear();
         out.events.clear();
+        out.events.reserve(MAX_EVENTS);
+        out.instances.reserve(instances.len());
         let max_age = self.config.max_age;
         for t in self.tracks.iter_mut().filter(|t| t.alive) {
             t.seen = false;
@@ -324,7 +335,7 @@ impl Tracker {
         for (s, r) in t.smoothed.iter_mut().zip(inst.bbox) {
             *s += ema * (r - *s);
         }
-        store_mask(t, inst);
+        store_mask(t, inst, &mut self.most_runs);
         if !t.confirmed && t.hits >= confirm {
             t.confirmed = true;
             out.events.push(started(t, now));
@@ -384,7 +395,7 @@ impl Tracker {
         t.bbox = inst.bbox;
         t.smoothed = inst.bbox;
         t.seen = true;
-        store_mask(t, inst);
+        store_mask(t, inst, &mut self.most_runs);
         if confirm <= 1 {
             t.confirmed = true;
             out.events.push(started(t, now));
@@ -393,12 +404,14 @@ impl Tracker {
     }
 }
 
-fn store_mask(t: &mut Track, inst: &Instance) {
+fn store_mask(t: &mut Track, inst: &Instance, most_runs: &mut usize) {
     t.has_mask = false;
     if let Some(m) = &inst.mask {
+        *most_runs = (*most_runs).max(m.counts.len());
         t.mask.height = m.height;
         t.mask.width = m.width;
         t.mask.counts.clear();
+        t.mask.counts.reserve(*most_runs);
         t.mask.counts.extend_from_slice(&m.counts);
         t.mask_area = m.area();
         t.has_mask = true;
@@ -578,7 +591,7 @@ impl Hungarian {
 }
 
 /// `[{"track_id", "event", "class_id", "label", "box", "duration_ms", "frames", "reason"?}]`.
-pub struct EventsJson<'a>(pub &'a MaskRcnn, pub &'a [TrackEvent]);
+pub struct EventsJson<'a>(pub &'a Labels, pub &'a [TrackEvent]);
 
 impl Serialize for EventsJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -591,7 +604,7 @@ impl Serialize for EventsJson<'_> {
 }
 
 /// One event, as its own JSON object (a frame record's `events` entry, or an MQTT message).
-pub struct EventJson<'a>(pub &'a MaskRcnn, pub &'a TrackEvent);
+pub struct EventJson<'a>(pub &'a Labels, pub &'a TrackEvent);
 
 impl Serialize for EventJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -600,7 +613,7 @@ impl Serialize for EventJson<'_> {
         m.serialize_entry("track_id", &e.track_id)?;
         m.serialize_entry("event", &e.kind)?;
         m.serialize_entry("class_id", &e.class_id)?;
-        m.serialize_entry("label", self.0.label(e.class_id))?;
+        m.serialize_entry("label", self.0.get(e.class_id))?;
         m.serialize_entry("box", &e.bbox)?;
         m.serialize_entry("duration_ms", &e.duration_ms)?;
         m.serialize_entry("frames", &e.frames)?;

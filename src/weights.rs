@@ -40,6 +40,34 @@ const KEY_REMAP: &[(&str, &str, i64)] = &[
     ),
 ];
 
+/// torchvision's two Mask R-CNN layouts, which differ in every head (see
+/// [`crate::model::Architecture::variant`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadVariant {
+    /// `maskrcnn_resnet50_fpn`: the box head is `TwoMLPHead` (fc6, fc7).
+    V1,
+    /// `maskrcnn_resnet50_fpn_v2`: the box head is `FastRCNNConvFCHead`, conv blocks first.
+    V2,
+}
+
+impl HeadVariant {
+    /// The tensor only this variant's box head has.
+    fn marker(self) -> &'static str {
+        match self {
+            Self::V1 => "roi_heads.box_head.fc6.weight",
+            Self::V2 => "roi_heads.box_head.0.0.weight",
+        }
+    }
+
+    /// `v1` or `v2`, as torchvision's builder names end.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::V1 => "v1",
+            Self::V2 => "v2",
+        }
+    }
+}
+
 /// Keys that training checkpoints carry but inference never reads.
 const IGNORED_SUFFIXES: &[&str] = &[".num_batches_tracked"];
 
@@ -109,9 +137,7 @@ impl Weights {
                 reason: "this is a directory; give the .safetensors file inside it".into(),
             });
         }
-        // SAFETY: the mapping is read-only; a file truncated underneath us by another process
-        // is outside what any mmap-based loader can defend against.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let mmap = crate::mmap::map_readonly(&file).map_err(io)?;
         let (tensors, metadata) = parse_header(&path, &mmap)?;
         Ok(Self {
             path,
@@ -157,6 +183,13 @@ impl Weights {
 
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+
+    /// Which layout the file's box head has, by its tensor names; `None` when it has neither.
+    pub fn head_variant(&self) -> Option<HeadVariant> {
+        [HeadVariant::V1, HeadVariant::V2]
+            .into_iter()
+            .find(|v| self.contains(v.marker()))
     }
 
     /// Canonical tensor names, in no particular order.
@@ -332,25 +365,19 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
         )));
     }
     let data_start = 8 + header_len as usize;
-    // The data end promised by the header, computed before the library's own validation so a
-    // truncated file is reported as such rather than as a generic inconsistency.
-    if let Ok(header) = serde_json::from_slice::<serde_json::Value>(&bytes[8..data_start]) {
-        let promised = header
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
-            .max()
-            .unwrap_or(0);
-        if data_start as u64 + promised > file_len {
-            return Err(Error::Truncated {
+    // The header is parsed once, by the library, which also checks every offset against the
+    // file; only when that fails is it read again, to tell a file cut short (reported with the
+    // size its header promises) from a generic inconsistency.
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        match promised_end(&bytes[8..data_start]).map(|end| data_start as u64 + end) {
+            Some(expected) if expected > file_len => Error::Truncated {
                 path: path.to_path_buf(),
-                expected: data_start as u64 + promised,
+                expected,
                 found: file_len,
-            });
+            },
+            _ => not_st(e.to_string()),
         }
-    }
-    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| not_st(e.to_string()))?;
+    })?;
     let metadata = meta.metadata().clone().unwrap_or_default();
     let mut tensors = HashMap::new();
     for (file_name, info) in meta.tensors() {
@@ -373,6 +400,19 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
         }
     }
     Ok((tensors, metadata))
+}
+
+/// The largest data offset a safetensors JSON header names, if it is JSON at all.
+fn promised_end(header: &[u8]) -> Option<u64> {
+    let header: serde_json::Value = serde_json::from_slice(header).ok()?;
+    Some(
+        header
+            .as_object()?
+            .values()
+            .filter_map(|v| v.get("data_offsets")?.get(1)?.as_u64())
+            .max()
+            .unwrap_or(0),
+    )
 }
 
 #[cfg(test)]

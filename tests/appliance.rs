@@ -18,11 +18,11 @@ use drape::capture::{
 };
 use drape::clock::ManualClock;
 use drape::health::RunStatus;
-use drape::pipeline::{self, BudgetController, Emitted, PipelineOptions, Sink};
+use drape::pipeline::{self, BudgetController, PipelineOptions};
 use drape::stream::http::{AcceptBackoff, HttpOptions, HttpServer};
 use drape::stream::jsonl::{JsonlFile, RotatePolicy, SinkHealth};
 use drape::stream::unix::{UnixOptions, UnixServer};
-use drape::stream::Hub;
+use drape::stream::{Emitted, Hub, Sink};
 use drape::Error;
 
 /// Generous: only a hung run takes this long.
@@ -356,19 +356,6 @@ fn recordings_with_absurd_headers_are_refused() {
     }
 }
 
-/// Runs the `drape` binary and returns (exit code, stderr).
-fn drape(args: &[&str]) -> (Option<i32>, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drape"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
-
 #[test]
 fn bad_flags_are_refused_naming_the_flag() {
     let run = ["run", "--budget-ms", "100"];
@@ -384,8 +371,7 @@ fn bad_flags_are_refused_naming_the_flag() {
     ];
     for (extra, flag) in cases {
         let args: Vec<&str> = run.iter().chain(extra).copied().collect();
-        let (code, stderr) = drape(&args);
-        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        let stderr = common::run_err(common::drape_command().args(&args));
         assert!(stderr.contains(flag), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
@@ -536,18 +522,8 @@ fn http_server(addr: &str, hub: Arc<Hub>, options: HttpOptions) -> HttpServer {
 
 /// Sends `request` and returns the status code and the whole response.
 fn http_get(addr: SocketAddr, request: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(HANG)).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, text)
+    let r = common::http_exchange(addr, request, HANG).unwrap();
+    (r.status, r.text())
 }
 
 #[test]
@@ -829,12 +805,11 @@ fn emfile_child() {
         .with_writer(io::stderr)
         .with_ansi(false)
         .init();
-    let limit = libc::rlimit {
-        rlim_cur: 64,
-        rlim_max: 64,
+    let limit = rustix::process::Rlimit {
+        current: Some(64),
+        maximum: Some(64),
     };
-    // SAFETY: setrlimit reads the struct we pass and changes only this process's limit.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    rustix::process::setrlimit(rustix::process::Resource::Nofile, limit).unwrap();
     let server = http_server("127.0.0.1:0", Hub::new(), HttpOptions::default());
     // Markers, not whole lines: the test harness may print on the same line.
     println!("port={}", server.local_addr().port());
@@ -928,8 +903,12 @@ fn the_unit_file_passes_systemd_analyze_verify() {
 #[test]
 fn the_example_config_holds_only_known_keys() {
     // Every key of deploy/drape.toml is a `drape run` flag: an unknown one would fail first.
-    let (code, stderr) = drape(&["run", "--config", "deploy/drape.toml", "--duration=-1"]);
-    assert_eq!(code, Some(1), "{stderr}");
+    let stderr = common::run_err(common::drape_command().args([
+        "run",
+        "--config",
+        "deploy/drape.toml",
+        "--duration=-1",
+    ]));
     assert!(stderr.contains("--duration"), "{stderr}");
 }
 
@@ -938,14 +917,15 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "budget-ms = 100\nbudget_msec = 3\n").unwrap();
-    let (code, stderr) = drape(&["run", "--config", bad.to_str().unwrap()]);
-    assert_eq!(code, Some(1), "{stderr}");
+    let stderr =
+        common::run_err(common::drape_command().args(["run", "--config", bad.to_str().unwrap()]));
     assert!(stderr.contains("unknown key `budget_msec`"), "{stderr}");
 
     let cfg = dir.path().join("drape.toml");
     std::fs::write(&cfg, "budget-ms = 100\nduration = -1\n").unwrap();
-    let (code, stderr) = drape(&["run", "--config", cfg.to_str().unwrap()]);
-    assert_eq!(code, Some(1), "the file's duration is used: {stderr}");
+    // The file's duration is used.
+    let stderr =
+        common::run_err(common::drape_command().args(["run", "--config", cfg.to_str().unwrap()]));
     assert!(stderr.contains("--duration -1"), "{stderr}");
 
     // As a service runs it: notify socket set, stderr not a terminal.
@@ -953,7 +933,7 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
     let listener = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
     listener.set_read_timeout(Some(HANG)).unwrap();
     let jsonl = dir.path().join("out.jsonl");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drape"))
+    let out = common::drape_command()
         .args(["run", "--config", cfg.to_str().unwrap(), "--duration", "3"])
         .args([
             "--jsonl",
@@ -964,7 +944,6 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
             "info",
         ])
         .env("NOTIFY_SOCKET", &notify)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1051,7 +1030,7 @@ fn healthz_turns_503_with_a_reason_when_frames_stop() {
             let model = common::tiny_model();
             let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(drape::stream::HubSink::new(
                 Arc::clone(&hub),
-                drape::stream::labels_by_id(&model),
+                model.labels().clone(),
             ))];
             let source = Stalling {
                 frames: 1,

@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -35,71 +33,14 @@ fn http(
     path: &str,
     body: Option<&Value>,
 ) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        s,
+    let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )?;
-    // Read the head, then exactly Content-Length bytes: ChromeDriver keeps connections open.
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 8192];
-    let end = loop {
-        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            break end;
-        }
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        raw.extend_from_slice(&buf[..n]);
-    };
-    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let length = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    let mut body = raw[end + 4..].to_vec();
-    match length {
-        Some(n) => {
-            while body.len() < n {
-                let got = s.read(&mut buf)?;
-                if got == 0 {
-                    break;
-                }
-                body.extend_from_slice(&buf[..got]);
-            }
-        }
-        None => {
-            s.read_to_end(&mut body)?;
-            if head.contains("transfer-encoding: chunked") {
-                body = dechunk(&body);
-            }
-        }
-    }
-    Ok((status, body))
-}
-
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&raw[..eol]).unwrap().trim(), 16).unwrap();
-        if size == 0 {
-            break;
-        }
-        out.extend_from_slice(&raw[eol + 2..eol + 2 + size]);
-        raw = &raw[eol + 4 + size..];
-    }
-    out
+    );
+    let r = common::http_exchange(("127.0.0.1", port), &request, Duration::from_secs(60))?;
+    Ok((r.status, r.body))
 }
 
 fn webdriver(port: u16, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -127,8 +68,7 @@ fn demo_page_shows_live_instances_in_headless_chromium() {
     }
     let demo_port = common::free_port();
     let _demo = Guard(
-        Command::new(env!("CARGO_BIN_EXE_drape"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+        common::drape_command()
             .args([
                 "demo",
                 "--http",

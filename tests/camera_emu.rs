@@ -117,9 +117,8 @@ impl Emu {
 }
 
 fn drape() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_drape"));
-    c.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("NO_COLOR", "1");
+    let mut c = common::drape_command();
+    c.env("NO_COLOR", "1");
     c
 }
 
@@ -217,11 +216,7 @@ impl Running {
     /// Sends SIGTERM and waits for the exit: (status, every line, stderr, seconds to exit).
     fn terminate(mut self) -> (ExitStatus, Vec<Value>, String, f64) {
         let start = Instant::now();
-        // SAFETY: kill(2) on our own child's pid, which is not reaped until the wait below.
-        assert_eq!(
-            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) },
-            0
-        );
+        common::terminate(&self.child);
         let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 break status;
@@ -427,13 +422,8 @@ fn cameras_lists_the_emulated_device_and_its_formats() {
          mode MJPG 1280 720 30 15\n\
          stepwise RGB3 32 640 2 32 480 2 30\n",
     );
-    let out = emu.drape().args(["cameras", "--json"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cameras: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let (cameras, _) = common::run_json(emu.drape().args(["cameras", "--json"]));
+    let cameras: Vec<Value> = serde_json::from_value(cameras).unwrap();
     // The metadata node UVC cameras add beside the video node offers no video format.
     assert!(
         cameras.iter().all(|c| c["path"] != "/dev/video74"),

@@ -22,20 +22,13 @@ fn image() -> String {
 
 #[test]
 fn detect_prints_json_with_the_documented_fields() {
-    let weights = common::fixtures().join("tiny_r50/model.safetensors");
+    let weights = common::tiny_weights();
     let (mut cmd, _cwd) = drape();
-    let out = cmd
-        .args(["detect", "--json", "-", "--weights"])
-        .arg(weights)
-        .arg(image())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (v, stderr) = common::run_json(
+        cmd.args(["detect", "--json", "-", "--weights"])
+            .arg(weights)
+            .arg(image()),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["width"], 150);
     assert_eq!(v["height"], 200);
     // The same stage names as `drape run`'s lines and `drape bench`.
@@ -50,7 +43,6 @@ fn detect_prints_json_with_the_documented_fields() {
     assert_eq!(v["timings_ms"].as_object().unwrap().len(), stages.len());
     // The model ran at the file's 160-pixel short side, not at the image's size, and says so.
     assert_eq!(v["input_size"], serde_json::json!([160, 213]));
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("image 150x200, model input 160x213"),
         "{stderr}"
@@ -76,17 +68,9 @@ fn detect_uses_bundled_weights_and_writes_an_overlay() {
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("overlay.png");
     let (mut cmd, _cwd) = drape();
-    let out = cmd
-        .args(["detect", "--overlay"])
-        .arg(&png)
-        .arg(image())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The overlay does not take the JSON's place on stdout.
+    let (v, _) = common::run_json(cmd.args(["detect", "--overlay"]).arg(&png).arg(image()));
+    assert!(!v["instances"].as_array().unwrap().is_empty());
     let overlay = image::open(&png).unwrap();
     assert_eq!((overlay.width(), overlay.height()), (150, 200));
     let original = image::open(image()).unwrap();
@@ -95,9 +79,6 @@ fn detect_uses_bundled_weights_and_writes_an_overlay() {
         original.to_rgb8().as_raw(),
         "nothing was drawn"
     );
-    // The overlay does not take the JSON's place on stdout.
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(!v["instances"].as_array().unwrap().is_empty());
 }
 
 #[test]
@@ -159,14 +140,11 @@ fn bad_inputs_fail_with_a_message_naming_them() {
 #[test]
 fn a_wrong_drape_home_says_where_it_looked() {
     let (mut cmd, _cwd) = drape();
-    let out = cmd
-        .env("DRAPE_HOME", "/no/such/drape")
-        .args(["detect"])
-        .arg(image())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = common::run_err(
+        cmd.env("DRAPE_HOME", "/no/such/drape")
+            .args(["detect"])
+            .arg(image()),
+    );
     assert!(
         stderr.contains("weights/drape-tiny-r50.safetensors not found; looked in /no/such/drape"),
         "{stderr}"
@@ -176,7 +154,7 @@ fn a_wrong_drape_home_says_where_it_looked() {
 #[test]
 fn inspect_and_detect_explain_a_bad_file_alike() {
     let dir = tempfile::tempdir().unwrap();
-    let good = std::fs::read(common::fixtures().join("tiny_r50/model.safetensors")).unwrap();
+    let good = std::fs::read(common::tiny_weights()).unwrap();
     let image = image();
     let cases: [(&str, Vec<u8>, &str); 3] = [
         ("truncated", good[..100_000].to_vec(), "truncated"),
@@ -192,9 +170,7 @@ fn inspect_and_detect_explain_a_bad_file_alike() {
         std::fs::write(&path, bytes).unwrap();
         for command in [vec!["inspect"], vec!["detect", &image, "--weights"]] {
             let (mut cmd, _cwd) = drape();
-            let out = cmd.args(&command).arg(&path).output().unwrap();
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(1), "{command:?} {name}: {stderr}");
+            let stderr = common::run_err(cmd.args(&command).arg(&path));
             assert!(stderr.contains(reason), "{command:?} {name}: {stderr}");
         }
     }
@@ -202,17 +178,7 @@ fn inspect_and_detect_explain_a_bad_file_alike() {
 
 #[test]
 fn a_closed_stdout_ends_detect_quietly() {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe(2) writes.
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    // SAFETY: both descriptors were just opened by pipe(2) and are owned only here.
-    let (read, write) = unsafe {
-        use std::os::fd::FromRawFd;
-        (
-            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
-            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
-        )
-    };
+    let (read, write) = rustix::pipe::pipe().unwrap();
     // The reader is gone before drape writes a byte, as with `drape detect ... | head -c0`.
     drop(read);
     let (mut cmd, _cwd) = drape();
@@ -256,12 +222,6 @@ fn run_and_bench_work_from_any_directory_on_the_bundled_files() {
     let lines = std::fs::read_to_string(&jsonl).unwrap();
     assert!(lines.lines().count() >= 1, "{stderr}");
     let (mut cmd, _cwd) = drape();
-    let out = cmd
-        .args(["bench", "--iters", "1", "--warmup", "1", "--json"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (v, _) = common::run_json(cmd.args(["bench", "--iters", "1", "--warmup", "1", "--json"]));
     assert_eq!(v["iters"], 1);
 }

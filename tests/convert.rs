@@ -11,19 +11,16 @@ mod common;
 use std::collections::HashMap;
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::Device;
+use common::Stored;
 use drape::MaskRcnn;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use sha2::{Digest, Sha256};
 
 fn drape(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_drape"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .unwrap()
+    common::drape_command().args(args).output().unwrap()
 }
 
 fn text(out: &Output) -> String {
@@ -38,49 +35,15 @@ fn checkpoint(name: &str) -> PathBuf {
     common::fixtures().join("checkpoints").join(name)
 }
 
-fn tiny() -> PathBuf {
-    common::fixtures().join("tiny_r50/model.safetensors")
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-struct Stored {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
+/// A safetensors file's tensors by name, and its metadata.
 fn read(path: &Path) -> (HashMap<String, Stored>, HashMap<String, String>) {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let tensors = st
-        .tensors()
-        .into_iter()
-        .map(|(name, v)| {
-            let stored = Stored {
-                dtype: v.dtype(),
-                shape: v.shape().to_vec(),
-                data: v.data().to_vec(),
-            };
-            (name, stored)
-        })
-        .collect();
-    (tensors, meta.metadata().clone().unwrap_or_default())
-}
-
-fn write(path: &Path, tensors: &HashMap<String, Stored>) {
-    let views: Vec<_> = tensors
-        .iter()
-        .map(|(n, t)| {
-            let view =
-                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap();
-            (n.as_str(), view)
-        })
-        .collect();
-    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+    let (tensors, meta) = common::read_safetensors(path);
+    let by_name = tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+    (by_name, meta)
 }
 
 fn sha256(path: &Path) -> String {
@@ -105,8 +68,8 @@ fn detections(model: &MaskRcnn) -> String {
 
 #[test]
 fn good_checkpoints_convert_to_the_fixture_and_detect_the_same() {
-    let (reference, _) = read(&tiny());
-    let expected = detections(&load(&tiny()));
+    let (reference, _) = read(&common::tiny_weights());
+    let expected = detections(&load(&common::tiny_weights()));
     let dir = tempfile::tempdir().unwrap();
     // (checkpoint, extra flags, what the summary must say)
     let cases: &[(&str, &[&str], &[&str])] = &[
@@ -200,15 +163,9 @@ fn precision_loss_is_reported_per_tensor() {
 
 #[test]
 fn dtype_and_labels_flags() {
-    let (reference, _) = read(&tiny());
+    let (reference, _) = read(&common::tiny_weights());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let f16 = |t: &Stored| -> Vec<f32> {
-        t.data
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect()
-    };
     for (flag, dtype) in [("f32", Dtype::F32), ("bf16", Dtype::BF16)] {
         let out = d.join(format!("{flag}.safetensors"));
         let ckpt = checkpoint("zip_training.pth");
@@ -219,8 +176,9 @@ fn dtype_and_labels_flags() {
             let t = &tensors[name];
             assert_eq!(t.dtype, dtype, "{name}");
             let expected: Vec<u8> = match dtype {
-                Dtype::F32 => f16(r).iter().flat_map(|v| v.to_le_bytes()).collect(),
-                _ => f16(r)
+                Dtype::F32 => r.values().iter().flat_map(|v| v.to_le_bytes()).collect(),
+                _ => r
+                    .values()
                     .iter()
                     .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
                     .collect(),
@@ -634,10 +592,8 @@ fn refuses_to_overwrite_without_force() {
 
 #[test]
 fn inspect_reports_the_fixture() {
-    let fixture = tiny();
-    let run = drape(&["inspect", s(&fixture), "--json"]);
-    assert!(run.status.success(), "{}", text(&run));
-    let v: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let fixture = common::tiny_weights();
+    let (v, _) = common::run_json(common::drape_command().args(["inspect", s(&fixture), "--json"]));
     let a = &v["architecture"];
     assert_eq!(a["block"], "Bottleneck");
     assert_eq!(a["blocks_per_stage"], serde_json::json!([1, 1, 1, 1]));
@@ -693,6 +649,7 @@ fn inspect_fails_naming_what_breaks_a_file() {
             "extra",
             |t| {
                 let extra = Stored {
+                    name: "roi_heads.keypoint_predictor.weight".into(),
                     dtype: Dtype::F16,
                     shape: vec![1],
                     data: vec![0, 0],
@@ -703,10 +660,11 @@ fn inspect_fails_naming_what_breaks_a_file() {
         ),
     ];
     for (case, edit, expected) in cases {
-        let (mut tensors, _) = read(&tiny());
+        let (mut tensors, _) = read(&common::tiny_weights());
         edit(&mut tensors);
         let path = dir.path().join(format!("{case}.safetensors"));
-        write(&path, &tensors);
+        let tensors: Vec<Stored> = tensors.into_values().collect();
+        common::write_safetensors(&path, &tensors, &HashMap::new());
         for json in [false, true] {
             let mut args = vec!["inspect", s(&path)];
             if json {

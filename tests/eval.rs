@@ -7,13 +7,16 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use drape::eval::metric::{
     coco_iou_thresholds, coco_recall_thresholds, CocoEvaluator, ImaterialistMetric, Scored,
 };
-use drape::eval::{coco, imaterialist, kaggle_rle, masks, submit, EvalError, GtObject, RleError};
-use drape::postprocess::{Instance, Rle};
+use drape::eval::{
+    coco, imaterialist, kaggle_rle, masks, submit, Annotations, EvalError, EvalOptions, Evaluation,
+    GtObject, RleError, DEFAULT_MIN_SCORE,
+};
+use drape::postprocess::Instance;
+use drape::rle::Rle;
 use serde::Deserialize;
 
 const TINY_MODEL: &str = "tests/fixtures/tiny_r50/model.safetensors";
@@ -613,12 +616,6 @@ fn higher_scores_win_pixels_and_empty_masks_are_dropped() {
 
 // --- end to end --------------------------------------------------------------------------
 
-fn drape() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_drape"));
-    c.current_dir(env!("CARGO_MANIFEST_DIR"));
-    c
-}
-
 fn fixture_images() -> Vec<PathBuf> {
     let dir = common::fixtures().join("images");
     submit::list_images(&dir).unwrap()
@@ -641,24 +638,18 @@ const E2E_AP_TOL: f64 = 0.02;
 
 #[test]
 fn eval_reads_coco_json_end_to_end() {
-    let out = drape()
-        .args(["eval", "--json", "--device", "cpu", "--weights", TINY_MODEL])
-        .args([
-            "--images",
-            "tests/fixtures/images",
-            "--label-offset",
-            "1",
-            "--coco",
-            "tests/fixtures/eval/e2e_gt.json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (v, _) = common::run_json(
+        common::drape_command()
+            .args(["eval", "--json", "--device", "cpu", "--weights", TINY_MODEL])
+            .args([
+                "--images",
+                "tests/fixtures/images",
+                "--label-offset",
+                "1",
+                "--coco",
+                "tests/fixtures/eval/e2e_gt.json",
+            ]),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let run = &v["runs"][0];
     assert_eq!(run["images"], 3);
     let (ap, expected) = (run["mask_ap"].as_f64().unwrap(), expected_e2e_ap());
@@ -672,32 +663,26 @@ fn eval_reads_coco_json_end_to_end() {
 fn eval_reads_train_csv_and_sweeps_sizes_and_mask_caps() {
     let dir = tempfile::tempdir().unwrap();
     let plot = dir.path().join("sweep.png");
-    let out = drape()
-        .args([
-            "eval",
-            "--json",
-            "--sweep",
-            "--device",
-            "cpu",
-            "--weights",
-            TINY_MODEL,
-        ])
-        .args([
-            "--images",
-            "tests/fixtures/images",
-            "--annotations",
-            "tests/fixtures/eval/e2e_train.csv",
-        ])
-        .arg("--plot")
-        .arg(&plot)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (v, _) = common::run_json(
+        common::drape_command()
+            .args([
+                "eval",
+                "--json",
+                "--sweep",
+                "--device",
+                "cpu",
+                "--weights",
+                TINY_MODEL,
+            ])
+            .args([
+                "--images",
+                "tests/fixtures/images",
+                "--annotations",
+                "tests/fixtures/eval/e2e_train.csv",
+            ])
+            .arg("--plot")
+            .arg(&plot),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let runs = v["runs"].as_array().unwrap();
     // 4 ladder sizes × mask caps 100, 20, 10, 5.
     assert_eq!(runs.len(), 16);
@@ -736,6 +721,54 @@ fn eval_reads_train_csv_and_sweeps_sizes_and_mask_caps() {
     assert!(png.pixels().filter(|p| **p != first).count() > 1000);
 }
 
+/// The library's side of `drape eval` and `drape submit`, as the binary drives it: typed
+/// options in, one progress call per model run, named errors out.
+#[test]
+fn evaluation_and_submission_report_progress_per_run() {
+    let mut opts = EvalOptions {
+        images: common::fixtures().join("images"),
+        annotations: Annotations::Coco {
+            path: eval_fixtures().join("e2e_gt.json"),
+            label_offset: 1,
+        },
+        limit: Some(2),
+        sweep: false,
+        min_score: DEFAULT_MIN_SCORE,
+    };
+    let evaluation = Evaluation::new(common::tiny_model(), &opts).unwrap();
+    // The CPU computes in f32: there is nothing to compare an f32 reference with.
+    assert!(!evaluation.wants_reference());
+    assert_eq!(evaluation.model_runs(), 2);
+    let mut calls = 0;
+    let report = evaluation.run(|| calls += 1).unwrap();
+    assert_eq!(calls, 2);
+    assert_eq!(report.runs.len(), 1);
+    assert_eq!(report.runs[0].images, 2);
+
+    opts.limit = Some(0);
+    let err = Evaluation::new(common::tiny_model(), &opts).err().unwrap();
+    assert!(matches!(err, EvalError::NoImages), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("submission.csv");
+    let images = fixture_images();
+    let mut calls = 0;
+    let rows = drape::eval::write_submission(
+        &common::tiny_model(),
+        &images,
+        &csv,
+        DEFAULT_MIN_SCORE,
+        || calls += 1,
+    )
+    .unwrap();
+    assert_eq!(calls, images.len());
+    assert_eq!(
+        read(&csv).lines().count(),
+        rows + 1,
+        "a header and a row per mask"
+    );
+}
+
 #[test]
 fn eval_names_a_missing_image() {
     let dir = tempfile::tempdir().unwrap();
@@ -745,20 +778,18 @@ fn eval_names_a_missing_image() {
         "ImageId,EncodedPixels,Height,Width,ClassId\nnowhere,1 2,4,3,1\n",
     )
     .unwrap();
-    let out = drape()
-        .args([
-            "eval",
-            "--weights",
-            TINY_MODEL,
-            "--images",
-            "tests/fixtures/images",
-        ])
-        .arg("--annotations")
-        .arg(&csv)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = common::run_err(
+        common::drape_command()
+            .args([
+                "eval",
+                "--weights",
+                TINY_MODEL,
+                "--images",
+                "tests/fixtures/images",
+            ])
+            .arg("--annotations")
+            .arg(&csv),
+    );
     assert!(
         stderr.contains("no image file for `nowhere` (tried nowhere, nowhere.jpg"),
         "{stderr}"
@@ -769,22 +800,17 @@ fn eval_names_a_missing_image() {
 fn submit_writes_a_parseable_csv_without_overlaps() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("submission.csv");
-    let out = drape()
-        .args([
-            "submit",
-            "--weights",
-            TINY_MODEL,
-            "--images",
-            "tests/fixtures/images",
-        ])
-        .arg("--out")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::run_ok(
+        common::drape_command()
+            .args([
+                "submit",
+                "--weights",
+                TINY_MODEL,
+                "--images",
+                "tests/fixtures/images",
+            ])
+            .arg("--out")
+            .arg(&path),
     );
     // Only the submission is left: the temporary file was renamed into place.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);

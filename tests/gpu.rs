@@ -22,7 +22,7 @@ use drape::device::{DeviceSpec, GpuOptions};
 use drape::model::roi_align::RoiAlign;
 use drape::model::roi_heads::{Detection, MASK_SIZE};
 use drape::model::topk::top_n;
-use drape::postprocess::{Instance, Paster};
+use drape::postprocess::{Instance, Postprocessor};
 use drape::MaskRcnn;
 
 fn cuda() -> Device {
@@ -122,7 +122,7 @@ fn paste_matches_the_cpu() {
     .unwrap();
     let paste = |probs: &Tensor| {
         let mut out: Vec<Instance> = Vec::new();
-        Paster::new()
+        Postprocessor::new()
             .paste_into(
                 &detections,
                 Some(probs),
@@ -211,8 +211,12 @@ fn full_size_r50_in_f16_matches_the_cpu() {
     let im = fixture_image("landscape");
     let size = (im.height() as usize, im.width() as usize);
     let want = cpu.detect(im.as_raw(), size).unwrap();
-    let reference: FinalJson =
-        serde_json::from_value(drape::output::to_json(&cpu, &want, Default::default())).unwrap();
+    let reference: FinalJson = serde_json::from_value(drape::output::to_json(
+        cpu.labels(),
+        &want,
+        Default::default(),
+    ))
+    .unwrap();
     let ours = candidates(&gpu.detect(im.as_raw(), size).unwrap());
     let report = match_instances(&reference, &ours);
     println!("full-size R50 at 800/1333, f16 on CUDA vs f32 on the CPU: {report:?}");

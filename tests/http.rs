@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drape::capture;
-use drape::pipeline::{self, BudgetController, PipelineOptions, Sink};
+use drape::pipeline::{self, BudgetController, PipelineOptions};
 use drape::stream::http::{HttpOptions, HttpServer};
 use drape::stream::unix::{UnixOptions, UnixServer};
-use drape::stream::{labels_by_id, Hub, HubSink};
+use drape::stream::{Hub, HubSink, Sink};
 
 const MAX_CLIENTS: usize = 2;
 
@@ -52,7 +52,7 @@ impl Running {
                 let model = common::tiny_model();
                 let source = capture::open(&common::replay_frames(15.0)).unwrap();
                 let mut sinks: Vec<Box<dyn Sink>> =
-                    vec![Box::new(HubSink::new(hub, labels_by_id(&model)))];
+                    vec![Box::new(HubSink::new(hub, model.labels().clone()))];
                 let options = PipelineOptions {
                     duration: Some(Duration::from_secs(120)),
                     ..PipelineOptions::new(2000.0)
@@ -79,16 +79,8 @@ impl Running {
 
     /// (status, headers, body) of a plain request.
     fn get(&self, request: &str) -> (u16, String, Vec<u8>) {
-        let mut s = self.connect(request);
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).unwrap();
-        let end = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .expect("a header block");
-        let head = String::from_utf8_lossy(&raw[..end]).into_owned();
-        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-        (status, head, raw[end + 4..].to_vec())
+        let r = common::http_exchange(self.addr, request, Duration::from_secs(20)).unwrap();
+        (r.status, r.head, r.body)
     }
 
     fn processed(&self) -> u64 {

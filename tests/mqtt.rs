@@ -15,8 +15,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use drape::pipeline::{write_record, Emitted, FrameRecord, Sink};
 use drape::stream::mqtt::{MqttConfig, MqttSink, MqttStats};
+use drape::stream::{write_record, Emitted, FrameRecord, Sink};
 use serde_json::Value;
 
 /// Bounds hangs only; every wait ends as soon as its condition holds.
@@ -186,9 +186,8 @@ impl Drape {
 
     fn with(url: &str, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let jsonl = dir.join("run.jsonl");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_drape"))
+        let mut child = common::drape_command()
             .envs(env.iter().copied())
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
             .args(["run", "--source"])
             .arg(common::fixtures().join("frames"))
             .args([
@@ -258,10 +257,8 @@ impl Drape {
         body
     }
 
-    fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) on our own child's pid; it has not been waited for, so the pid is
-        // still ours.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    fn terminate(&self) {
+        common::terminate(&self.child);
     }
 }
 
@@ -313,7 +310,7 @@ fn records_events_and_status_arrive_and_parse_and_a_clean_exit_says_offline() {
     let jsonl = std::fs::read_to_string(&drape.jsonl).unwrap();
     assert!(jsonl.contains("\"mask\":"));
 
-    drape.signal(libc::SIGTERM);
+    drape.terminate();
     let start = Instant::now();
     let status = loop {
         if let Some(s) = drape.child.try_wait().unwrap() {
@@ -399,7 +396,7 @@ fn with_no_broker_the_queue_fills_and_every_further_message_is_counted_dropped()
     let (result, tracks) = (drape::Detections::default(), Default::default());
     let counters = Default::default();
     let record = FrameRecord {
-        model: &model,
+        labels: model.labels(),
         frame: &frame,
         result: &result,
         tracks: &tracks,
@@ -413,12 +410,8 @@ fn with_no_broker_the_queue_fills_and_every_further_message_is_counted_dropped()
     let started = Instant::now();
     for _ in 0..10 {
         sink.frame(&Emitted {
-            line: &line,
             record: &record,
-            tracks: &tracks,
-            frame: &frame,
-            result: &result,
-            latency_ms: 0.0,
+            line: &line,
             counters: &counters,
         })
         .unwrap();

@@ -1,196 +1,256 @@
-//! The host side of the steady state allocates nothing: capture (replay and YUYV conversion),
-//! the latest-frame hand-off, preprocessing, postprocessing (batched NMS, mask paste, RLE),
-//! tracking and emitting, run over many frames from buffers that grew during warm-up.
+//! The real loop allocates nothing of drape's own in the steady state: `pipeline::run` on the
+//! bundled model over the fixture recording, emitting through the real sinks (a JSON Lines file
+//! and the hub, with a Server-Sent Events and a socket subscriber and the preview renderer),
+//! counted over many frames.
 //!
-//! Its own test binary, with a counting global allocator and a single test, so nothing else
-//! runs while it counts. candle's tensor ops allocate per op; `drape bench` reports that share
-//! (`model_allocs_per_frame`) separately.
+//! The counting allocator books what the model's tensor work allocates (candle per op, gemm per
+//! call) to the model, and what the `image` crate's JPEG encoder allocates to the encoder; both
+//! shares are printed (`drape bench` reports the model's as `model_allocs_per_frame`). Every
+//! other allocation on any thread (hand-off, preprocessing, postprocessing, tracking,
+//! serialising, the sinks, the preview's drawing) must be zero.
+//!
+//! Its own test binary with a single test, so nothing else allocates while it counts. Nothing
+//! depends on the machine's speed: the source hands out frame `k` only once the sinks have seen
+//! `k` frames (so none is superseded and the frames come in order), frames are stamped on a
+//! clock that moves only by the cost each frame is given (so none is stale), and those injected
+//! costs replace the measured ones (so the budget's input size and mask cap are the same on any
+//! machine).
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
-
-use drape::alloc::{counts, CountingAlloc};
-use drape::capture::{self, Frame};
-use drape::model::box_ops::Candidates;
-use drape::model::roi_heads::{Detection, MASK_SIZE};
-use drape::model::transform::{ResizeScratch, Transform};
-use drape::model::Detections;
-use drape::pipeline::{write_record, FrameRecord, LatestFrame, Take};
-use drape::postprocess::Paster;
-use drape::track::{EventKind, FrameTracks, Tracker};
+use drape::alloc::{booked, counts, own_allocations, Account, CountingAlloc};
+use drape::capture::{CaptureError, CaptureStats, Frame, FrameSource};
+use drape::clock::{Clock, ManualClock};
+use drape::pipeline::{self, BudgetController, PipelineOptions};
+use drape::stream::jsonl::{JsonlFile, RotatePolicy, SinkHealth};
+use drape::stream::{Emitted, Hub, HubSink, Line, Sink};
 
 #[global_allocator]
 static GLOBAL: CountingAlloc<std::alloc::System> = CountingAlloc(std::alloc::System);
 
-#[test]
-fn steady_state_host_stages_do_not_allocate() {
-    let model = common::tiny_model();
-    let mut source = capture::open(&common::replay_frames(1000.0)).unwrap();
-    let slot = LatestFrame::new(Frame::with_capacity(320, 240));
-    let (mut back, mut front) = (
-        Frame::with_capacity(320, 240),
-        Frame::with_capacity(320, 240),
-    );
-    let transform = Transform::new(model.config());
-    let (mut scratch, mut input) = (ResizeScratch::default(), Vec::new());
+/// Frames before counting starts: every buffer grows to its largest and every track slot has
+/// held a mask by then.
+const WARMUP: usize = 40;
+/// Frames counted.
+const COUNTED: usize = 60;
+/// Bounds a wait for the pipeline; only a hang gets anywhere near it.
+const HANG_TIMEOUT: Duration = Duration::from_secs(120);
+const FPS: f64 = 2.0;
+/// What each frame costs on the run's clock, besides its masks...
+const FIXED_MS: f64 = 400.0;
+/// ...and what each mask costs: at a 1000 ms budget planned to 85%, nine masks fit, so the
+/// budget's mask cap leaves most instances without one, as on a slow machine.
+const MASK_MS: f64 = 50.0;
+/// Empty frames after each pass over the fixture frames: longer on the run's clock than the
+/// tracker's default expiry (1 s), so tracks are born, confirmed and end every round.
+const EMPTY_FRAMES: usize = 3;
 
-    // A camera's YUYV buffer for the conversion path.
-    let yuyv: Vec<u8> = common::noise(320 * 240 * 2, 7)
-        .iter()
-        .map(|v| (v * 255.0) as u8)
-        .collect();
-    let mut rgb = vec![0u8; 320 * 240 * 3];
+/// The fixture recording, one frame at a time and in order: frame `k` is handed out once the
+/// sinks have seen `k` frames, stamped on the run's clock, and the stream ends after `total`.
+struct Lockstep {
+    images: Vec<image::RgbImage>,
+    clock: Arc<ManualClock>,
+    seen: Arc<AtomicUsize>,
+    served: usize,
+    total: usize,
+}
 
-    // RPN-sized NMS input and a full set of detections with mask probabilities.
-    let raw = common::noise(1000 * 5, 11);
-    let mut candidates = Candidates::default();
-    let detections: Vec<Detection> = (0..100)
-        .map(|i| {
-            let (x, y) = (raw[i] * 150.0, raw[i + 100] * 100.0);
-            Detection {
-                bbox: [
-                    x,
-                    y,
-                    x + 20.0 + raw[i + 200] * 100.0,
-                    y + 20.0 + raw[i + 300] * 80.0,
-                ],
-                score: 1.0 - i as f32 / 200.0,
-                label: 1 + i % 46,
+impl FrameSource for Lockstep {
+    fn next_frame(&mut self, frame: &mut Frame) -> Result<(), CaptureError> {
+        if self.served == self.total {
+            return Err(CaptureError::EndOfStream);
+        }
+        let waited = Instant::now();
+        while self.seen.load(Ordering::SeqCst) < self.served {
+            assert!(waited.elapsed() < HANG_TIMEOUT, "frame {}", self.served);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let image = &self.images[self.served % self.images.len()];
+        frame.resize(image.width() as usize, image.height() as usize);
+        frame.rgb.copy_from_slice(image.as_raw());
+        frame.seq = self.served as u64;
+        frame.captured = self.clock.now();
+        self.served += 1;
+        Ok(())
+    }
+    fn stats(&self) -> CaptureStats {
+        CaptureStats {
+            frames: self.served as u64,
+            ..Default::default()
+        }
+    }
+    fn describe(&self) -> String {
+        "lockstep fixture frames".into()
+    }
+    fn fps(&self) -> f64 {
+        FPS
+    }
+}
+
+/// What the counters say at a point of the run.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    all: u64,
+    bytes: u64,
+    own: u64,
+    model: u64,
+    encoder: u64,
+}
+
+fn mark() -> Mark {
+    let (all, bytes) = counts();
+    Mark {
+        all,
+        bytes,
+        own: own_allocations(),
+        model: booked(Account::Model),
+        encoder: booked(Account::Encoder),
+    }
+}
+
+/// The last sink: reads the subscribers' queues as their clients would, marks the counters
+/// after the warm-up and after the counted frames, and opens the source's gate.
+struct Window {
+    seen: Arc<AtomicUsize>,
+    marks: Arc<Mutex<[Option<Mark>; 2]>>,
+    subscribers: [Receiver<Line>; 2],
+    lines_read: Arc<AtomicUsize>,
+}
+
+impl Sink for Window {
+    fn frame(&mut self, out: &Emitted<'_>) -> std::io::Result<()> {
+        for rx in &self.subscribers {
+            while let Ok(line) = rx.try_recv() {
+                assert_eq!(&line[..], out.line);
+                self.lines_read.fetch_add(1, Ordering::SeqCst);
             }
+        }
+        let n = self.seen.load(Ordering::SeqCst) + 1;
+        if n == WARMUP || n == WARMUP + COUNTED {
+            self.marks.lock().unwrap()[(n > WARMUP) as usize] = Some(mark());
+        }
+        self.seen.store(n, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[test]
+fn the_real_loop_allocates_nothing_outside_the_model() {
+    let model = common::tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = dir.path().join("run.jsonl");
+    let seen = Arc::new(AtomicUsize::new(0));
+    let marks = Arc::new(Mutex::new([None; 2]));
+    let total = WARMUP + COUNTED;
+    let clock = Arc::new(ManualClock::new());
+    let mut images: Vec<image::RgbImage> = (0..10)
+        .map(|k| {
+            let path = common::fixtures().join(format!("frames/frame_{k:03}.jpg"));
+            drape::image_io::load_rgb(path).unwrap()
         })
         .collect();
-    let probs = Tensor::from_vec(
-        common::noise(100 * MASK_SIZE * MASK_SIZE, 13),
-        (100, MASK_SIZE, MASK_SIZE),
-        &Device::Cpu,
+    // The shop empties for a moment: every track ends, and the next round starts new ones.
+    let (w, h) = images[0].dimensions();
+    let empty = image::RgbImage::from_pixel(w, h, image::Rgb([128; 3]));
+    images.extend(std::iter::repeat_n(empty, EMPTY_FRAMES));
+    let source = Lockstep {
+        images,
+        clock: Arc::clone(&clock),
+        seen: Arc::clone(&seen),
+        served: 0,
+        total,
+    };
+    let hub = Hub::new();
+    let subscribers = [hub.events.subscribe(4), hub.socket.subscribe(4)];
+    let lines_read = Arc::new(AtomicUsize::new(0));
+    let rotation = RotatePolicy {
+        max_bytes: None,
+        keep: 0,
+    };
+    let file = JsonlFile::open(&jsonl, rotation, SinkHealth::new("jsonl")).unwrap();
+    let mut sinks: Vec<Box<dyn Sink>> = vec![
+        Box::new(file),
+        Box::new(HubSink::new(Arc::clone(&hub), model.labels().clone())),
+        Box::new(Window {
+            seen,
+            marks: Arc::clone(&marks),
+            subscribers,
+            lines_read: Arc::clone(&lines_read),
+        }),
+    ];
+    let hook_clock = Arc::clone(&clock);
+    let options = PipelineOptions {
+        clock: clock as Arc<dyn Clock>,
+        status: Some(Arc::clone(&hub.status)),
+        // Injected costs, so the budget keeps the input size and caps the masks alike on any
+        // machine.
+        after_inference: Some(Arc::new(move |d: &mut drape::Detections| {
+            d.timings = Default::default();
+            d.timings.mask_head = MASK_MS * d.masked as f64;
+            d.timings.total = FIXED_MS + d.timings.mask_head;
+            hook_clock.advance(Duration::from_secs_f64(d.timings.total / 1e3));
+        })),
+        ..PipelineOptions::new(1000.0)
+    };
+    let base = (model.config().min_size, model.config().max_size);
+    let controller = BudgetController::new(1000.0, base, model.config().detections_per_img);
+    let summary = pipeline::run(
+        &model,
+        Box::new(source),
+        controller,
+        &mut sinks,
+        &options,
+        &AtomicBool::new(false),
     )
     .unwrap();
-    let mut paster = Paster::new();
-    let mut result = Detections::default();
-    let mut line = Vec::new();
-    // Garments come and go: instances past the first 90 show up in some frames and not in
-    // others, so tracks are born, confirmed, expire and their slots are reused. Frames are
-    // 400 ms apart, so three missed frames outlast the default 1 s expiry.
-    let mut tracker = Tracker::new(Default::default()).unwrap();
-    let mut tracks = FrameTracks::default();
-    let (t0, mut frame_no) = (Instant::now(), 0u64);
-    let (mut started, mut ended) = (0usize, 0usize);
+    drop(sinks);
 
-    // Allocations per stage, summed over the counted frames, so a failure names the stage.
-    let mut per_stage = [
-        ("capture", 0u64),
-        ("hand-off", 0),
-        ("yuyv", 0),
-        ("preprocess", 0),
-        ("nms", 0),
-        ("paste+rle", 0),
-        ("track", 0),
-        ("emit", 0),
-    ];
-    let mut mark = counts().0;
-    let mut tally = |stage: usize, per_stage: &mut [(&str, u64); 8]| {
-        let now = counts().0;
-        per_stage[stage].1 += now - mark;
-        mark = now;
+    let c = summary.counters;
+    assert_eq!(c.processed, total as u64, "{c:?}");
+    assert_eq!(c.dropped_stale + c.dropped_superseded, 0, "{c:?}");
+    let [Some(before), Some(after)] = *marks.lock().unwrap() else {
+        panic!("the window was never closed: {c:?}");
     };
-    let mut frame_pass = |source: &mut Box<dyn capture::FrameSource>,
-                          per_stage: &mut [(&str, u64); 8]| {
-        tally(7, per_stage);
-        source.next_frame(&mut back).unwrap();
-        tally(0, per_stage);
-        slot.publish(&mut back);
-        assert!(matches!(
-            slot.take(&mut front, Duration::from_secs(1)),
-            Take::Frame
-        ));
-        tally(1, per_stage);
-        capture::convert::yuyv_to_rgb(&yuyv, 320, 240, 640, &mut rgb);
-        tally(2, per_stage);
-        let g = transform
-            .apply_into(
-                &front.rgb,
-                (front.height, front.width),
-                (160, 224),
-                &mut scratch,
-                &mut input,
-            )
-            .unwrap();
-        tally(3, per_stage);
-        candidates.clear();
-        for (i, r) in raw.chunks_exact(5).enumerate() {
-            let (x, y) = (r[0] * 200.0, r[1] * 150.0);
-            candidates.push(
-                [x, y, x + 10.0 + r[2] * 60.0, y + 10.0 + r[3] * 60.0],
-                r[4],
-                i % 5,
-            );
-        }
-        candidates.batched_nms(0.7);
-        tally(4, per_stage);
-        paster
-            .paste_into(
-                &detections,
-                Some(&probs),
-                (g.image_size, g.original),
-                0.5,
-                &mut result.instances,
-            )
-            .unwrap();
-        tally(5, per_stage);
-        frame_no += 1;
-        let shown = 90 + (frame_no % 11) as usize;
-        let now = t0 + Duration::from_millis(400 * frame_no);
-        tracker.update(&result.instances[..shown], now, &mut tracks);
-        for e in &tracks.events {
-            match e.kind {
-                EventKind::Started => started += 1,
-                EventKind::Ended => ended += 1,
-            }
-        }
-        tally(6, per_stage);
-        result.width = front.width;
-        result.height = front.height;
-        let record = FrameRecord {
-            model: &model,
-            frame: &front,
-            result: &result,
-            tracks: &tracks,
-            age_ms: 1.0,
-            latency_ms: 2.0,
-            budget_met: true,
-            masks: Some(Default::default()),
-        };
-        write_record(&mut line, &record).unwrap();
-    };
-
-    let mut warmup = per_stage;
-    // Three periods of the come-and-go pattern, so every track slot has held its largest mask.
-    for _ in 0..33 {
-        frame_pass(&mut source, &mut warmup);
-    }
-    let (before, bytes_before) = counts();
-    const FRAMES: usize = 60;
-    for _ in 0..FRAMES {
-        frame_pass(&mut source, &mut per_stage);
-    }
-    let (after, bytes_after) = counts();
+    let per_frame = |n: u64| n as f64 / COUNTED as f64;
+    let (own, model) = (after.own - before.own, after.model - before.model);
+    let encoder = after.encoder - before.encoder;
+    println!(
+        "allocations per frame: {:.1} drape's own, {:.1} the model's (candle, gemm), {:.1} \
+         the preview's JPEG encoder's",
+        per_frame(own),
+        per_frame(model),
+        per_frame(encoder)
+    );
+    assert_eq!(own + model + encoder, after.all - before.all);
     assert_eq!(
-        after - before,
+        own,
         0,
-        "{} allocations ({} bytes) over {FRAMES} frames: {per_stage:?}",
-        after - before,
-        bytes_after - bytes_before
+        "{own} allocations of drape's own over {COUNTED} frames ({} bytes allocated in all)",
+        after.bytes - before.bytes
     );
-    // The work was real: masks were pasted and the line holds them.
-    assert_eq!(result.instances.len(), 100);
-    assert!(result.instances.iter().all(|i| i.mask.is_some()));
-    assert!(line.len() > 1000);
-    // ...and so was the tracking: garments beyond the first 90 started and ended repeatedly.
+    // The work was real: the model ran, the preview was drawn, masks were pasted, every line
+    // reached the file and both subscribers.
+    assert!(model > 0 && encoder > 0);
+    assert_eq!(lines_read.load(Ordering::SeqCst), 2 * total);
+    let text = std::fs::read_to_string(&jsonl).unwrap();
+    assert_eq!(text.lines().count(), total);
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let instances = last["instances"].as_array().unwrap();
+    assert!(!instances.is_empty(), "{last}");
+    assert!(instances.iter().any(|i| i["mask"]["counts"].is_string()));
     assert!(
-        started > 100 && ended > 30,
-        "{started} started, {ended} ended"
+        instances.iter().any(|i| i["mask"].is_null()),
+        "the mask cap never bound"
     );
+    // ...and so was the tracking: garments left the frames and came back as new tracks.
+    for kind in ["started", "ended"] {
+        let needle = format!("\"event\":\"{kind}\"");
+        let lines = text.lines().skip(WARMUP).filter(|l| l.contains(&needle));
+        assert!(lines.count() > 0, "no track {kind} while counting");
+    }
 }

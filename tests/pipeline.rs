@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use drape::capture::{CaptureError, CaptureStats, Frame, FrameSource};
 use drape::clock::{Clock, ManualClock};
-use drape::pipeline::{self, BudgetController, Emitted, PipelineOptions, Sink};
+use drape::pipeline::{self, BudgetController, PipelineOptions};
+use drape::stream::{Emitted, Sink};
 
 /// Bounds a wait for the pipeline; only a hang gets anywhere near it.
 const HANG_TIMEOUT: Duration = Duration::from_secs(120);
@@ -302,8 +303,7 @@ fn budget_controller_steps_down_under_a_slow_stage_and_back_up_without_it() {
 fn sigterm_finishes_the_frame_flushes_and_prints_the_summary() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run.jsonl");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_drape"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+    let child = common::drape_command()
         .args([
             "run",
             "--source",
@@ -326,7 +326,7 @@ fn sigterm_finishes_the_frame_flushes_and_prints_the_summary() {
         assert!(start.elapsed() < Duration::from_secs(30), "no output");
         std::thread::sleep(Duration::from_millis(50));
     }
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    common::terminate(&child);
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");

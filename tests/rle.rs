@@ -4,7 +4,7 @@
 
 mod common;
 
-use drape::postprocess::Rle;
+use drape::rle::Rle;
 
 /// Kaggle EncodedPixels → row-major mask.
 fn decode_kaggle(s: &str, height: usize, width: usize) -> Vec<u8> {

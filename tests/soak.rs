@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use drape::alloc::{live_bytes, CountingAlloc};
 use drape::capture::{CaptureError, CaptureStats, Frame, FrameSource};
-use drape::pipeline::{self, BudgetController, Emitted, PipelineOptions, Sink};
+use drape::pipeline::{self, BudgetController, PipelineOptions};
 use drape::stream::jsonl::{JsonlFile, RotatePolicy, SinkHealth};
-use drape::stream::{labels_by_id, Hub, HubSink};
+use drape::stream::{Emitted, Hub, HubSink, Sink};
 
 #[global_allocator]
 static GLOBAL: CountingAlloc<std::alloc::System> = CountingAlloc(std::alloc::System);
@@ -135,7 +135,7 @@ fn two_thousand_frames_leave_heap_threads_and_fds_flat() {
     .unwrap();
     let mut sinks: Vec<Box<dyn Sink>> = vec![
         Box::new(jsonl),
-        Box::new(HubSink::new(Arc::clone(&hub), labels_by_id(&model))),
+        Box::new(HubSink::new(Arc::clone(&hub), model.labels().clone())),
         Box::new(Probe {
             processed: Arc::clone(&processed),
             samples: Arc::clone(&samples),

@@ -8,7 +8,8 @@ mod common;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use drape::postprocess::{Instance, Rle};
+use drape::postprocess::Instance;
+use drape::rle::Rle;
 use drape::track::{EventKind, FrameTracks, TrackEvent, Tracker, TrackerConfig};
 
 const H: usize = 120;
@@ -275,7 +276,7 @@ fn events_come_exactly_once_per_start_and_end_over_a_busy_scene() {
 #[test]
 fn a_panning_view_through_the_tiny_model_keeps_matched_garments_ids() {
     let model = drape::MaskRcnn::load(
-        common::fixtures().join("tiny_r50/model.safetensors"),
+        common::tiny_weights(),
         |cfg| cfg.box_score_thresh = 0.01,
         &candle_core::Device::Cpu,
     )

@@ -7,50 +7,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
+use common::Stored;
 use drape::MaskRcnn;
-use safetensors::{Dtype, SafeTensors};
-
-struct Stored {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-fn tiny() -> PathBuf {
-    common::fixtures().join("tiny_r50/model.safetensors")
-}
-
-fn read(path: &Path) -> (Vec<Stored>, HashMap<String, String>) {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let mut tensors: Vec<Stored> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, v)| Stored {
-            name,
-            dtype: v.dtype(),
-            shape: v.shape().to_vec(),
-            data: v.data().to_vec(),
-        })
-        .collect();
-    tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    (tensors, meta.metadata().clone().unwrap_or_default())
-}
+use safetensors::Dtype;
 
 fn write(dir: &Path, file: &str, tensors: &[Stored], meta: &HashMap<String, String>) -> PathBuf {
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|t| {
-            let v =
-                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap();
-            (t.name.clone(), v)
-        })
-        .collect();
-    let bytes = safetensors::serialize(views, Some(meta.clone())).unwrap();
     let path = dir.join(file);
-    std::fs::write(&path, bytes).unwrap();
+    common::write_safetensors(&path, tensors, meta);
     path
 }
 
@@ -60,7 +23,7 @@ fn variant(
     file: &str,
     edit: impl FnOnce(&mut Vec<Stored>, &mut HashMap<String, String>),
 ) -> PathBuf {
-    let (mut tensors, mut meta) = read(&tiny());
+    let (mut tensors, mut meta) = common::read_safetensors(&common::tiny_weights());
     edit(&mut tensors, &mut meta);
     write(dir, file, &tensors, &meta)
 }
@@ -69,15 +32,11 @@ fn load(path: &Path) -> drape::Result<MaskRcnn> {
     MaskRcnn::load(path, |_| {}, &Device::Cpu)
 }
 
-fn find<'a>(tensors: &'a mut [Stored], name: &str) -> &'a mut Stored {
-    tensors.iter_mut().find(|t| t.name == name).unwrap()
-}
-
 #[test]
 fn bad_files_get_named_errors() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let original = std::fs::read(tiny()).unwrap();
+    let original = std::fs::read(common::tiny_weights()).unwrap();
     let raw = |file: &str, bytes: &[u8]| {
         let p = d.join(file);
         std::fs::write(&p, bytes).unwrap();
@@ -120,15 +79,15 @@ fn bad_files_get_named_errors() {
         })
     });
     let wrong_shape = variant(d, "shape.safetensors", |t, _| {
-        let s = find(t, "backbone.fpn.layer_blocks.1.0.weight");
+        let s = common::stored_mut(t, "backbone.fpn.layer_blocks.1.0.weight");
         s.shape = vec![32, 32 * 9, 1, 1];
     });
     let int_dtype = variant(d, "dtype.safetensors", |t, _| {
-        let s = find(t, "rpn.head.cls_logits.bias");
+        let s = common::stored_mut(t, "rpn.head.cls_logits.bias");
         s.dtype = Dtype::I16;
     });
     let nan = variant(d, "nan.safetensors", |t, _| {
-        let s = find(t, "roi_heads.box_head.fc6.weight");
+        let s = common::stored_mut(t, "roi_heads.box_head.fc6.weight");
         s.data[20..22].copy_from_slice(&half::f16::NAN.to_le_bytes());
     });
     let bad_labels = variant(d, "labels.safetensors", |_, m| {
@@ -292,7 +251,7 @@ fn old_torchvision_key_spellings_load_identically() {
             .any(|s| s.name == "backbone.fpn.inner_blocks.3.weight"));
         assert!(t.iter().any(|s| s.name == "rpn.head.conv.weight"));
     });
-    let a = detect(&load(&tiny()).unwrap());
+    let a = detect(&load(&common::tiny_weights()).unwrap());
     let b = detect(&load(&old).unwrap());
     assert!(!a.instances.is_empty());
     assert!(same_instances(&a, &b));
@@ -304,10 +263,7 @@ fn f32_and_bf16_files_load() {
     let convert = |file: &str, dtype: Dtype| {
         variant(dir.path(), file, |t, _| {
             for s in t.iter_mut() {
-                let values = s
-                    .data
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32());
+                let values = s.values().into_iter();
                 s.data = match dtype {
                     Dtype::F32 => values.flat_map(f32::to_le_bytes).collect(),
                     _ => values
@@ -318,7 +274,7 @@ fn f32_and_bf16_files_load() {
             }
         })
     };
-    let f16 = detect(&load(&tiny()).unwrap());
+    let f16 = detect(&load(&common::tiny_weights()).unwrap());
     // f16 values widen to f32 exactly: the same file in f32 gives the same result.
     let f32_file = convert("f32.safetensors", Dtype::F32);
     assert!(same_instances(&f16, &detect(&load(&f32_file).unwrap())));
@@ -352,7 +308,7 @@ fn f32_and_bf16_files_load() {
 
 #[test]
 fn architecture_and_labels_come_from_the_file() {
-    let r50 = load(&tiny()).unwrap();
+    let r50 = load(&common::tiny_weights()).unwrap();
     let a = r50.architecture();
     assert_eq!(a.block, "Bottleneck");
     assert_eq!(a.blocks_per_stage, [1, 1, 1, 1]);

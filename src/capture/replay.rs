@@ -74,9 +74,7 @@ impl ReplaySource {
             (Frames::Images(images), width, height, None)
         } else if is_y4m {
             let file = File::open(path).map_err(io_err)?;
-            // SAFETY: the mapping is read-only; a recording rewritten underneath a running
-            // replay is outside what any mmap-based reader can defend against.
-            let data = unsafe { Mmap::map(&file) }.map_err(io_err)?;
+            let data = crate::mmap::map_readonly(&file).map_err(io_err)?;
             let layout = y4m::parse(&data).map_err(|reason| CaptureError::Y4m {
                 path: path.to_path_buf(),
                 reason,

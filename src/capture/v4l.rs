@@ -560,13 +560,11 @@ fn backdate(age: Duration, now: Instant, wall_now: SystemTime) -> (Instant, f64)
 }
 
 fn monotonic_now() -> Option<Duration> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime only writes the timespec we pass, which outlives the call.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    Some(Duration::new(
+        u64::try_from(ts.tv_sec).ok()?,
+        u32::try_from(ts.tv_nsec).ok()?,
+    ))
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::eval::masks;
 use crate::eval::{Dataset, EvalError, GtImage, GtObject};
-use crate::postprocess::Rle;
+use crate::rle::Rle;
 
 /// Fewer coordinates than a triangle: pycocotools would read four numbers as a box instead.
 const MIN_POLYGON_COORDS: usize = 6;

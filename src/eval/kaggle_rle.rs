@@ -9,7 +9,7 @@
 use std::fmt::Write;
 
 use crate::eval::masks::RleBuilder;
-use crate::postprocess::Rle;
+use crate::rle::Rle;
 
 /// What is wrong with one `EncodedPixels` value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -3,7 +3,7 @@
 //! (`rleFrString`) and polygon rasterisation (`rleFrPoly`), ported line by line so that masks
 //! and IoUs come out bit-identical to pycocotools'.
 
-use crate::postprocess::Rle;
+use crate::rle::Rle;
 
 /// `rleFrPoly` rasterises on a grid this many times finer than the pixel grid.
 const POLY_UPSAMPLE: f64 = 5.0;

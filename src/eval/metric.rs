@@ -29,7 +29,7 @@ use serde::Serialize;
 
 use crate::eval::masks;
 use crate::eval::GtObject;
-use crate::postprocess::Rle;
+use crate::rle::Rle;
 
 /// COCOeval's `maxDets[-1]`: detections kept per image and category.
 pub const MAX_DETS: usize = 100;

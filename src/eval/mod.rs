@@ -13,7 +13,7 @@
 //! Ground-truth readers ([`imaterialist`], [`coco`]) produce a [`Dataset`]; [`masks`] holds the
 //! RLE geometry of pycocotools' `maskApi.c`; [`metric`] the two metrics (see its docs for their
 //! exact definitions); [`submit`] the non-overlapping masks the competition required; [`run`]
-//! the commands.
+//! the evaluation and submission loops the commands drive.
 
 pub mod coco;
 pub mod imaterialist;
@@ -26,9 +26,12 @@ pub mod submit;
 
 use std::path::{Path, PathBuf};
 
-use crate::postprocess::Rle;
+use crate::rle::Rle;
 pub use kaggle_rle::RleError;
-pub use run::{run_eval, run_submit, EvalArgs, SubmitArgs};
+pub use run::{
+    sweep_plot, write_submission, Annotations, EvalOptions, EvalReport, Evaluation, RunReport,
+    DEFAULT_MIN_SCORE,
+};
 
 /// Extensions tried, in order, after the name as given: iMaterialist's ImageIds may or may not
 /// carry the file's extension.
@@ -123,6 +126,17 @@ pub enum EvalError {
         found_width: usize,
         found_height: usize,
     },
+    #[error("no annotated images to evaluate")]
+    NoImages,
+    #[error("running the model on {path}")]
+    Detect {
+        path: PathBuf,
+        // Boxed: a path beside a whole library error would make every `EvalError` as large.
+        #[source]
+        source: Box<crate::Error>,
+    },
+    #[error("{path}: file name is not UTF-8")]
+    FileName { path: PathBuf },
     #[error(transparent)]
     Model(#[from] crate::Error),
 }

@@ -1,11 +1,11 @@
-//! The `eval` and `submit` commands: flags, the loop over images, and the reports.
+//! What the `eval` and `submit` commands run: the loop over images and the reports. The
+//! commands' flags, progress bars and tables are the binary's; progress is reported here by
+//! calling back once per model run.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
-use candle_core::{DType, Device, DeviceLocation};
-use indicatif::{ProgressBar, ProgressStyle};
+use candle_core::{DType, DeviceLocation};
 use serde::Serialize;
 
 use crate::bench::percentile;
@@ -13,9 +13,10 @@ use crate::device::compute_dtype;
 use crate::eval::metric::{CocoEvaluator, ImaterialistMetric, Scored};
 use crate::eval::plot::{self, Point, Series};
 use crate::eval::submit::{self, SubmissionWriter};
-use crate::eval::{coco, imaterialist, locate_image, Dataset, GtImage};
-use crate::model::{Detections, FrameSettings, Workspace};
-use crate::pipeline::BudgetController;
+use crate::eval::{coco, imaterialist, locate_image, Dataset, EvalError, GtImage};
+use crate::model::FrameSettings;
+use crate::pipeline::ladder;
+use crate::postprocess::{Detections, Detector};
 use crate::{image_io, MaskRcnn};
 
 /// Detections scoring below this are left out of submissions and of the iMaterialist score,
@@ -28,82 +29,6 @@ const SWEEP_MASK_CAPS: [usize; 4] = [100, 20, 10, 5];
 const F16_NOT_APPLICABLE: &str = "f16 vs f32: not applicable on the CPU, which computes in f32";
 const MASK_AP_COLOUR: [u8; 3] = [31, 119, 180];
 const IMATERIALIST_COLOUR: [u8; 3] = [255, 127, 14];
-
-/// The model flags `eval` and `submit` share.
-#[derive(clap::Args)]
-pub struct ModelArgs {
-    #[command(flatten)]
-    model: crate::cli::ModelArgs,
-    /// Detections scoring below this are left out of the submission (and, in `eval`, of the
-    /// iMaterialist score).
-    #[arg(long, default_value_t = DEFAULT_MIN_SCORE, value_parser = parse_score)]
-    min_score: f32,
-}
-
-/// A score threshold: a number in [0, 1].
-fn parse_score(s: &str) -> Result<f32, String> {
-    match s.parse::<f32>() {
-        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
-        _ => Err(format!("`{s}` is not a score in [0, 1]")),
-    }
-}
-
-/// Exactly one ground-truth format.
-#[derive(clap::Args)]
-#[group(required = true, multiple = false)]
-pub struct AnnotationArgs {
-    /// iMaterialist (Fashion) 2019 train.csv: ImageId,EncodedPixels,Height,Width,ClassId.
-    #[arg(long)]
-    annotations: Option<PathBuf>,
-    /// COCO instance JSON (polygons or RLE), e.g. Fashionpedia's.
-    #[arg(long)]
-    coco: Option<PathBuf>,
-}
-
-/// `drape eval`'s flags.
-#[derive(clap::Args)]
-pub struct EvalArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// Directory of the annotated images.
-    #[arg(long)]
-    images: PathBuf,
-    #[command(flatten)]
-    annotations: AnnotationArgs,
-    /// COCO only: torchvision label = category_id + this (1 for Fashionpedia, whose ids start
-    /// at 0).
-    // `requires = "coco"` is not enforced for a member of a satisfied group; this is.
-    #[arg(long, conflicts_with = "annotations")]
-    label_offset: Option<usize>,
-    /// Evaluate only the first N images.
-    #[arg(long)]
-    limit: Option<usize>,
-    /// Print one JSON object instead of tables (no progress bar).
-    #[arg(long)]
-    json: bool,
-    /// Run the images at every input size of the budget ladder and every mask cap.
-    #[arg(long)]
-    sweep: bool,
-    /// Draw the sweep's accuracy against latency to this PNG.
-    #[arg(long, requires = "sweep")]
-    plot: Option<PathBuf>,
-}
-
-/// `drape submit`'s flags.
-#[derive(clap::Args)]
-pub struct SubmitArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// Directory of test images (PNG or JPEG); each file name is its ImageId.
-    #[arg(long)]
-    images: PathBuf,
-    /// Where to write the CSV.
-    #[arg(long)]
-    out: PathBuf,
-    /// Only the first N images (by file name).
-    #[arg(long)]
-    limit: Option<usize>,
-}
 
 /// One configuration's accumulated results.
 struct Run {
@@ -254,31 +179,16 @@ fn device_name(location: DeviceLocation) -> String {
     }
 }
 
-fn progress_bar(hidden: bool, len: usize, message: &str) -> ProgressBar {
-    if hidden {
-        return ProgressBar::hidden();
-    }
-    ProgressBar::new(len as u64)
-        .with_style(
-            ProgressStyle::with_template("{msg} {wide_bar} {pos}/{len} runs, eta {eta}")
-                .expect("static template"),
-        )
-        .with_message(message.to_owned())
-}
-
 /// The model's input sizes down the budget ladder `drape run` steps through, each with every
 /// mask cap.
 fn sweep_settings(model: &MaskRcnn) -> Vec<FrameSettings> {
     let cfg = model.config();
     let all = cfg.detections_per_img;
-    // Only the ladder is wanted, so the budget is irrelevant.
-    let controller = BudgetController::new(f64::INFINITY, (cfg.min_size, cfg.max_size), all);
     let mut caps: Vec<usize> = SWEEP_MASK_CAPS.iter().map(|&c| c.min(all)).collect();
     caps.dedup();
-    controller
-        .ladder()
-        .iter()
-        .flat_map(|&(min_size, max_size)| {
+    ladder((cfg.min_size, cfg.max_size))
+        .into_iter()
+        .flat_map(|(min_size, max_size)| {
             caps.iter().map(move |&max_masks| FrameSettings {
                 min_size,
                 max_size,
@@ -288,171 +198,160 @@ fn sweep_settings(model: &MaskRcnn) -> Vec<FrameSettings> {
         .collect()
 }
 
-/// `drape eval`.
-pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
-    let mut models = vec![args.model.model.load()?];
-    let device = models[0].device().clone();
-    let num_classes = models[0].architecture().num_classes;
-    let mut dataset = match (&args.annotations.annotations, &args.annotations.coco) {
-        (Some(csv), _) => imaterialist::read_train_csv(csv, num_classes)?,
-        (None, Some(json)) => {
-            coco::read_instances(json, num_classes, args.label_offset.unwrap_or(0))?
-        }
-        (None, None) => bail!("give --annotations or --coco"),
-    };
-    if let Some(n) = args.limit {
-        dataset.images.truncate(n);
-    }
-    if dataset.images.is_empty() {
-        bail!("no annotated images to evaluate");
-    }
-    // Every file is found and its size checked before the first (slow) model run.
-    let paths = dataset
-        .images
-        .iter()
-        .map(|image| locate_image(&args.images, image))
-        .collect::<Result<Vec<_>, _>>()?;
+/// Where the ground truth comes from.
+#[derive(Debug, Clone)]
+pub enum Annotations {
+    /// iMaterialist (Fashion) 2019 train.csv: ImageId,EncodedPixels,Height,Width,ClassId.
+    Imaterialist(PathBuf),
+    /// COCO instance JSON (polygons or RLE); torchvision label = category_id + `label_offset`.
+    Coco { path: PathBuf, label_offset: usize },
+}
 
-    let new_run = |model, settings| Run {
-        model,
-        settings,
-        coco: CocoEvaluator::new(&dataset.categories),
-        imaterialist: ImaterialistMetric::new(),
-        detect_ms: Vec::with_capacity(paths.len()),
-    };
-    let mut runs: Vec<Run> = if args.sweep {
-        sweep_settings(&models[0])
-            .into_iter()
-            .map(|s| new_run(0, s))
-            .collect()
-    } else {
-        vec![new_run(0, models[0].default_settings())]
-    };
-    let reduced = compute_dtype(device.location()) != DType::F32;
-    let f16 = match (args.sweep, reduced) {
-        (false, _) => None,
-        // A GPU only computes in f16: the f32 reference is the same model on the CPU.
-        (true, true) => {
-            models.push(args.model.model.load_on(&Device::Cpu)?);
-            runs.push(new_run(1, models[1].default_settings()));
-            None
-        }
-        (true, false) => Some(F16_NOT_APPLICABLE),
-    };
+/// What `drape eval` evaluates and how.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Directory of the annotated images.
+    pub images: PathBuf,
+    pub annotations: Annotations,
+    /// Only the first N annotated images.
+    pub limit: Option<usize>,
+    /// Every input size of the budget ladder with every mask cap, instead of the model's own
+    /// settings.
+    pub sweep: bool,
+    /// Detections below this score are left out of the iMaterialist score.
+    pub min_score: f32,
+}
 
-    let bar = progress_bar(args.json, paths.len() * runs.len(), "evaluating");
-    let mut workspaces: Vec<Workspace> = models.iter().map(|_| Workspace::default()).collect();
-    let mut out = Detections::default();
-    for (i, (truth, path)) in dataset.images.iter().zip(&paths).enumerate() {
-        let image = image_io::load_rgb(path)?;
-        let size = (truth.height, truth.width);
-        let mut detect = |model: usize, settings: FrameSettings, out: &mut Detections| {
-            models[model]
-                .detect_into(image.as_raw(), size, settings, &mut workspaces[model], out)
-                .with_context(|| format!("running the model on {}", path.display()))
+/// An evaluation read and checked, ready to run: the dataset, every image file found with its
+/// size checked, and the configurations to run it in.
+pub struct Evaluation {
+    models: Vec<MaskRcnn>,
+    dataset: Dataset,
+    paths: Vec<PathBuf>,
+    runs: Vec<Run>,
+    f16: Option<&'static str>,
+    /// A sweep on a reduced-precision device, not yet given its f32 reference.
+    wants_reference: bool,
+    min_score: f32,
+}
+
+impl Evaluation {
+    /// Reads the annotations and finds every image before the first (slow) model run.
+    pub fn new(model: MaskRcnn, opts: &EvalOptions) -> Result<Self, EvalError> {
+        let num_classes = model.architecture().num_classes;
+        let mut dataset = match &opts.annotations {
+            Annotations::Imaterialist(csv) => imaterialist::read_train_csv(csv, num_classes)?,
+            Annotations::Coco { path, label_offset } => {
+                coco::read_instances(path, num_classes, *label_offset)?
+            }
         };
-        if i == 0 {
-            // Untimed: each model's first run pays for growing its buffers.
-            for (m, model) in models.iter().enumerate() {
-                detect(m, model.default_settings(), &mut out)?;
+        if let Some(n) = opts.limit {
+            dataset.images.truncate(n);
+        }
+        if dataset.images.is_empty() {
+            return Err(EvalError::NoImages);
+        }
+        let paths = dataset
+            .images
+            .iter()
+            .map(|image| locate_image(&opts.images, image))
+            .collect::<Result<Vec<_>, _>>()?;
+        let settings = if opts.sweep {
+            sweep_settings(&model)
+        } else {
+            vec![model.default_settings()]
+        };
+        let reduced = compute_dtype(model.device().location()) != DType::F32;
+        let mut evaluation = Self {
+            models: vec![model],
+            runs: Vec::new(),
+            f16: (opts.sweep && !reduced).then_some(F16_NOT_APPLICABLE),
+            wants_reference: opts.sweep && reduced,
+            min_score: opts.min_score,
+            dataset,
+            paths,
+        };
+        evaluation.runs = settings
+            .into_iter()
+            .map(|s| evaluation.new_run(0, s))
+            .collect();
+        Ok(evaluation)
+    }
+
+    /// Whether a sweep on a reduced-precision device wants an f32 reference run
+    /// ([`Self::with_reference`]): a GPU only computes in f16, so the f32 reference is the same
+    /// model on the CPU.
+    pub fn wants_reference(&self) -> bool {
+        self.wants_reference
+    }
+
+    /// Adds `reference`'s run at its default settings beside the others.
+    pub fn with_reference(mut self, reference: MaskRcnn) -> Self {
+        let settings = reference.default_settings();
+        self.wants_reference = false;
+        self.models.push(reference);
+        let run = self.new_run(self.models.len() - 1, settings);
+        self.runs.push(run);
+        self
+    }
+
+    fn new_run(&self, model: usize, settings: FrameSettings) -> Run {
+        Run {
+            model,
+            settings,
+            coco: CocoEvaluator::new(&self.dataset.categories),
+            imaterialist: ImaterialistMetric::new(),
+            detect_ms: Vec::with_capacity(self.paths.len()),
+        }
+    }
+
+    /// Timed model runs [`Self::run`] makes, each reported to its `progress` callback.
+    pub fn model_runs(&self) -> usize {
+        self.paths.len() * self.runs.len()
+    }
+
+    /// Runs every image in every configuration; `progress` is called after each model run.
+    pub fn run(mut self, mut progress: impl FnMut()) -> Result<EvalReport, EvalError> {
+        let mut detectors: Vec<Detector> =
+            self.models.iter().map(|_| Detector::default()).collect();
+        let mut out = Detections::default();
+        for (i, (truth, path)) in self.dataset.images.iter().zip(&self.paths).enumerate() {
+            let image = image_io::load_rgb(path)?;
+            let size = (truth.height, truth.width);
+            let models = &self.models;
+            let mut detect = |model: usize, settings: FrameSettings, out: &mut Detections| {
+                detectors[model]
+                    .run(&models[model], image.as_raw(), size, settings, out)
+                    .map_err(|source| EvalError::Detect {
+                        path: path.clone(),
+                        source: Box::new(source),
+                    })
+            };
+            if i == 0 {
+                // Untimed: each model's first run pays for growing its buffers.
+                for (m, model) in models.iter().enumerate() {
+                    detect(m, model.default_settings(), &mut out)?;
+                }
+            }
+            for run in &mut self.runs {
+                detect(run.model, run.settings, &mut out)?;
+                run.observe(truth, &out, self.min_score);
+                progress();
             }
         }
-        for run in &mut runs {
-            detect(run.model, run.settings, &mut out)?;
-            run.observe(truth, &out, args.model.min_score);
-            bar.inc(1);
-        }
-    }
-    bar.finish_and_clear();
-
-    let report = EvalReport {
-        runs: runs
-            .iter()
-            .map(|r| RunReport::new(r, &models, &dataset))
-            .collect(),
-        f16,
-    };
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else if args.sweep {
-        print_sweep(&report);
-    } else {
-        print_single(&report.runs[0], args.model.min_score);
-    }
-    if let Some(path) = &args.plot {
-        save_plot(&report.runs, path)?;
-    }
-    Ok(())
-}
-
-fn fmt(v: Option<f64>) -> String {
-    v.map_or("-".to_owned(), |v| format!("{v:.3}"))
-}
-
-fn print_single(r: &RunReport, min_score: f32) {
-    println!(
-        "{} images on {} ({}) at input {}/{}, masks for up to {} detections",
-        r.images, r.device, r.precision, r.min_size, r.max_size, r.max_masks
-    );
-    println!(
-        "mask AP {}  AP50 {}  AP75 {}  (pycocotools COCOeval segm, maxDets 100, area all)",
-        fmt(r.mask_ap),
-        fmt(r.mask_ap50),
-        fmt(r.mask_ap75)
-    );
-    println!(
-        "iMaterialist 2019 score {} over {} image-class pairs (masks scoring >= {min_score}, \
-         made non-overlapping)",
-        fmt(r.imaterialist),
-        r.imaterialist_pairs
-    );
-    println!(
-        "detect: median {:.1} ms, p99 {:.1} ms per image",
-        r.detect_ms.median_ms, r.detect_ms.p99_ms
-    );
-    println!(
-        "{:>4} {:<32} {:>6} {:>6} {:>6} {:>6} {:>6}",
-        "id", "class", "masks", "AP", "AP50", "AP75", "iMat"
-    );
-    for c in &r.classes {
-        println!(
-            "{:>4} {:<32} {:>6} {:>6} {:>6} {:>6} {:>6}",
-            c.class_id,
-            c.label,
-            c.truths,
-            fmt(c.ap),
-            fmt(c.ap50),
-            fmt(c.ap75),
-            fmt(c.imaterialist)
-        );
+        Ok(EvalReport {
+            runs: self
+                .runs
+                .iter()
+                .map(|r| RunReport::new(r, &self.models, &self.dataset))
+                .collect(),
+            f16: self.f16,
+        })
     }
 }
 
-fn print_sweep(report: &EvalReport) {
-    println!(
-        "{:<10} {:<11} {:>5} {:>7} {:>6} {:>6} {:>6} {:>10} {:>8}",
-        "device", "input", "masks", "mask AP", "AP50", "AP75", "iMat", "median ms", "p99 ms"
-    );
-    for r in &report.runs {
-        println!(
-            "{:<10} {:<11} {:>5} {:>7} {:>6} {:>6} {:>6} {:>10.1} {:>8.1}",
-            format!("{} {}", r.device, r.precision),
-            format!("{}/{}", r.min_size, r.max_size),
-            r.max_masks,
-            fmt(r.mask_ap),
-            fmt(r.mask_ap50),
-            fmt(r.mask_ap75),
-            fmt(r.imaterialist),
-            r.detect_ms.median_ms,
-            r.detect_ms.p99_ms
-        );
-    }
-    if let Some(note) = report.f16 {
-        println!("{note}");
-    }
-}
-
-fn save_plot(runs: &[RunReport], path: &Path) -> anyhow::Result<()> {
+/// The sweep's accuracy against latency, one series per metric.
+pub fn sweep_plot(runs: &[RunReport]) -> image::RgbImage {
     let series = |name: &str, colour, value: fn(&RunReport) -> Option<f64>| Series {
         name: name.to_owned(),
         colour,
@@ -467,7 +366,7 @@ fn save_plot(runs: &[RunReport], path: &Path) -> anyhow::Result<()> {
             })
             .collect(),
     };
-    let image = plot::draw(
+    plot::draw(
         "accuracy vs latency (points: input min size / mask cap precision)",
         "median detect ms",
         "accuracy",
@@ -475,14 +374,19 @@ fn save_plot(runs: &[RunReport], path: &Path) -> anyhow::Result<()> {
             series("mask AP", MASK_AP_COLOUR, |r| r.mask_ap),
             series("iMaterialist", IMATERIALIST_COLOUR, |r| r.imaterialist),
         ],
-    );
-    image_io::save_png(&image, path)?;
-    Ok(())
+    )
 }
 
-/// `drape submit`.
-pub fn run_submit(args: SubmitArgs) -> anyhow::Result<()> {
-    let model = args.model.model.load()?;
+/// Writes a Kaggle iMaterialist submission of `images` (each file name is its ImageId) to
+/// `out`, masks made non-overlapping and those below `min_score` left out; `progress` is called
+/// after each image. Returns the number of rows (masks) written.
+pub fn write_submission(
+    model: &MaskRcnn,
+    images: &[PathBuf],
+    out: &Path,
+    min_score: f32,
+    mut progress: impl FnMut(),
+) -> Result<usize, EvalError> {
     let categories = model.architecture().num_classes - 1;
     if categories != crate::labels::IMATERIALIST_2019.len() {
         tracing::warn!(
@@ -490,43 +394,31 @@ pub fn run_submit(args: SubmitArgs) -> anyhow::Result<()> {
             "the model does not have iMaterialist's 46 categories; ClassId is still label - 1"
         );
     }
-    let mut paths = submit::list_images(&args.images)?;
-    if let Some(n) = args.limit {
-        paths.truncate(n);
-    }
-    if paths.is_empty() {
-        bail!("{}: no PNG or JPEG images", args.images.display());
-    }
-    let mut writer = SubmissionWriter::create(&args.out)?;
-    let bar = progress_bar(false, paths.len(), "submitting");
-    let mut ws = Workspace::default();
-    let mut out = Detections::default();
-    for path in &paths {
+    let mut writer = SubmissionWriter::create(out)?;
+    let mut detector = Detector::default();
+    let mut detections = Detections::default();
+    for path in images {
         let image = image_io::load_rgb(path)?;
         let size = (image.height() as usize, image.width() as usize);
-        model
-            .detect_into(
+        detector
+            .run(
+                model,
                 image.as_raw(),
                 size,
                 model.default_settings(),
-                &mut ws,
-                &mut out,
+                &mut detections,
             )
-            .with_context(|| format!("running the model on {}", path.display()))?;
-        let kept = submit::non_overlapping(&out.instances, args.model.min_score);
+            .map_err(|source| EvalError::Detect {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
+        let kept = submit::non_overlapping(&detections.instances, min_score);
         let image_id = path
             .file_name()
             .and_then(|n| n.to_str())
-            .with_context(|| format!("{}: file name is not UTF-8", path.display()))?;
+            .ok_or_else(|| EvalError::FileName { path: path.clone() })?;
         writer.image(image_id, &kept)?;
-        bar.inc(1);
+        progress();
     }
-    bar.finish_and_clear();
-    let rows = writer.finish()?;
-    eprintln!(
-        "{}: {rows} masks for {} images",
-        args.out.display(),
-        paths.len()
-    );
-    Ok(())
+    writer.finish()
 }

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use crate::eval::imaterialist::class_id_of;
 use crate::eval::{kaggle_rle, masks, EvalError};
-use crate::postprocess::{Instance, Rle};
+use crate::postprocess::Instance;
+use crate::rle::Rle;
 
 pub const HEADER: &str = "ImageId,EncodedPixels,ClassId";
 /// Kaggle rejected submissions that leave out an image; the competition's public kernels filled

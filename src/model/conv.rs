@@ -148,6 +148,10 @@ impl FusedConv {
     }
 
     /// One tile: output rows `y0..y1` of image `img`.
+    ///
+    /// # Safety
+    /// `out` must be valid for the whole `[n, out_channels, oh, ow]` output, and
+    /// no other thread may touch image `img`'s output rows `y0..y1` during the call.
     unsafe fn tile(
         &self,
         input: &[f32],

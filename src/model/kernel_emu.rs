@@ -109,6 +109,8 @@ pub fn topk_histogram(
     gx: u32,
     seed: u64,
 ) {
+    // SAFETY: only a type, the C signature tests/kernel_emu declares; the call below is
+    // the unsafe part and states its contract.
     type F = unsafe extern "C" fn(i32, *const c_void, u32, u32, u32, u32, u32, *mut u32, u32, u64);
     let _one_launch = serialised();
     let f = symbol::<F>(cuda(), b"emu_topk_histogram");
@@ -140,6 +142,8 @@ pub fn topk_collect(
     (gx, bx): (u32, u32),
     seed: u64,
 ) {
+    // SAFETY: only a type, the C signature tests/kernel_emu declares; the call below is
+    // the unsafe part and states its contract.
     type F = unsafe extern "C" fn(i32, *const c_void, u32, u32, u32, u32, *mut u32, u32, u32, u64);
     let _one_launch = serialised();
     let f = symbol::<F>(cuda(), b"emu_topk_collect");
@@ -171,12 +175,14 @@ pub fn paste_masks(
     (gx, gy, bx): (u32, u32, u32),
     seed: u64,
 ) {
+    // SAFETY: only a type, the C signature tests/kernel_emu declares; the call below is
+    // the unsafe part and states its contract.
     type F = unsafe extern "C" fn(*const f32, *const u32, f32, *mut u8, u32, u32, u32, u64);
     let _one_launch = serialised();
     let f = symbol::<F>(cuda(), b"emu_paste_masks");
     assert_eq!(table.len(), 9 * gy as usize);
     // SAFETY: `probs` holds 784 values per region, and the table's offsets and sizes lie
-    // inside `out` (the caller's Paster built both).
+    // inside `out` (the caller's Postprocessor built both).
     unsafe {
         f(
             probs.as_ptr(),
@@ -201,6 +207,8 @@ pub fn roi_align(
     (gx, bx): (u32, u32),
     seed: u64,
 ) {
+    // SAFETY: only a type, the C signature tests/kernel_emu declares; the call below is
+    // the unsafe part and states its contract.
     type F = unsafe extern "C" fn(
         i32,
         *const c_void,
@@ -239,6 +247,8 @@ pub fn metal_roi_align(
     threads: u32,
     seed: u64,
 ) {
+    // SAFETY: only a type, the C signature tests/kernel_emu declares; the call below is
+    // the unsafe part and states its contract.
     type F =
         unsafe extern "C" fn(i32, *const c_void, *const f32, *mut c_void, *const u32, u32, u64);
     let f = symbol::<F>(metal(), b"emu_metal_roi_align");

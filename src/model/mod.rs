@@ -1,5 +1,6 @@
 //! torchvision's Mask R-CNN (`models/detection/mask_rcnn.py`), one module per stage:
-//! `transform → backbone → fpn → rpn → roi_heads`, then [`crate::postprocess`].
+//! `transform → backbone → fpn → rpn → roi_heads`. What it returns is still in the resized
+//! image's coordinates; [`crate::postprocess`] is the next stage.
 //! The architecture is read off the weights; see [`MaskRcnn::load`].
 
 pub mod anchors;
@@ -34,8 +35,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::Result;
-use crate::labels::default_labels;
-use crate::postprocess::{Instance, Paster};
+use crate::labels::Labels;
 use crate::weights::Weights;
 use backbone::{BlockKind, ResNet};
 use box_ops::{Box, Candidates};
@@ -104,17 +104,22 @@ impl Timings {
     }
 }
 
-/// The result of one image.
-#[derive(Debug, Clone, Default)]
-pub struct Detections {
-    pub width: usize,
-    pub height: usize,
-    pub instances: Vec<Instance>,
-    pub timings: Timings,
-    /// (width, height) of the resized image the model ran on.
-    pub input_size: (usize, usize),
-    /// How many instances got a mask (the rest were beyond the frame's mask cap).
+/// What the model makes of one image, before postprocessing: detections in the coordinates of
+/// the resized image it ran on, and the mask probabilities of the first `masked` of them.
+#[derive(Debug, Default)]
+pub struct ModelOutput {
+    /// By descending score.
+    pub detections: Vec<Detection>,
+    /// `[masked, 28, 28]` on the model's device; `None` when no detection got a mask.
+    pub mask_probs: Option<Tensor>,
+    /// How many detections got a mask (the rest were beyond the frame's mask cap).
     pub masked: usize,
+    /// (height, width) of the resized image the model ran on.
+    pub image_size: (usize, usize),
+    /// (height, width) of the image as given.
+    pub original: (usize, usize),
+    /// The model's stages; postprocessing adds its own.
+    pub timings: Timings,
 }
 
 /// Per-frame knobs a latency budget turns.
@@ -134,17 +139,15 @@ pub struct Workspace {
     input: Vec<f32>,
     candidates: Candidates,
     proposals: Vec<Box>,
-    detections: Vec<Detection>,
     /// Boxes and labels of the detections that get a mask this frame.
     mask_boxes: Vec<Box>,
     mask_labels: Vec<usize>,
-    pub paster: Paster,
 }
 
 pub struct MaskRcnn {
     config: Config,
     architecture: Architecture,
-    labels: Vec<String>,
+    labels: Labels,
     transform: Transform,
     pub backbone: ResNet,
     pub fpn: Fpn,
@@ -215,7 +218,7 @@ impl MaskRcnn {
         let num_classes = roi_heads.num_classes();
         let labels =
             match w.parse_metadata("labels", |s| serde_json::from_str::<Vec<String>>(s).ok())? {
-                Some(l) if l.len() == num_classes - 1 => l,
+                Some(l) if l.len() == num_classes - 1 => Labels::new(l),
                 Some(l) => {
                     return Err(w.metadata_error(
                         "labels",
@@ -226,7 +229,7 @@ impl MaskRcnn {
                 ),
                     ))
                 }
-                None => default_labels(num_classes),
+                None => Labels::default_for(num_classes),
             };
         let architecture = Architecture {
             variant: roi_heads.variant().into(),
@@ -291,12 +294,14 @@ impl MaskRcnn {
         &self.device
     }
 
+    /// The class names, from the file's `labels` metadata or the defaults for its class count.
+    pub fn labels(&self) -> &Labels {
+        &self.labels
+    }
+
     /// The name of torchvision label `class_id` (1-based; 0 is background).
     pub fn label(&self, class_id: usize) -> &str {
-        class_id
-            .checked_sub(1)
-            .and_then(|i| self.labels.get(i))
-            .map_or("background", String::as_str)
+        self.labels.get(class_id)
     }
 
     /// The configured input size, every mask: torchvision's behaviour.
@@ -317,28 +322,16 @@ impl MaskRcnn {
         Ok(batch)
     }
 
-    /// Runs the whole model on one interleaved 8-bit RGB image of `(height, width)`.
-    pub fn detect(&self, rgb: &[u8], size: (usize, usize)) -> Result<Detections> {
-        let mut out = Detections::default();
-        self.detect_into(
-            rgb,
-            size,
-            self.default_settings(),
-            &mut Workspace::default(),
-            &mut out,
-        )?;
-        Ok(out)
-    }
-
-    /// [`Self::detect`] with per-frame settings, into caller-owned buffers reused across
-    /// frames.
+    /// Runs the model on one interleaved 8-bit RGB image of `(height, width)` with per-frame
+    /// settings, into caller-owned buffers reused across frames. [`Self::detect`] adds
+    /// postprocessing for a single image.
     pub fn detect_into(
         &self,
         rgb: &[u8],
         size: (usize, usize),
         settings: FrameSettings,
         ws: &mut Workspace,
-        out: &mut Detections,
+        out: &mut ModelOutput,
     ) -> Result<()> {
         let mut t = Timings::default();
         let start = Instant::now();
@@ -347,22 +340,24 @@ impl MaskRcnn {
             device: self.sync_stages.then_some(&self.device),
         };
 
-        let batch = {
+        // The last frame's probabilities are not kept alive through this frame's forward.
+        out.mask_probs = None;
+        let g = {
             let _span = tracing::debug_span!("preprocess").entered();
             let sizes = (settings.min_size, settings.max_size);
-            let g = self
-                .transform
-                .apply_into(rgb, size, sizes, &mut ws.resize, &mut ws.input)?;
-            // Normalised on the host in f32, cast on the device (f16 on GPUs).
-            let tensor =
-                Tensor::from_slice(&ws.input, (1, 3, g.padded.0, g.padded.1), &self.device)?
-                    .to_dtype(self.dtype)?;
-            ImageBatch {
-                tensor,
-                image_size: g.image_size,
-                padded: g.padded,
-                original: g.original,
-            }
+            self.transform
+                .apply_into(rgb, size, sizes, &mut ws.resize, &mut ws.input)?
+        };
+        // From here on candle allocates per tensor op (and gemm per call); the allocation
+        // counter books that to the model.
+        let _model = crate::alloc::Scope::enter(crate::alloc::Account::Model);
+        // Normalised on the host in f32, cast on the device (f16 on GPUs).
+        let batch = ImageBatch {
+            tensor: Tensor::from_slice(&ws.input, (1, 3, g.padded.0, g.padded.1), &self.device)?
+                .to_dtype(self.dtype)?,
+            image_size: g.image_size,
+            padded: g.padded,
+            original: g.original,
         };
         t.preprocess = clock.lap()?;
         let c = {
@@ -388,7 +383,7 @@ impl MaskRcnn {
         // MultiScaleRoIAlign pools from P2..P5 only.
         let pyramid = &features[..4];
         let heads = &self.roi_heads;
-        ws.detections.clear();
+        out.detections.clear();
         if !proposals.is_empty() {
             let pooled = {
                 let _span = tracing::debug_span!("roi_align", rois = proposals.len()).entered();
@@ -408,11 +403,11 @@ impl MaskRcnn {
                 proposals,
                 batch.image_size,
                 &mut ws.candidates,
-                &mut ws.detections,
+                &mut out.detections,
             );
             t.box_head = clock.lap()?;
         }
-        let detections = &ws.detections;
+        let detections = &out.detections;
 
         let masked = detections.len().min(settings.max_masks);
         let probs = if masked == 0 {
@@ -434,24 +429,12 @@ impl MaskRcnn {
             t.mask_head = clock.lap()?;
             Some(probs)
         };
-        {
-            let _span = tracing::debug_span!("paste").entered();
-            ws.paster.paste_into(
-                detections,
-                probs.as_ref(),
-                (batch.image_size, batch.original),
-                self.config.mask_thresh,
-                &mut out.instances,
-            )?;
-        }
-        clock.lap()?;
-        (t.paste, t.rle) = ws.paster.last_timings();
         t.total = start.elapsed().as_secs_f64() * 1e3;
-        out.width = size.1;
-        out.height = size.0;
-        out.timings = t;
-        out.input_size = (batch.image_size.1, batch.image_size.0);
+        out.mask_probs = probs;
         out.masked = masked;
+        out.image_size = batch.image_size;
+        out.original = batch.original;
+        out.timings = t;
         Ok(())
     }
 }

@@ -47,53 +47,50 @@ impl MultiScaleRoIAlign {
             )?);
         }
         // `_infer_scale`: 2^round(log2(feature height / image height)).
-        let scales: Vec<f32> = features
-            .iter()
-            .map(|f| {
-                let approx = f.dim(2)? as f32 / image_size.0 as f32;
-                Ok(2f32.powf(approx.log2().round_ties_even()))
-            })
-            .collect::<Result<_>>()?;
-        let k_min = -scales[0].log2();
-        let k_max = -scales[scales.len() - 1].log2();
-        let mut per_level: Vec<Vec<usize>> = vec![Vec::new(); features.len()];
-        for (i, b) in boxes.iter().enumerate() {
+        let scale = |f: &Tensor| -> Result<f32> {
+            let approx = f.dim(2)? as f32 / image_size.0 as f32;
+            Ok(2f32.powf(approx.log2().round_ties_even()))
+        };
+        let k_min = -scale(&features[0])?.log2();
+        let k_max = -scale(&features[features.len() - 1])?.log2();
+        let level_of = |b: &Box| {
             let size = box_ops::area(b).sqrt();
             let level = (CANONICAL_LEVEL + (size / CANONICAL_SCALE).log2() + LEVEL_EPS).floor();
-            let level = level.clamp(k_min, k_max) - k_min;
-            per_level[level as usize].push(i);
-        }
-        let mut pooled = Vec::new();
-        let mut order = Vec::with_capacity(boxes.len());
-        for (level, members) in per_level.iter().enumerate() {
-            if members.is_empty() {
+            (level.clamp(k_min, k_max) - k_min) as usize
+        };
+        // Rows are pooled level by level; `inverse[i]` is the row box `i` lands in. Each level
+        // rereads the boxes rather than keeping per-level lists: one exact-size buffer per
+        // level, the one its tensor is made from.
+        let mut pooled = Vec::with_capacity(features.len());
+        let mut inverse = vec![0u32; boxes.len()];
+        let mut row = 0u32;
+        for (level, feature) in features.iter().enumerate() {
+            let members = boxes.iter().filter(|b| level_of(b) == level).count();
+            if members == 0 {
                 continue;
             }
-            let rois: Vec<f32> = members
+            let mut rois = Vec::with_capacity(members * 5);
+            for (i, b) in boxes
                 .iter()
-                .flat_map(|&i| {
-                    let b = boxes[i];
-                    [0.0, b[0], b[1], b[2], b[3]]
-                })
-                .collect();
+                .enumerate()
+                .filter(|(_, b)| level_of(b) == level)
+            {
+                rois.extend_from_slice(&[0.0, b[0], b[1], b[2], b[3]]);
+                inverse[i] = row;
+                row += 1;
+            }
             // Boxes stay f32 on every device: f16 would move a box edge at x = 1000 by up to
             // 0.25 px, a large part of a P5 bin.
-            let rois = Tensor::from_vec(rois, (members.len(), 5), device)?;
+            let rois = Tensor::from_vec(rois, (members, 5), device)?;
             let op = RoiAlign {
                 output_size: (s, s),
-                spatial_scale: scales[level],
+                spatial_scale: scale(feature)?,
                 sampling_ratio: self.sampling_ratio,
                 aligned: false,
             };
-            pooled.push(op.apply(&features[level].contiguous()?, &rois)?);
-            order.extend_from_slice(members);
+            pooled.push(op.apply(&feature.contiguous()?, &rois)?);
         }
         let pooled = Tensor::cat(&pooled, 0)?;
-        // `order[j]` is the box pooled at row j; invert it to restore the input order.
-        let mut inverse = vec![0u32; order.len()];
-        for (row, &i) in order.iter().enumerate() {
-            inverse[i] = row as u32;
-        }
         let inverse = Tensor::from_vec(inverse, boxes.len(), device)?;
         Ok(pooled.index_select(&inverse, 0)?)
     }

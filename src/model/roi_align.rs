@@ -344,13 +344,13 @@ impl CustomOp2 for RoiAlign {
                 p.sampling_ratio,
                 p.aligned
             );
-            // SAFETY: the argument list matches `roi_align_{f32,f16}` in kernels/roi_align.cu,
-            // and the buffers hold the sizes `p` describes.
             let config = LaunchConfig {
                 grid_dim: (total.div_ceil(THREADS), 1, 1),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
+            // SAFETY: the argument list matches `roi_align_{f32,f16}` in kernels/roi_align.cu,
+            // and the buffers hold the sizes `p` describes.
             unsafe { b.launch(config) }.w()?;
             Ok(out)
         }

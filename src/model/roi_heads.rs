@@ -11,7 +11,7 @@ use super::layers::{layer_dtype, upload, Conv2d, ConvSpec, Linear};
 use super::poolers::MultiScaleRoIAlign;
 use crate::config::{Config, BOX_MIN_SIZE};
 use crate::error::{Error, Result};
-use crate::weights::Weights;
+use crate::weights::{HeadVariant, Weights};
 
 /// `RoIHeads`' box coder weights.
 const BOX_CODER_WEIGHTS: [f32; 4] = [10.0, 10.0, 5.0, 5.0];
@@ -61,6 +61,7 @@ pub struct RoiHeads {
 /// BatchNorm, then fully connected layers), each layer followed by ReLU.
 #[derive(Debug, Clone)]
 struct BoxHead {
+    variant: HeadVariant,
     convs: Vec<Conv2d>,
     fcs: Vec<Linear>,
 }
@@ -68,10 +69,11 @@ struct BoxHead {
 impl BoxHead {
     fn load(w: &Weights, channels: usize, eps: f32, device: &Device) -> Result<Self> {
         let pool = BOX_POOL_SIZE * BOX_POOL_SIZE;
-        if w.contains("roi_heads.box_head.fc6.weight") {
+        if w.head_variant() == Some(HeadVariant::V1) {
             let fc6 = Linear::load(w, "roi_heads.box_head.fc6", channels * pool, device)?;
             let fc7 = Linear::load(w, "roi_heads.box_head.fc7", fc6.out_features(), device)?;
             return Ok(Self {
+                variant: HeadVariant::V1,
                 convs: Vec::new(),
                 fcs: vec![fc6, fc7],
             });
@@ -95,7 +97,11 @@ impl BoxHead {
             fcs.push(fc);
             index += 2;
         }
-        Ok(Self { convs, fcs })
+        Ok(Self {
+            variant: HeadVariant::V2,
+            convs,
+            fcs,
+        })
     }
 
     fn out_features(&self) -> usize {
@@ -248,11 +254,7 @@ impl RoiHeads {
 
     /// `v2` for torchvision's `FastRCNNConvFCHead` box head, `v1` for `TwoMLPHead`.
     pub fn variant(&self) -> &'static str {
-        if self.box_head.convs.is_empty() {
-            "v1"
-        } else {
-            "v2"
-        }
+        self.box_head.variant.name()
     }
 
     pub fn mask_layers(&self) -> Vec<usize> {
@@ -337,7 +339,7 @@ impl RoiHeads {
 
     /// Mask head and predictor on pooled features, then `maskrcnn_inference`: the sigmoid of
     /// each detection's own class. Returns `[D, 28, 28]` f32 probabilities on the device, which
-    /// [`crate::postprocess::Paster`] pastes there.
+    /// [`crate::postprocess::Postprocessor`] pastes there.
     pub fn mask_probs_from_pooled(&self, pooled: &Tensor, labels: &[usize]) -> Result<Tensor> {
         let d = labels.len();
         let device = pooled.device();

@@ -1,8 +1,9 @@
-//! JSON Lines into a file that an appliance can leave alone for weeks: appended to (a restart
-//! never truncates what was written), rotated by size like logrotate's `size` + `rotate`
-//! (`out.jsonl` → `out.jsonl.1` → … → `out.jsonl.N`, the oldest deleted), and isolated: a write
-//! error (disk full, the card pulled) disables this sink alone, is counted and logged once, and
-//! the file is retried with a doubling backoff while the other outputs keep serving.
+//! JSON Lines outputs: [`JsonLines`] to any writer, and [`JsonlFile`], a file that an appliance
+//! can leave alone for weeks: appended to (a restart never truncates what was written), rotated
+//! by size like logrotate's `size` + `rotate` (`out.jsonl` → `out.jsonl.1` → … →
+//! `out.jsonl.N`, the oldest deleted), and isolated: a write error (disk full, the card pulled)
+//! disables this sink alone, is counted and logged once, and the file is retried with a
+//! doubling backoff while the other outputs keep serving.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::pipeline::{Emitted, Sink};
+use super::{Emitted, Sink};
 
 /// First wait before a failed file is tried again.
 const RETRY_INITIAL: Duration = Duration::from_secs(1);
@@ -53,6 +54,22 @@ pub struct RotatePolicy {
     pub max_bytes: Option<u64>,
     /// Rotated files kept beside the live one.
     pub keep: usize,
+}
+
+/// JSON Lines to any writer (stdout, a file), flushed per frame so a reader downstream sees
+/// each result as it is made.
+pub struct JsonLines<W: Write>(pub W);
+
+impl<W: Write> Sink for JsonLines<W> {
+    fn frame(&mut self, out: &Emitted<'_>) -> std::io::Result<()> {
+        self.0.write_all(out.line)?;
+        self.0.write_all(b"\n")?;
+        self.0.flush()
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// The file sink; see the module docs.

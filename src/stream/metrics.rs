@@ -7,9 +7,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use super::mqtt::MqttStats;
+use super::Emitted;
 use crate::health::State as HealthState;
 use crate::model::Timings;
-use crate::pipeline::{Counters, Emitted};
+use crate::pipeline::Counters;
 
 /// Histogram bucket upper bounds, in seconds: 10 ms to 10 s.
 const BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -83,11 +84,12 @@ impl Metrics {
     pub fn record(&self, out: &Emitted<'_>) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.counters = *out.counters;
-        s.latency.observe(out.latency_ms / 1e3);
-        for (h, (_, ms)) in s.stages.iter_mut().zip(out.result.timings.stages()) {
+        let r = out.record;
+        s.latency.observe(r.latency_ms / 1e3);
+        for (h, (_, ms)) in s.stages.iter_mut().zip(r.result.timings.stages()) {
             h.observe(ms / 1e3);
         }
-        s.input = out.result.input_size;
+        s.input = r.result.input_size;
     }
 
     /// Reports the MQTT output's counters from now on.

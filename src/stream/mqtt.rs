@@ -23,8 +23,8 @@ use rumqttc::{
     TlsConfiguration, Transport,
 };
 
+use super::{write_record, Emitted, Sink};
 use crate::error::{Error, Result};
-use crate::pipeline::{write_record, Emitted, Sink};
 use crate::track::EventJson;
 
 /// Environment variables holding the broker credentials (never command-line flags, which any
@@ -46,7 +46,7 @@ const MAX_INCOMING_BYTES: usize = 64 << 10;
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 
 /// Whether frame records on the broker carry masks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum MqttMasks {
     /// Boxes, classes, scores and tracks only: a few hundred bytes a frame.
     #[default]
@@ -302,7 +302,7 @@ impl MqttSink {
                     drive(connection, &client, &stats, &stopping, status, &target);
                     let _ = done_tx.send(());
                 })
-                .map_err(|e| Error::Config(format!("starting the MQTT thread: {e}")))?;
+                .map_err(|e| Error::Output(format!("starting the MQTT thread: {e}")))?;
         }
         Ok(Self {
             frames_topic: config.topic("frames"),
@@ -338,9 +338,9 @@ impl Sink for MqttSink {
             }
         };
         self.queue(&self.frames_topic, QoS::AtMostOnce, false, line);
-        for e in &out.tracks.events {
+        for e in &out.record.tracks.events {
             self.event.clear();
-            serde_json::to_writer(&mut self.event, &EventJson(out.record.model, e))
+            serde_json::to_writer(&mut self.event, &EventJson(out.record.labels, e))
                 .map_err(std::io::Error::other)?;
             self.queue(&self.events_topic, QoS::AtLeastOnce, false, &self.event);
         }

@@ -4,43 +4,97 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
-use safetensors::SafeTensors;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
-/// The `drape` binary built with the tests, started through `DRAPE_TEST_RUNNER` where set (an
-/// emulator and its arguments, as `.ci/aarch64` sets it: under qemu-user a process cannot exec
-/// a binary of the emulated architecture itself).
-pub fn drape_command() -> std::process::Command {
+/// The `drape` binary built with the tests, run from the repository root (so that fixture
+/// paths given relative to it resolve; a test may set another directory) and started through
+/// `DRAPE_TEST_RUNNER` where set (an emulator and its arguments, as `.ci/aarch64` sets it:
+/// under qemu-user a process cannot exec a binary of the emulated architecture itself).
+pub fn drape_command() -> Command {
     let bin = env!("CARGO_BIN_EXE_drape");
     let runner = std::env::var("DRAPE_TEST_RUNNER").unwrap_or_default();
     let mut words = runner.split_whitespace();
-    match words.next() {
+    let mut c = match words.next() {
         Some(emulator) => {
-            let mut c = std::process::Command::new(emulator);
+            let mut c = Command::new(emulator);
             c.args(words).arg(bin);
             c
         }
-        None => std::process::Command::new(bin),
-    }
+        None => Command::new(bin),
+    };
+    c.current_dir(env!("CARGO_MANIFEST_DIR"));
+    c
+}
+
+/// Runs `cmd` to the end and asserts that it succeeded, with its stderr as the message if not.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?} failed ({}): {}",
+        cmd.get_args().collect::<Vec<_>>(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `cmd` to the end and asserts that it failed as drape fails (exit status 1, not a crash
+/// and not clap's usage error); returns its stderr.
+pub fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{:?}: {stderr}",
+        cmd.get_args().collect::<Vec<_>>()
+    );
+    stderr
+}
+
+/// [`run_ok`], then its stdout parsed as one JSON value; returns the value and the stderr.
+pub fn run_json(cmd: &mut Command) -> (serde_json::Value, String) {
+    let out = run_ok(cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON value ({e}): {}\nstderr: {stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    (value, stderr)
+}
+
+/// Asks a child process to stop as a service manager would (SIGTERM); it is not waited for.
+pub fn terminate(child: &std::process::Child) {
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
 }
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// The tiny Bottleneck fixture model (also the bundled demo model), on the CPU.
+/// The tiny Bottleneck fixture model's weights (also the bundled demo model).
+pub fn tiny_weights() -> PathBuf {
+    fixtures().join("tiny_r50/model.safetensors")
+}
+
+/// [`tiny_weights`] loaded on the CPU.
 pub fn tiny_model() -> drape::MaskRcnn {
-    drape::MaskRcnn::load(
-        fixtures().join("tiny_r50/model.safetensors"),
-        |_| {},
-        &Device::Cpu,
-    )
-    .unwrap()
+    drape::MaskRcnn::load(tiny_weights(), |_| {}, &Device::Cpu).unwrap()
 }
 
 /// Deterministic pseudo-random floats in [0, 1).
@@ -91,6 +145,83 @@ pub fn replay_frames(fps: f64) -> drape::capture::SourceSpec {
     }
 }
 
+/// One tensor of a safetensors file, as stored.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Little-endian elements.
+    pub data: Vec<u8>,
+}
+
+impl Stored {
+    /// The elements widened to f32 (exact for F16, BF16 and F32; I64 indices as floats).
+    pub fn values(&self) -> Vec<f32> {
+        let d = &self.data;
+        match self.dtype {
+            Dtype::F32 => d
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            Dtype::F16 => d
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => d
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::I64 => d
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32)
+                .collect(),
+            other => panic!("{}: dtype {other:?}", self.name),
+        }
+    }
+}
+
+/// Every tensor of a safetensors file (sorted by name) and its `__metadata__`.
+pub fn read_safetensors(path: &Path) -> (Vec<Stored>, HashMap<String, String>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = SafeTensors::deserialize(&bytes)
+        .unwrap_or_else(|e| panic!("{}: not safetensors: {e}", path.display()));
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let mut tensors: Vec<Stored> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| Stored {
+            name,
+            dtype: v.dtype(),
+            shape: v.shape().to_vec(),
+            data: v.data().to_vec(),
+        })
+        .collect();
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    (tensors, meta.metadata().clone().unwrap_or_default())
+}
+
+/// Writes `tensors` and `metadata` as a safetensors file at `path`.
+pub fn write_safetensors(path: &Path, tensors: &[Stored], metadata: &HashMap<String, String>) {
+    let views: Vec<(&str, TensorView)> = tensors
+        .iter()
+        .map(|t| {
+            let view = TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap();
+            (t.name.as_str(), view)
+        })
+        .collect();
+    let meta = (!metadata.is_empty()).then(|| metadata.clone());
+    std::fs::write(path, safetensors::serialize(views, meta).unwrap()).unwrap();
+}
+
+/// The tensor `name` of `tensors`, to edit.
+pub fn stored_mut<'a>(tensors: &'a mut [Stored], name: &str) -> &'a mut Stored {
+    tensors
+        .iter_mut()
+        .find(|t| t.name == name)
+        .unwrap_or_else(|| panic!("no tensor `{name}`"))
+}
+
 /// Reference tensors torchvision wrote for one model and image (`calibration/make_fixtures.py`).
 pub struct Reference {
     pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
@@ -99,38 +230,15 @@ pub struct Reference {
 
 impl Reference {
     pub fn load(path: &Path) -> Self {
-        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let st = SafeTensors::deserialize(&bytes).expect("fixture is safetensors");
-        let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-        let tensors = st
-            .tensors()
+        let (stored, metadata) = read_safetensors(path);
+        let tensors = stored
             .into_iter()
-            .map(|(name, view)| {
-                let data: Vec<f32> = match view.dtype() {
-                    safetensors::Dtype::F32 => view
-                        .data()
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                        .collect(),
-                    safetensors::Dtype::F16 => view
-                        .data()
-                        .chunks_exact(2)
-                        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                        .collect(),
-                    safetensors::Dtype::I64 => view
-                        .data()
-                        .chunks_exact(8)
-                        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32)
-                        .collect(),
-                    other => panic!("{name}: fixture dtype {other:?}"),
-                };
-                (name, (view.shape().to_vec(), data))
+            .map(|t| {
+                let values = t.values();
+                (t.name, (t.shape, values))
             })
             .collect();
-        Self {
-            tensors,
-            metadata: meta.metadata().clone().unwrap_or_default(),
-        }
+        Self { tensors, metadata }
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -347,27 +455,101 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// One `GET path` to 127.0.0.1:`port` with `Connection: close`: (status, head, body).
-pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String, Vec<u8>)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )?;
+/// An HTTP response as a test reads it.
+pub struct HttpResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The whole response as text, head and body.
+    pub fn text(&self) -> String {
+        format!(
+            "{}\r\n\r\n{}",
+            self.head,
+            String::from_utf8_lossy(&self.body)
+        )
+    }
+}
+
+/// Sends `request` (as written on the wire: head and any body) to `addr` and reads one
+/// response: the head, then `Content-Length` bytes of body where the head gives a length (a
+/// keep-alive server such as ChromeDriver leaves the connection open), else everything up to
+/// the close, de-chunked if chunked. Each read waits at most `timeout`, so a hang fails the test
+/// instead of stalling it.
+pub fn http_exchange(
+    addr: impl ToSocketAddrs,
+    request: &str,
+    timeout: Duration,
+) -> std::io::Result<HttpResponse> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or(std::io::ErrorKind::InvalidData)?;
+    let mut buf = [0u8; 8192];
+    let end = loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        raw.extend_from_slice(&buf[..n]);
+    };
     let head = String::from_utf8_lossy(&raw[..end]).into_owned();
     let status = head
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    Ok((status, head, raw[end + 4..].to_vec()))
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    };
+    let mut body = raw.split_off(end + 4);
+    match header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        Some(n) => {
+            while body.len() < n {
+                let got = s.read(&mut buf)?;
+                if got == 0 {
+                    break;
+                }
+                body.extend_from_slice(&buf[..got]);
+            }
+        }
+        None => {
+            s.read_to_end(&mut body)?;
+            if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+                body = dechunk(&body);
+            }
+        }
+    }
+    Ok(HttpResponse { status, head, body })
+}
+
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&raw[..eol]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&raw[eol + 2..eol + 2 + size]);
+        raw = &raw[eol + 4 + size..];
+    }
+    out
+}
+
+/// One `GET path` to 127.0.0.1:`port` with `Connection: close`: (status, head, body).
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String, Vec<u8>)> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let r = http_exchange(("127.0.0.1", port), &request, Duration::from_secs(20))?;
+    Ok((r.status, r.head, r.body))
 }
 
 /// The same JPEG without its DHT segments, as UVC cameras send MJPEG. The `image` encoder uses

@@ -1,13 +1,20 @@
-//! Flags every model-loading command shares, and how they become a loaded model. In the
-//! library (not the binary) so subcommands implemented in their own modules use the same ones.
+//! The command line's own half: flags, progress bars and printing. The library takes typed
+//! options and reports progress through callbacks; everything a person sees is made here.
+//!
+//! This module holds the flags every model-loading command shares and how they become a loaded
+//! model; each subcommand that lives outside `main.rs` has its own submodule.
+
+pub mod choice;
+pub mod convert;
+pub mod eval;
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 
-use crate::device::{DeviceSpec, GpuOptions, PoolKeep};
-use crate::MaskRcnn;
+use drape::device::{DeviceSpec, GpuOptions, PoolKeep};
+use drape::MaskRcnn;
 
 #[derive(clap::Args)]
 pub struct ModelArgs {
@@ -41,7 +48,7 @@ impl ModelArgs {
     pub fn weights_path(&self) -> Result<PathBuf> {
         match &self.weights {
             Some(path) => Ok(path.clone()),
-            None => Ok(crate::assets::find(crate::assets::DEMO_WEIGHTS)?),
+            None => Ok(drape::assets::find(drape::assets::DEMO_WEIGHTS)?),
         }
     }
 
@@ -58,7 +65,7 @@ impl ModelArgs {
     /// Checks each flag on its own, so a bad value is reported by its flag's name rather than
     /// as a setting of the loaded model.
     fn validate(&self) -> Result<()> {
-        let max = crate::config::MAX_INPUT_SIDE;
+        let max = drape::config::MAX_INPUT_SIDE;
         for (flag, value) in [("--min-size", self.min_size), ("--max-size", self.max_size)] {
             if value == Some(0) {
                 bail!("{flag} must be at least 1");
