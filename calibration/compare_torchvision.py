@@ -1,21 +1,30 @@
 #!/usr/bin/env python3
-"""Time drape and torchvision on the same weights, image, sizes and thread count, in one run.
+"""Time drape and torchvision on the same weights, image, sizes and thread count, stage by stage.
 
-Runs `drape bench --json`, then torchvision's `maskrcnn_resnet50_fpn` (eager, f32 copy of the
-same f16 weights) on the same image, and prints both medians and their ratio.
+Runs `drape bench --json` (its per-stage medians), then torchvision's `maskrcnn_resnet50_fpn`
+(eager, f32 copy of the same f16 weights) on the same image with forward hooks on
+`backbone.body`, `backbone.fpn`, `rpn`, the two RoI poolers, the box head and predictor, the mask
+head and predictor, and prints one table: per-stage medians and the drape/torchvision ratio.
+The header names the CPU and the SIMD flags its kernels can use.
 
-    python calibration/compare_torchvision.py --weights W.safetensors --image photo.png \
-        --min-size 512 --max-size 512 --threads 2 --iters 5
+    python calibration/compare_torchvision.py --synthetic /tmp/r50.safetensors --image photo.png \
+        --min-size 512 --max-size 512 --score-thresh 0 --threads 2 --iters 5 --rounds 3
+
+`--rounds N` alternates drape and torchvision N times and reports, per stage, the median over
+rounds of each round's ratio: on a machine whose speed drifts (shared, thermally throttled) the
+two sides of one ratio are then measured minutes apart at most.
 
 `--synthetic PATH` first writes a random full-size ResNet-50-FPN (47 classes) to PATH with
-torchvision and benchmarks that. Needs torch, torchvision and safetensors.
+torchvision and benchmarks that. Needs torch, torchvision, safetensors, numpy and Pillow.
 """
 import argparse
 import json
+import platform
 import resource
 import statistics
 import subprocess
 import time
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -23,6 +32,41 @@ import torchvision
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+# drape's stage names (`Timings::stages`), each with the torchvision pieces it corresponds to.
+# drape's box_head includes the predictor and postprocess_detections, as here; its mask_head
+# includes the predicted class's sigmoid (torchvision's maskrcnn_inference, timed with it);
+# torchvision's transform.postprocess pastes the masks (drape's paste + rle).
+STAGES = [
+    ("preprocess", "transform"),
+    ("backbone", "backbone.body"),
+    ("fpn", "backbone.fpn"),
+    ("rpn", "rpn"),
+    ("roi_align", "roi_heads.box_roi_pool + roi_heads.mask_roi_pool"),
+    ("box_head", "roi_heads.box_head + box_predictor + postprocess_detections"),
+    ("mask_head", "roi_heads.mask_head + mask_predictor"),
+    ("paste", "transform.postprocess (paste_masks_in_image)"),
+]
+# The flags that decide which kernels gemm, oneDNN and MKL pick.
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl",
+              "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "asimd", "asimdhp", "sve", "sve2")
+
+
+def cpu_description():
+    """`model name` (x86) or the implementer/part (aarch64) and the SIMD flags, from /proc/cpuinfo."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model") and value.strip():
+                    model = value.strip()
+                elif key in ("flags", "Features"):
+                    flags.update(value.split())
+    except OSError:
+        pass
+    return model, [f for f in SIMD_FLAGS if f in flags]
 
 
 def torchvision_model(weights, min_size, max_size, score_thresh):
@@ -49,6 +93,82 @@ def torchvision_model(weights, min_size, max_size, score_thresh):
     return model.eval()
 
 
+class StageClock:
+    """Per-stage wall time of one forward, from forward (pre-)hooks and two wrapped methods."""
+
+    def __init__(self, model):
+        self.ms = defaultdict(float)
+        self.started = {}
+        heads = model.roi_heads
+        modules = {
+            "preprocess": [model.transform],
+            "backbone": [model.backbone.body],
+            "fpn": [model.backbone.fpn],
+            "rpn": [model.rpn],
+            "roi_align": [heads.box_roi_pool, heads.mask_roi_pool],
+            "box_head": [heads.box_head, heads.box_predictor],
+            "mask_head": [heads.mask_head, heads.mask_predictor],
+        }
+        for stage, mods in modules.items():
+            for m in mods:
+                m.register_forward_pre_hook(self._start(m))
+                m.register_forward_hook(self._stop(m, stage))
+        # Plain methods, not modules: wrapped on the instance.
+        heads.postprocess_detections = self._timed(heads.postprocess_detections, "box_head")
+        model.transform.postprocess = self._timed(model.transform.postprocess, "paste")
+
+    def _start(self, module):
+        def hook(*_):
+            self.started[id(module)] = time.perf_counter()
+        return hook
+
+    def _stop(self, module, stage):
+        def hook(*_):
+            self.ms[stage] += (time.perf_counter() - self.started.pop(id(module))) * 1e3
+        return hook
+
+    def _timed(self, fn, stage):
+        def wrapped(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.ms[stage] += (time.perf_counter() - start) * 1e3
+        return wrapped
+
+    def take(self):
+        ms, self.ms = dict(self.ms), defaultdict(float)
+        return ms
+
+
+def run_drape(args, weights):
+    cmd = [args.drape, "bench", "--json", "--weights", weights, "--image", args.image,
+           "--min-size", str(args.min_size), "--max-size", str(args.max_size),
+           "--score-thresh", str(args.score_thresh), "--threads", str(args.threads),
+           "--iters", str(args.iters)]
+    report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    medians = {name: s["median_ms"] for name, s in report["stages"].items()}
+    # torchvision pastes and encodes in one call; drape times paste and RLE apart.
+    medians["paste"] = medians.get("paste", 0.0) + medians.get("rle", 0.0)
+    return report, medians
+
+
+def run_torchvision(model, clock, img, iters):
+    samples, totals = defaultdict(list), []
+    with torch.inference_mode():
+        out = model([img])[0]
+        clock.take()
+        for _ in range(iters):
+            start = time.perf_counter()
+            model([img])
+            totals.append((time.perf_counter() - start) * 1e3)
+            for stage, ms in clock.take().items():
+                samples[stage].append(ms)
+    medians = {stage: statistics.median(v) for stage, v in samples.items()}
+    medians["total"] = statistics.median(totals)
+    return out, medians, totals
+
+
 def percentile(values, p):
     ordered = sorted(values)
     rank = max(1, min(len(ordered), int(np.ceil(p / 100 * len(ordered)))))
@@ -65,7 +185,9 @@ def main():
     ap.add_argument("--score-thresh", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1, help="alternate drape and torchvision this often")
     ap.add_argument("--drape", default="target/release/drape")
+    ap.add_argument("--json", help="also write the table's numbers here")
     args = ap.parse_args()
 
     weights = args.weights
@@ -78,35 +200,50 @@ def main():
     if not weights:
         raise SystemExit("give --weights or --synthetic")
 
-    cmd = [args.drape, "bench", "--json", "--weights", weights, "--image", args.image,
-           "--min-size", str(args.min_size), "--max-size", str(args.max_size),
-           "--score-thresh", str(args.score_thresh), "--threads", str(args.threads),
-           "--iters", str(args.iters)]
-    drape = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-
     torch.set_num_threads(args.threads)
     model = torchvision_model(weights, args.min_size, args.max_size, args.score_thresh)
+    clock = StageClock(model)
     img = torch.from_numpy(np.array(Image.open(args.image).convert("RGB"))).permute(2, 0, 1).float() / 255
-    times = []
-    with torch.inference_mode():
-        out = model([img])[0]
-        for _ in range(args.iters):
-            start = time.perf_counter()
-            model([img])
-            times.append((time.perf_counter() - start) * 1e3)
 
-    d_med, d_p99 = drape["stages"]["total"]["median_ms"], drape["stages"]["total"]["p99_ms"]
-    t_med, t_p99 = statistics.median(times), percentile(times, 99)
+    names = [s for s, _ in STAGES] + ["total"]
+    d_rounds, t_rounds, t_all = [], [], []
+    for _ in range(max(1, args.rounds)):
+        drape, d_med = run_drape(args, weights)
+        out, t_med, t_totals = run_torchvision(model, clock, img, args.iters)
+        d_rounds.append(d_med)
+        t_rounds.append(t_med)
+        t_all += t_totals
+
+    def med(rounds, stage):
+        return statistics.median(r.get(stage, 0.0) for r in rounds)
+
+    def ratio(stage):
+        per_round = [d.get(stage, 0.0) / t[stage] for d, t in zip(d_rounds, t_rounds) if t.get(stage)]
+        return statistics.median(per_round) if per_round else float("nan")
+
+    cpu, flags = cpu_description()
     w, h = drape["input_size"]
-    print(f"input {w}x{h} (min/max {args.min_size}/{args.max_size}), {args.threads} threads, "
-          f"{args.iters} runs; instances drape {drape['instances']}, torchvision {len(out['scores'])}")
-    print(f"{'':12} {'median ms':>10} {'p99 ms':>10}")
-    print(f"{'drape':12} {d_med:>10.0f} {d_p99:>10.0f}")
-    print(f"{'torchvision':12} {t_med:>10.0f} {t_p99:>10.0f}")
-    print(f"drape / torchvision median: {d_med / t_med:.2f}")
+    print(f"CPU: {cpu}; SIMD: {' '.join(flags) or 'none listed'}")
+    print(f"torch {torch.__version__} (oneDNN {torch.backends.mkldnn.is_available()}), "
+          f"torchvision {torchvision.__version__}, {args.threads} threads")
+    print(f"input {w}x{h} (min/max {args.min_size}/{args.max_size}), {args.iters} runs x "
+          f"{len(d_rounds)} rounds; instances drape {drape['instances']}, torchvision {len(out['scores'])}")
+    print(f"| {'stage':<10} | {'drape ms':>9} | {'torchvision ms':>14} | {'ratio':>5} |")
+    print(f"|{'-' * 12}|{'-' * 11}|{'-' * 16}|{'-' * 7}|")
+    table = {}
+    for stage in names:
+        d, t, r = med(d_rounds, stage), med(t_rounds, stage), ratio(stage)
+        table[stage] = {"drape_ms": d, "torchvision_ms": t, "ratio": r}
+        print(f"| {stage:<10} | {d:>9.1f} | {t:>14.1f} | {r:>5.2f} |")
+    print(f"torchvision total p99 {percentile(t_all, 99):.0f} ms; drape load {drape['load_ms']:.0f} ms, "
+          f"cold start {drape['cold_start_ms']:.0f} ms")
     # ru_maxrss is this process only (drape ran as a child): torchvision's own peak, in KiB.
     torch_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS: drape {drape['peak_rss_mb']:.0f} MiB, torchvision {torch_rss:.0f} MiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cpu": cpu, "simd": flags, "input_size": [w, h], "threads": args.threads,
+                       "stages": table}, f, indent=1)
 
 
 if __name__ == "__main__":

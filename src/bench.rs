@@ -1,5 +1,7 @@
 //! `drape bench`: repeated runs of the whole model on one image, with per-stage median and
-//! p99, model heap allocations per frame, peak RSS and backbone throughput.
+//! p99, model heap allocations per frame, peak RSS and backbone throughput; [`plot`] draws them.
+
+pub mod plot;
 
 use std::collections::BTreeMap;
 
@@ -45,6 +47,72 @@ pub struct BenchReport {
     /// Whether each stage boundary waited for the device (`--sync-stages`), which makes the
     /// per-stage times exact on a GPU.
     pub stages_synchronized: bool,
+    /// End-to-end latency of each timed run, in run order.
+    pub total_ms: Vec<f64>,
+    pub cpu: CpuInfo,
+}
+
+/// The CPU's model name and the SIMD extensions its kernels can use: what decides which of
+/// gemm's microkernels run, so every benchmark row names them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CpuInfo {
+    pub model: String,
+    pub simd: Vec<String>,
+}
+
+/// The flags worth naming, in the order a reader compares them (x86, then aarch64).
+const SIMD_FLAGS: [&str; 17] = [
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512dq",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "asimd",
+    "asimdhp",
+    "sve",
+    "sve2",
+];
+
+impl CpuInfo {
+    /// From /proc/cpuinfo (`model name` and `flags` on x86, `Features` on aarch64); the
+    /// architecture's name alone where that file is missing.
+    pub fn detect() -> Self {
+        let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        Self::parse(&text)
+    }
+
+    fn parse(cpuinfo: &str) -> Self {
+        let mut model = None;
+        let mut flags = std::collections::BTreeSet::new();
+        for line in cpuinfo.lines() {
+            let Some((key, value)) = line.split_once(':') else {
+                continue;
+            };
+            match key.trim() {
+                "model name" | "Model" if model.is_none() && !value.trim().is_empty() => {
+                    model = Some(value.trim().to_string());
+                }
+                "flags" | "Features" => flags.extend(value.split_whitespace()),
+                _ => {}
+            }
+        }
+        Self {
+            model: model.unwrap_or_else(|| std::env::consts::ARCH.to_string()),
+            simd: SIMD_FLAGS
+                .iter()
+                .filter(|f| flags.contains(**f))
+                .map(|f| f.to_string())
+                .collect(),
+        }
+    }
 }
 
 /// Nearest-rank percentile of sorted `v`.
@@ -111,6 +179,7 @@ pub fn run(
     }
     let trips = trips_before.since(crate::device::round_trips());
     let stages = stage_stats(&samples);
+    let total_ms = samples.iter().map(|t| t.total).collect();
     let (rw, rh) = result.input_size;
     let (ph, pw) = Transform::padded_size((rh, rw));
     let macs = model.backbone.macs(ph, pw);
@@ -128,6 +197,8 @@ pub fn run(
         instances,
         iters,
         threads: rayon::current_num_threads(),
+        total_ms,
+        cpu: CpuInfo::detect(),
         host_reads_per_frame: trips.reads as f64 / iters.max(1) as f64,
         syncs_per_frame: trips.syncs as f64 / iters.max(1) as f64,
         stages_synchronized: model.sync_stages(),
@@ -136,7 +207,23 @@ pub fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::{percentile, CpuInfo};
+
+    #[test]
+    fn cpu_flags_from_x86_and_aarch64_cpuinfo() {
+        let x86 = "processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse4_2 avx avx2 fma \
+                   avx512f avx512bw\n\nprocessor\t: 1\nmodel name\t: Some Xeon\n";
+        let info = CpuInfo::parse(x86);
+        assert_eq!(info.model, "Some Xeon");
+        assert_eq!(
+            info.simd,
+            ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw"]
+        );
+        let arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm asimdhp cpuid\n";
+        let info = CpuInfo::parse(arm);
+        assert_eq!(info.model, std::env::consts::ARCH);
+        assert_eq!(info.simd, ["asimd", "asimdhp"]);
+    }
 
     #[test]
     fn nearest_rank_percentiles() {

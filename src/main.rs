@@ -377,6 +377,9 @@ struct BenchArgs {
     /// meaningless; add --score-thresh 0 to run the mask head on all 100).
     #[arg(long, conflicts_with = "weights")]
     random_r50: bool,
+    /// Also draw per-stage medians and the latency distribution (p50/p90/p99) to this PNG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Wait for the device at every stage boundary, so per-stage times are exact on a GPU
     /// (each wait idles it; the CPU's times are the same either way).
     #[arg(long)]
@@ -591,12 +594,18 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
         || bar.inc(1),
     )?;
     bar.finish_and_clear();
+    let a = model.architecture();
+    if let Some(path) = &args.plot {
+        let name = format!("{}, {} classes", a.backbone, a.num_classes);
+        drape::bench::plot::draw(&report, &name)
+            .save(path)
+            .with_context(|| format!("writing the plot to {}", path.display()))?;
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         writeln!(out, "{}", serde_json::to_string(&report)?)?;
         return Ok(());
     }
-    let a = model.architecture();
     writeln!(
         out,
         "{} ({} classes, FPN {}), input {}x{} from {}x{}, {}, {} threads, {} runs, {} instances",
@@ -1018,8 +1027,20 @@ fn with_config_file(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsStr
     Ok(out)
 }
 
+/// mimalloc.h's `mi_option_purge_delay`: the entry just before `mi_option_use_numa_nodes` in
+/// `mi_option_e` (the bindings name the one but not the other).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t =
+    libmimalloc_sys::mi_option_use_numa_nodes - 1;
+
 fn main() -> ExitCode {
     let process_start = Instant::now();
+    // mimalloc hands freed pages back to the kernel 10 ms after the last free by default; a
+    // frame takes longer than that, so every frame's activations were faulted in and zeroed by
+    // the kernel again (a fifth of all cycles in a CPU profile of `drape bench`). Never purging
+    // keeps the process at its peak resident size, which it reaches on every frame anyway.
+    // SAFETY: sets a process-wide allocator option; mimalloc reads it on every purge decision
+    // and allows changing it at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let args = match with_config_file(std::env::args_os().collect()) {
         Ok(args) => args,
         Err(e) => {

@@ -211,8 +211,12 @@ fn full_size_r50_in_f16_matches_the_cpu() {
     let im = fixture_image("landscape");
     let size = (im.height() as usize, im.width() as usize);
     let want = cpu.detect(im.as_raw(), size).unwrap();
-    let reference: FinalJson =
-        serde_json::from_value(drape::output::to_json(&cpu, &want, Default::default())).unwrap();
+    let reference: FinalJson = serde_json::from_value(drape::output::to_json(
+        cpu.labels(),
+        &want,
+        Default::default(),
+    ))
+    .unwrap();
     let ours = candidates(&gpu.detect(im.as_raw(), size).unwrap());
     let report = match_instances(&reference, &ours);
     println!("full-size R50 at 800/1333, f16 on CUDA vs f32 on the CPU: {report:?}");

@@ -20,7 +20,7 @@ pub mod imaterialist;
 pub mod kaggle_rle;
 pub mod masks;
 pub mod metric;
-mod plot;
+pub(crate) mod plot;
 pub mod run;
 pub mod submit;
 

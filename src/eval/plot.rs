@@ -15,9 +15,9 @@ const TOP: i64 = 50;
 const BOTTOM: i64 = 60;
 const TICKS: usize = 5;
 const POINT_RADIUS: i64 = 3;
-const BACKGROUND: [u8; 3] = [255, 255, 255];
-const INK: [u8; 3] = [40, 40, 40];
-const GRID: [u8; 3] = [225, 225, 225];
+pub(crate) const BACKGROUND: [u8; 3] = [255, 255, 255];
+pub(crate) const INK: [u8; 3] = [40, 40, 40];
+pub(crate) const GRID: [u8; 3] = [225, 225, 225];
 
 pub struct Point {
     pub x: f64,
@@ -49,7 +49,7 @@ impl Frame {
 }
 
 /// Rounds up to 1, 2 or 5 times a power of ten, for tick-friendly axis ends.
-fn nice_ceiling(v: f64) -> f64 {
+pub(crate) fn nice_ceiling(v: f64) -> f64 {
     if !(v.is_finite() && v > 0.0) {
         return 1.0;
     }
@@ -115,7 +115,12 @@ pub fn draw(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Rgb
 
 /// Fills the rectangle spanned by two corners: an axis-parallel line when they share x or y,
 /// all a chart of axes, grid and square markers needs.
-fn rect(img: &mut RgbImage, (xa, ya): (i64, i64), (xb, yb): (i64, i64), colour: [u8; 3]) {
+pub(crate) fn rect(
+    img: &mut RgbImage,
+    (xa, ya): (i64, i64),
+    (xb, yb): (i64, i64),
+    colour: [u8; 3],
+) {
     for x in xa.min(xb)..=xa.max(xb) {
         for y in ya.min(yb)..=ya.max(yb) {
             put(img, x, y, colour);

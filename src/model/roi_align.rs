@@ -199,71 +199,91 @@ impl CustomOp2 for RoiAlign {
         let per_roi = channels * ph * pw;
         let mut out = vec![0f32; k * per_roi];
         let offset = if self.aligned { 0.5 } else { 0.0 };
+        // Channels last, `[N, H, W, C]`: every bilinear corner is then one contiguous run of C
+        // values, and the sampling loop is a vectorised multiply-add over channels instead of
+        // C scattered loads per corner. One transpose of the level costs less than a tenth of
+        // the gathers it replaces for the box pooler's 1000 RoIs.
+        let plane = height * width;
+        let mut nhwc = vec![0f32; n * plane * channels];
+        nhwc.par_chunks_mut((width * channels).max(1))
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (b, y) = (row / height.max(1), row % height.max(1));
+                for c in 0..channels {
+                    let src = &features[(b * channels + c) * plane + y * width..][..width];
+                    for (x, v) in src.iter().enumerate() {
+                        dst[x * channels + c] = *v;
+                    }
+                }
+            });
         out.par_chunks_mut(per_roi.max(1))
             .zip(rois.par_chunks(5))
-            .try_for_each(|(out, roi)| {
-                let b = roi[0] as usize;
-                if roi[0] < 0.0 || b >= n {
-                    candle_core::bail!("roi_align: batch index {} out of range", roi[0]);
-                }
-                let start_w = roi[1] * self.spatial_scale - offset;
-                let start_h = roi[2] * self.spatial_scale - offset;
-                let end_w = roi[3] * self.spatial_scale - offset;
-                let end_h = roi[4] * self.spatial_scale - offset;
-                let (mut roi_w, mut roi_h) = (end_w - start_w, end_h - start_h);
-                if !self.aligned {
-                    // Malformed boxes are forced to 1×1.
-                    roi_w = roi_w.max(1.0);
-                    roi_h = roi_h.max(1.0);
-                }
-                let bin_h = roi_h / ph as f32;
-                let bin_w = roi_w / pw as f32;
-                let grid_h = if self.sampling_ratio > 0 {
-                    self.sampling_ratio as usize
-                } else {
-                    (roi_h / ph as f32).ceil() as usize
-                };
-                let grid_w = if self.sampling_ratio > 0 {
-                    self.sampling_ratio as usize
-                } else {
-                    (roi_w / pw as f32).ceil() as usize
-                };
-                let count = (grid_h * grid_w).max(1) as f32;
-                // Corner indices and weights are the same for every channel: compute once.
-                let mut samples = Vec::with_capacity(ph * pw * grid_h * grid_w);
-                for py in 0..ph {
-                    for px in 0..pw {
-                        for iy in 0..grid_h {
-                            let y = start_h
-                                + py as f32 * bin_h
-                                + (iy as f32 + 0.5) * bin_h / grid_h as f32;
-                            for ix in 0..grid_w {
-                                let x = start_w
-                                    + px as f32 * bin_w
-                                    + (ix as f32 + 0.5) * bin_w / grid_w as f32;
-                                samples.push(bilinear_corners(y, x, height, width));
+            .try_for_each_init(
+                || vec![0f32; channels],
+                |acc, (out, roi)| {
+                    let b = roi[0] as usize;
+                    if roi[0] < 0.0 || b >= n {
+                        candle_core::bail!("roi_align: batch index {} out of range", roi[0]);
+                    }
+                    let start_w = roi[1] * self.spatial_scale - offset;
+                    let start_h = roi[2] * self.spatial_scale - offset;
+                    let end_w = roi[3] * self.spatial_scale - offset;
+                    let end_h = roi[4] * self.spatial_scale - offset;
+                    let (mut roi_w, mut roi_h) = (end_w - start_w, end_h - start_h);
+                    if !self.aligned {
+                        // Malformed boxes are forced to 1×1.
+                        roi_w = roi_w.max(1.0);
+                        roi_h = roi_h.max(1.0);
+                    }
+                    let bin_h = roi_h / ph as f32;
+                    let bin_w = roi_w / pw as f32;
+                    let grid_h = if self.sampling_ratio > 0 {
+                        self.sampling_ratio as usize
+                    } else {
+                        (roi_h / ph as f32).ceil() as usize
+                    };
+                    let grid_w = if self.sampling_ratio > 0 {
+                        self.sampling_ratio as usize
+                    } else {
+                        (roi_w / pw as f32).ceil() as usize
+                    };
+                    let count = (grid_h * grid_w).max(1) as f32;
+                    let image = &nhwc[b * plane * channels..][..plane * channels];
+                    let at = |i: usize| &image[i * channels..][..channels];
+                    for py in 0..ph {
+                        for px in 0..pw {
+                            acc.fill(0.0);
+                            for iy in 0..grid_h {
+                                let y = start_h
+                                    + py as f32 * bin_h
+                                    + (iy as f32 + 0.5) * bin_h / grid_h as f32;
+                                for ix in 0..grid_w {
+                                    let x = start_w
+                                        + px as f32 * bin_w
+                                        + (ix as f32 + 0.5) * bin_w / grid_w as f32;
+                                    let Some((idx, w)) = bilinear_corners(y, x, height, width)
+                                    else {
+                                        continue;
+                                    };
+                                    let (p0, p1, p2, p3) =
+                                        (at(idx[0]), at(idx[1]), at(idx[2]), at(idx[3]));
+                                    // The same sum, in the same order, as torchvision's
+                                    // per-channel loop, so results are bit-identical to it.
+                                    let corners = p0.iter().zip(p1).zip(p2).zip(p3);
+                                    for (a, (((v0, v1), v2), v3)) in acc.iter_mut().zip(corners) {
+                                        *a += w[0] * v0 + w[1] * v1 + w[2] * v2 + w[3] * v3;
+                                    }
+                                }
+                            }
+                            let bin = py * pw + px;
+                            for (c, v) in acc.iter().enumerate() {
+                                out[c * ph * pw + bin] = v / count;
                             }
                         }
                     }
-                }
-                let per_bin = grid_h * grid_w;
-                for c in 0..channels {
-                    let plane = &features[(b * channels + c) * height * width..][..height * width];
-                    let out = &mut out[c * ph * pw..(c + 1) * ph * pw];
-                    for (bin, o) in out.iter_mut().enumerate() {
-                        let mut sum = 0f32;
-                        for (idx, w) in samples[bin * per_bin..(bin + 1) * per_bin].iter().flatten()
-                        {
-                            sum += w[0] * plane[idx[0]]
-                                + w[1] * plane[idx[1]]
-                                + w[2] * plane[idx[2]]
-                                + w[3] * plane[idx[3]];
-                        }
-                        *o = sum / count;
-                    }
-                }
-                Ok(())
-            })?;
+                    Ok(())
+                },
+            )?;
         Ok((CpuStorage::F32(out), self.out_shape(&dims)))
     }
 

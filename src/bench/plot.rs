@@ -1,0 +1,280 @@
+//! `drape bench --plot`: per-stage medians as one stacked bar and the end-to-end latency of
+//! every timed run as a histogram with p50, p90 and p99 marked, titled with the model, input
+//! size, device and the CPU's SIMD flags. Drawn with the eval sweep chart's primitives (the
+//! `image` crate and 8×8 glyphs), so no plotting stack is needed.
+
+use image::{Rgb, RgbImage};
+
+use super::{percentile, BenchReport};
+use crate::eval::plot::{nice_ceiling, rect, BACKGROUND, GRID, INK};
+use crate::overlay::glyphs as text;
+
+const WIDTH: u32 = 960;
+const HEIGHT: u32 = 600;
+/// Plot area, top to bottom: three title lines, then both panels share these rows.
+const TOP: i64 = 90;
+const BOTTOM: i64 = 540;
+/// The stacked bar's column and the legend beside it.
+const BAR_LEFT: i64 = 90;
+const BAR_RIGHT: i64 = 170;
+const LEGEND_LEFT: i64 = 190;
+/// The histogram's panel.
+const HIST_LEFT: i64 = 500;
+const HIST_RIGHT: i64 = 930;
+const HIST_BINS: usize = 12;
+const TICKS: usize = 5;
+/// One colour per stage, in pipeline order (matplotlib's tab10).
+const STAGE_COLOURS: [[u8; 3]; 10] = [
+    [31, 119, 180],
+    [255, 127, 14],
+    [44, 160, 44],
+    [214, 39, 40],
+    [148, 103, 189],
+    [140, 86, 75],
+    [227, 119, 194],
+    [127, 127, 127],
+    [188, 189, 34],
+    [23, 190, 207],
+];
+const HIST_COLOUR: [u8; 3] = [120, 160, 200];
+/// p50, p90, p99 markers.
+const MARKERS: [(f64, [u8; 3]); 3] = [
+    (50.0, [44, 160, 44]),
+    (90.0, [255, 127, 14]),
+    (99.0, [214, 39, 40]),
+];
+
+/// `model` names the weights (e.g. "ResNet-50, 47 classes").
+pub fn draw(report: &BenchReport, model: &str) -> RgbImage {
+    let mut img = RgbImage::from_pixel(WIDTH, HEIGHT, Rgb(BACKGROUND));
+    let [w, h] = report.input_size;
+    let title = format!(
+        "drape bench: {model}, input {w}x{h}, {}, {} threads, {} runs",
+        report.device, report.threads, report.iters
+    );
+    text(&mut img, 20, 12, &title, INK);
+    text(&mut img, 20, 26, &format!("CPU: {}", report.cpu.model), INK);
+    let simd = format!("SIMD: {}", report.cpu.simd.join(" "));
+    text(&mut img, 20, 40, &simd, INK);
+    stages(&mut img, report);
+    histogram(&mut img, &report.total_ms);
+    img
+}
+
+/// Maps `v` in `[0, max]` onto the rows `BOTTOM..TOP`.
+fn row(v: f64, max: f64) -> i64 {
+    BOTTOM - (v / max * (BOTTOM - TOP) as f64).round() as i64
+}
+
+fn stages(img: &mut RgbImage, report: &BenchReport) {
+    // Every stage `Timings` names except the sum, in pipeline order; empty ones left out.
+    let parts: Vec<(&str, f64)> = crate::model::Timings::default()
+        .stages()
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|&name| name != "total")
+        .filter_map(|name| Some((name, report.stages.get(name)?.median_ms)))
+        .filter(|(_, ms)| *ms > 0.0)
+        .collect();
+    let sum: f64 = parts.iter().map(|(_, ms)| ms).sum();
+    let max = nice_ceiling(sum * 1.05);
+    axis(img, BAR_LEFT - 10, BAR_RIGHT + 10, max, "ms");
+    text(img, BAR_LEFT - 10, TOP - 28, "per-stage median", INK);
+    let mut below = 0.0;
+    for (i, (name, ms)) in parts.iter().enumerate() {
+        let colour = STAGE_COLOURS[i % STAGE_COLOURS.len()];
+        let (y0, y1) = (row(below, max), row(below + ms, max));
+        rect(img, (BAR_LEFT, y0), (BAR_RIGHT, y1.min(y0)), colour);
+        below += ms;
+        // Legend top to bottom in the bar's order bottom to top, so the two read alike.
+        let ly = BOTTOM - 20 * (i as i64 + 1);
+        rect(img, (LEGEND_LEFT, ly), (LEGEND_LEFT + 10, ly + 10), colour);
+        text(
+            img,
+            LEGEND_LEFT + 16,
+            ly + 1,
+            &format!("{name} {ms:.1} ms"),
+            INK,
+        );
+    }
+    let total = report.stages.get("total").map_or(sum, |s| s.median_ms);
+    text(
+        img,
+        LEGEND_LEFT,
+        BOTTOM - 20 * (parts.len() as i64 + 1),
+        &format!("total {total:.1} ms"),
+        INK,
+    );
+}
+
+fn histogram(img: &mut RgbImage, totals: &[f64]) {
+    text(img, HIST_LEFT, TOP - 28, "end-to-end latency per run", INK);
+    let mut sorted = totals.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let (Some(&lo), Some(&hi)) = (sorted.first(), sorted.last()) else {
+        return;
+    };
+    // A little margin either side so the extreme runs are not on the frame.
+    let span = (hi - lo).max(hi * 0.02).max(1e-3);
+    let (x_min, x_max) = ((lo - 0.1 * span).max(0.0), hi + 0.1 * span);
+    let bin_width = (x_max - x_min) / HIST_BINS as f64;
+    let mut counts = [0usize; HIST_BINS];
+    for v in &sorted {
+        let bin = ((v - x_min) / bin_width) as usize;
+        counts[bin.min(HIST_BINS - 1)] += 1;
+    }
+    // At least one run per tick, so the count axis is whole numbers.
+    let y_max = nice_ceiling(counts.iter().copied().max().unwrap_or(0).max(TICKS) as f64);
+    axis(img, HIST_LEFT, HIST_RIGHT, y_max, "runs");
+    let col = |v: f64| {
+        HIST_LEFT + ((v - x_min) / (x_max - x_min) * (HIST_RIGHT - HIST_LEFT) as f64) as i64
+    };
+    for (i, &n) in counts.iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        let x0 = col(x_min + i as f64 * bin_width) + 1;
+        let x1 = col(x_min + (i + 1) as f64 * bin_width) - 1;
+        rect(
+            img,
+            (x0, row(n as f64, y_max)),
+            (x1, BOTTOM - 1),
+            HIST_COLOUR,
+        );
+    }
+    for i in 0..=TICKS {
+        let v = x_min + (x_max - x_min) * i as f64 / TICKS as f64;
+        let label = format!("{v:.0}");
+        text(
+            img,
+            col(v) - 4 * label.len() as i64,
+            BOTTOM + 8,
+            &label,
+            INK,
+        );
+    }
+    text(
+        img,
+        (HIST_LEFT + HIST_RIGHT) / 2 - 16,
+        BOTTOM + 28,
+        "ms",
+        INK,
+    );
+    for (k, (p, colour)) in MARKERS.iter().enumerate() {
+        let v = percentile(&sorted, *p);
+        let x = col(v);
+        rect(img, (x, TOP), (x, BOTTOM), *colour);
+        rect(img, (x + 1, TOP), (x + 1, BOTTOM), *colour);
+        let label = format!("p{p:.0} {v:.0} ms");
+        // In a row above the panel, clear of the bars.
+        text(
+            img,
+            HIST_LEFT + 40 + 130 * k as i64,
+            TOP - 12,
+            &label,
+            *colour,
+        );
+    }
+}
+
+/// A vertical axis with grid lines from `left` to `right`, ticks `0..=max`.
+fn axis(img: &mut RgbImage, left: i64, right: i64, max: f64, unit: &str) {
+    for i in 0..=TICKS {
+        let v = max * i as f64 / TICKS as f64;
+        let y = row(v, max);
+        rect(img, (left, y), (right, y), GRID);
+        let label = if max >= 10.0 || v.fract() == 0.0 {
+            format!("{v:.0}")
+        } else {
+            format!("{v:.1}")
+        };
+        text(img, left - 8 * label.len() as i64 - 6, y - 4, &label, INK);
+    }
+    rect(img, (left, BOTTOM), (right, BOTTOM), INK);
+    rect(img, (left, TOP), (left, BOTTOM), INK);
+    text(img, left - 8 * unit.len() as i64 - 6, TOP - 12, unit, INK);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{CpuInfo, StageStats};
+
+    fn report(totals: Vec<f64>) -> BenchReport {
+        let stage = |ms| StageStats {
+            median_ms: ms,
+            p99_ms: ms,
+        };
+        BenchReport {
+            stages: [
+                ("backbone", stage(300.0)),
+                ("fpn", stage(100.0)),
+                ("mask_head", stage(400.0)),
+                ("total", stage(800.0)),
+            ]
+            .into_iter()
+            .collect(),
+            model_allocs_per_frame: 0.0,
+            peak_rss_mb: None,
+            device: "Cpu".into(),
+            device_memory: None,
+            load_ms: 0.0,
+            cold_start_ms: 0.0,
+            backbone_gflops: 0.0,
+            input_size: [512, 512],
+            instances: 0,
+            iters: totals.len(),
+            threads: 2,
+            host_reads_per_frame: 0.0,
+            syncs_per_frame: 0.0,
+            stages_synchronized: false,
+            total_ms: totals,
+            cpu: CpuInfo {
+                model: "Test CPU".into(),
+                simd: vec!["avx2".into(), "fma".into()],
+            },
+        }
+    }
+
+    /// Pixels of `colour` left of the histogram panel (`left`) or in it.
+    fn count(img: &RgbImage, colour: [u8; 3], left: bool) -> usize {
+        img.enumerate_pixels()
+            .filter(|(x, _, p)| p.0 == colour && ((*x as i64) < HIST_LEFT) == left)
+            .count()
+    }
+
+    #[test]
+    fn stages_are_stacked_in_proportion_and_percentiles_are_marked() {
+        // 20 runs, so p50, p90 and p99 are three different runs.
+        let totals = (0..20).map(|i| 780.0 + 5.0 * i as f64).collect();
+        let img = draw(&report(totals), "test");
+        assert_eq!((img.width(), img.height()), (WIDTH, HEIGHT));
+        // Bar segments: backbone, fpn, mask_head in pipeline order (colours 0, 1, 2), each a
+        // full-width block whose height is its share of the time (plus its legend square).
+        let legend = 11 * 11;
+        let bar_width = (BAR_RIGHT - BAR_LEFT + 1) as usize;
+        let height = |c: usize| (count(&img, STAGE_COLOURS[c], true) - legend) / bar_width;
+        let (backbone, fpn, mask) = (height(0), height(1), height(2));
+        assert!(fpn > 0, "fpn segment missing");
+        assert!(
+            (backbone as f64 / fpn as f64 - 3.0).abs() < 0.2,
+            "{backbone} vs {fpn}"
+        );
+        assert!(
+            (mask as f64 / fpn as f64 - 4.0).abs() < 0.25,
+            "{mask} vs {fpn}"
+        );
+        // A histogram was drawn, and each percentile marker is a full-height double line.
+        assert!(count(&img, HIST_COLOUR, false) > 1000);
+        let full_height = 2 * (BOTTOM - TOP + 1) as usize;
+        for (p, colour) in MARKERS {
+            assert!(count(&img, colour, false) >= full_height, "p{p} marker");
+        }
+    }
+
+    #[test]
+    fn a_single_run_still_draws() {
+        let img = draw(&report(vec![800.0]), "test");
+        assert!(count(&img, HIST_COLOUR, false) > 100);
+    }
+}
