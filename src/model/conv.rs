@@ -26,8 +26,7 @@ thread_local! {
 /// A 2-d convolution with bias, optionally followed by a residual add and ReLU.
 #[derive(Debug, Clone)]
 pub struct FusedConv {
-    /// `[out, in * k * k]`, row-major: PyTorch's layout.
-    pub weight: Arc<Vec<f32>>,
+    pub method: Method,
     pub bias: Arc<Vec<f32>>,
     pub in_channels: usize,
     pub out_channels: usize,
@@ -35,8 +34,17 @@ pub struct FusedConv {
     pub stride: usize,
     pub padding: usize,
     pub relu: bool,
-    /// The same weights Winograd-transformed, for 3×3 stride-1 pad-1 convs.
-    pub winograd: Option<Arc<Winograd>>,
+}
+
+/// How a conv computes, each with the only copy of the weights it reads: a Winograd conv keeps
+/// just its transformed weights, since holding PyTorch's layout beside them would cost the full
+/// R50 about 54 MB that nothing reads.
+#[derive(Debug, Clone)]
+pub enum Method {
+    /// im2col and one GEMM per tile on `[out, in * k * k]`, row-major: PyTorch's layout.
+    Im2col(Arc<Vec<f32>>),
+    /// Winograd on weights transformed at load, for 3×3 stride-1 pad-1 convs.
+    Winograd(Arc<Winograd>),
 }
 
 /// Raw output pointer shared by parallel workers (conv tiles, Winograd jobs and its
@@ -65,10 +73,13 @@ impl FusedConv {
         out_channels: usize,
         (kernel, stride, padding): (usize, usize, usize),
     ) -> Self {
-        let winograd = (kernel == 3 && stride == 1 && padding == 1)
-            .then(|| Arc::new(Winograd::new(&weight, out_channels, in_channels)));
+        let method = if kernel == 3 && stride == 1 && padding == 1 {
+            Method::Winograd(Arc::new(Winograd::new(&weight, out_channels, in_channels)))
+        } else {
+            Method::Im2col(Arc::new(weight))
+        };
         Self {
-            weight: Arc::new(weight),
+            method,
             bias: Arc::new(bias),
             in_channels,
             out_channels,
@@ -76,7 +87,6 @@ impl FusedConv {
             stride,
             padding,
             relu: false,
-            winograd,
         }
     }
 
@@ -104,28 +114,31 @@ impl FusedConv {
         let (oh, ow) = self.output_size(h, w);
         let plane = oh * ow;
         let mut out = vec![0f32; n * self.out_channels * plane];
-        if let Some(wino) = &self.winograd {
-            // Jobs are runs of tile rows numbered across the whole batch, so a batch of small
-            // images (the mask head's RoIs) fills GEMMs as wide as one large image.
-            let tiles = Tiles::new(n, h, w);
-            let rows = tiles.rows_per_job(rayon::current_num_threads());
-            let ptr = OutPtr(out.as_mut_ptr());
-            let epilogue = Epilogue {
-                bias: &self.bias,
-                residual,
-                relu: self.relu,
-            };
-            (0..tiles.rows().div_ceil(rows))
-                .into_par_iter()
-                .for_each(|job| {
-                    let g0 = job * rows;
-                    let g1 = (g0 + rows).min(tiles.rows());
-                    // SAFETY: this job writes only the output rows of tile rows g0..g1, which
-                    // no other job touches, and `out` outlives the parallel loop.
-                    unsafe { wino.rows(input, tiles, (g0, g1), &epilogue, ptr.get()) };
-                });
-            return (out, Shape::from((n, self.out_channels, oh, ow)));
-        }
+        let weight = match &self.method {
+            Method::Im2col(weight) => weight.as_slice(),
+            Method::Winograd(wino) => {
+                // Jobs are runs of tile rows numbered across the whole batch, so a batch of small
+                // images (the mask head's RoIs) fills GEMMs as wide as one large image.
+                let tiles = Tiles::new(n, h, w);
+                let rows = tiles.rows_per_job(rayon::current_num_threads());
+                let ptr = OutPtr(out.as_mut_ptr());
+                let epilogue = Epilogue {
+                    bias: &self.bias,
+                    residual,
+                    relu: self.relu,
+                };
+                (0..tiles.rows().div_ceil(rows))
+                    .into_par_iter()
+                    .for_each(|job| {
+                        let g0 = job * rows;
+                        let g1 = (g0 + rows).min(tiles.rows());
+                        // SAFETY: this job writes only the output rows of tile rows g0..g1, which
+                        // no other job touches, and `out` outlives the parallel loop.
+                        unsafe { wino.rows(input, tiles, (g0, g1), &epilogue, ptr.get()) };
+                    });
+                return (out, Shape::from((n, self.out_channels, oh, ow)));
+            }
+        };
         // About TILE_PIXELS columns per GEMM; for a single image, a tile count that is a
         // multiple of the thread count, so layer3's 32×32 maps are not split 768 + 256 pixels
         // and layer4's 16×16 ones not left to one thread.
@@ -142,18 +155,19 @@ impl FusedConv {
             let y1 = (y0 + rows_per_tile).min(oh);
             // SAFETY: this job writes only columns y0*ow..y1*ow of image `img`'s output planes,
             // which no other job touches, and `out` outlives the parallel loop.
-            unsafe { self.tile(input, (img, h, w), (y0, y1), residual, ptr.get()) };
+            unsafe { self.tile(weight, input, (img, h, w), (y0, y1), residual, ptr.get()) };
         });
         (out, Shape::from((n, self.out_channels, oh, ow)))
     }
 
-    /// One tile: output rows `y0..y1` of image `img`.
+    /// One tile: output rows `y0..y1` of image `img`, with `weight` in PyTorch's layout.
     ///
     /// # Safety
     /// `out` must be valid for the whole `[n, out_channels, oh, ow]` output, and
     /// no other thread may touch image `img`'s output rows `y0..y1` during the call.
     unsafe fn tile(
         &self,
+        weight: &[f32],
         input: &[f32],
         (img, h, w): (usize, usize, usize),
         (y0, y1): (usize, usize),
@@ -200,7 +214,7 @@ impl FusedConv {
                 1,
                 plane as isize,
                 true,
-                self.weight.as_ptr(),
+                weight.as_ptr(),
                 1,
                 k_dim as isize,
                 rhs,
@@ -360,16 +374,11 @@ mod tests {
         let mut failures = Vec::new();
         for (case, &(n, cin, cout, h, w)) in cases.iter().enumerate() {
             let seed = 10 * case as u32;
-            let conv = FusedConv::new(
-                noise(cout * cin * 9, seed + 1),
-                noise(cout, seed + 2),
-                cin,
-                cout,
-                (3, 1, 1),
-            );
-            assert!(conv.winograd.is_some());
+            let weight = noise(cout * cin * 9, seed + 1);
+            let conv = FusedConv::new(weight.clone(), noise(cout, seed + 2), cin, cout, (3, 1, 1));
+            assert!(matches!(conv.method, Method::Winograd(_)));
             let plain = FusedConv {
-                winograd: None,
+                method: Method::Im2col(Arc::new(weight)),
                 ..conv.clone()
             };
             let input = noise(n * cin * h * w, seed + 3);
