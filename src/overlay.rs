@@ -12,8 +12,9 @@ use crate::postprocess::Instance;
 /// Mask tint opacity.
 const MASK_ALPHA: f32 = 0.45;
 const BOX_THICKNESS: i64 = 2;
-/// Distinct, saturated colours (Tableau 20 subset), picked by class id.
-const PALETTE: [[u8; 3]; 12] = [
+/// Distinct, saturated colours (Tableau 20 subset), picked by class id; its first ten are
+/// matplotlib's tab10, which the bench chart's stages use too.
+pub(crate) const PALETTE: [[u8; 3]; 12] = [
     [31, 119, 180],
     [255, 127, 14],
     [44, 160, 44],

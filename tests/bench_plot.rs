@@ -8,19 +8,13 @@ mod common;
 fn bench_plot_writes_a_chart_with_both_panels() {
     let dir = tempfile::tempdir().unwrap();
     let plot = dir.path().join("bench.png");
-    let out = common::drape_command()
-        .args(["bench", "--iters", "3", "--warmup", "1", "--json", "--plot"])
-        .arg(&plot)
-        .arg("--image")
-        .arg(common::fixtures().join("images/landscape.png"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (v, _) = common::run_json(
+        common::drape_command()
+            .args(["bench", "--iters", "3", "--warmup", "1", "--json", "--plot"])
+            .arg(&plot)
+            .arg("--image")
+            .arg(common::fixtures().join("images/landscape.png")),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["total_ms"].as_array().unwrap().len(), 3);
     assert!(!v["cpu"]["model"].as_str().unwrap().is_empty());
 

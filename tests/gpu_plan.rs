@@ -283,26 +283,20 @@ fn inspect_prints_the_plan_as_json_for_cuda_and_metal() {
     let weights = fixtures().join("tiny_r50/model.safetensors");
     let mut peaks = Vec::new();
     for target in ["cuda", "metal"] {
-        let out = drape_command()
-            .args([
-                "inspect",
-                "--plan",
-                target,
-                "--min-size",
-                "320",
-                "--max-size",
-                "480",
-            ])
-            .arg(&weights)
-            .arg("--json")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let (json, _) = run_json(
+            drape_command()
+                .args([
+                    "inspect",
+                    "--plan",
+                    target,
+                    "--min-size",
+                    "320",
+                    "--max-size",
+                    "480",
+                ])
+                .arg(&weights)
+                .arg("--json"),
         );
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let plan = &json["plan"];
         assert_eq!(plan["target"], target);
         assert_eq!(plan["input_size"], serde_json::json!([480, 320]));

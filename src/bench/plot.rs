@@ -23,19 +23,8 @@ const HIST_LEFT: i64 = 500;
 const HIST_RIGHT: i64 = 930;
 const HIST_BINS: usize = 12;
 const TICKS: usize = 5;
-/// One colour per stage, in pipeline order (matplotlib's tab10).
-const STAGE_COLOURS: [[u8; 3]; 10] = [
-    [31, 119, 180],
-    [255, 127, 14],
-    [44, 160, 44],
-    [214, 39, 40],
-    [148, 103, 189],
-    [140, 86, 75],
-    [227, 119, 194],
-    [127, 127, 127],
-    [188, 189, 34],
-    [23, 190, 207],
-];
+/// One colour per stage, in pipeline order: matplotlib's tab10, the overlay's first ten.
+const STAGE_COLOURS: &[[u8; 3]] = crate::overlay::PALETTE.split_at(10).0;
 const HIST_COLOUR: [u8; 3] = [120, 160, 200];
 /// p50, p90, p99 markers.
 const MARKERS: [(f64, [u8; 3]); 3] = [
