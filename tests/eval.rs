@@ -839,7 +839,10 @@ fn submit_writes_a_parseable_csv_without_overlaps() {
             .entry(fields[0].to_owned())
             .or_insert_with(|| vec![0; h * w]);
         let numbers: Vec<usize> = fields[1].split(' ').map(|n| n.parse().unwrap()).collect();
-        assert!(!numbers.is_empty() && numbers.len() % 2 == 0, "{line}");
+        assert!(
+            !numbers.is_empty() && numbers.len().is_multiple_of(2),
+            "{line}"
+        );
         for pair in numbers.chunks(2) {
             let (start, len) = (pair[0], pair[1]);
             assert!(start >= 1 && len >= 1 && start - 1 + len <= h * w, "{line}");

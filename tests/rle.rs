@@ -38,7 +38,7 @@ fn masks_round_trip_through_independent_decoders() {
         x ^= x << 13;
         x ^= x >> 17;
         x ^= x << 5;
-        (x % 3 == 0) as u8
+        x.is_multiple_of(3) as u8
     };
     let mut cases: Vec<(&str, Vec<u8>)> = vec![
         ("empty", vec![0; h * w]),

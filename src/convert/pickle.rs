@@ -771,7 +771,7 @@ impl<'a> Machine<'a> {
     }
 
     fn pairs(&self, items: Vec<Value>) -> Result<Vec<(Value, Value)>, PickleError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.malformed("a dict with a key but no value"));
         }
         Ok(items.chunks_exact(2).map(|kv| (kv[0], kv[1])).collect())
