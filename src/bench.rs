@@ -58,6 +58,9 @@ pub struct BenchReport {
 pub struct CpuInfo {
     pub model: String,
     pub simd: Vec<String>,
+    /// The instruction set drape's own GEMM kernel (the Winograd convs') runs on here:
+    /// `avx512`, `avx2`, `neon` or `plain`.
+    pub gemm_kernel: String,
 }
 
 /// The flags worth naming, in the order a reader compares them (x86, then aarch64).
@@ -105,6 +108,7 @@ impl CpuInfo {
             }
         }
         Self {
+            gemm_kernel: crate::model::sgemm::kernel_name().to_string(),
             model: model.unwrap_or_else(|| std::env::consts::ARCH.to_string()),
             simd: SIMD_FLAGS
                 .iter()

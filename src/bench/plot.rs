@@ -43,7 +43,11 @@ pub fn draw(report: &BenchReport, model: &str) -> RgbImage {
     );
     text(&mut img, 20, 12, &title, INK);
     text(&mut img, 20, 26, &format!("CPU: {}", report.cpu.model), INK);
-    let simd = format!("SIMD: {}", report.cpu.simd.join(" "));
+    let simd = format!(
+        "SIMD: {} (Winograd GEMM: {})",
+        report.cpu.simd.join(" "),
+        report.cpu.gemm_kernel
+    );
     text(&mut img, 20, 40, &simd, INK);
     stages(&mut img, report);
     histogram(&mut img, &report.total_ms);
@@ -221,6 +225,7 @@ mod tests {
             cpu: CpuInfo {
                 model: "Test CPU".into(),
                 simd: vec!["avx2".into(), "fma".into()],
+                gemm_kernel: "avx2".into(),
             },
         }
     }

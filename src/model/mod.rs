@@ -17,6 +17,7 @@ pub mod poolers;
 pub mod roi_align;
 pub mod roi_heads;
 pub mod rpn;
+pub mod sgemm;
 pub mod topk;
 pub mod transform;
 pub mod winograd;

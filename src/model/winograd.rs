@@ -22,6 +22,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::conv::OutPtr;
+use super::sgemm::{self, PackedA};
 
 /// Output tile side.
 const M: usize = 4;
@@ -45,10 +46,11 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// Weights transformed once at load: `U = G g G^T`, stored `[36][out][in]`.
+/// Weights transformed once at load, `U = G g G^T`, and packed for the GEMM kernel: one
+/// `[out, in]` matrix per transformed position ξ.
 #[derive(Debug)]
 pub struct Winograd {
-    u: Vec<f32>,
+    u: PackedA,
     out: usize,
     inp: usize,
 }
@@ -142,10 +144,11 @@ impl Winograd {
     /// `weight` is PyTorch's `[out, in, 3, 3]`. Runs at load, spread over the threads: the
     /// model's 3×3 convs hold 1.8 M (out, in) pairs, a large part of the load time.
     pub fn new(weight: &[f32], out: usize, inp: usize) -> Self {
-        let mut u = vec![0f32; XI * out * inp];
+        // Written straight into the kernel's packed layout: no second copy of the weights.
+        let mut u = PackedA::zeroed(XI, out, inp);
+        let at = u.packing();
         let dst = OutPtr(u.as_mut_ptr());
         (0..out).into_par_iter().for_each(|o| {
-            let dst = dst.get();
             for c in 0..inp {
                 let k: [f64; 9] = std::array::from_fn(|i| f64::from(weight[(o * inp + c) * 9 + i]));
                 // Columns: G g (6×3), then rows: (G g) G^T (6×6).
@@ -154,9 +157,9 @@ impl Winograd {
                     std::array::from_fn(|r| g([cols[0][r], cols[1][r], cols[2][r]]));
                 for (r, row) in rows.iter().enumerate() {
                     for (s, v) in row.iter().enumerate() {
-                        // SAFETY: the index is inside `u` (xi < 36, o < out, c < inp), and
+                        // SAFETY: the offset is inside `u` (ξ < 36, o < out, c < inp), and
                         // only this iteration writes output channel `o`'s entries.
-                        unsafe { *dst.add(((r * T + s) * out + o) * inp + c) = *v as f32 };
+                        unsafe { *dst.get().add(at.offset(r * T + s, o, c)) = *v as f32 };
                     }
                 }
             }
@@ -180,7 +183,9 @@ impl Winograd {
         out: *mut f32,
     ) {
         let (h, w, across, down) = (tiles.h, tiles.w, tiles.across, tiles.down);
-        let n = (g1 - g0) * across;
+        // The GEMMs' width, padded past the job's tiles (whose results are never read) to whole
+        // panels of the kernel, which then never takes its slower ragged-edge path.
+        let n = ((g1 - g0) * across).next_multiple_of(sgemm::panel_width());
         let (c_in, c_out) = (self.inp, self.out);
         // Padded row width: one zero column left, the row, zeros up to 4 * across + 2.
         let pw = M * across + 2;
@@ -246,26 +251,14 @@ impl Winograd {
             }
             // M[ξ] = U[ξ] · V[ξ]: [out, in] × [in, n].
             for xi in 0..XI {
-                gemm::gemm(
-                    c_out,
-                    n,
-                    c_in,
-                    m.as_mut_ptr().add(xi * c_out * n),
-                    1,
-                    n as isize,
-                    false,
-                    self.u.as_ptr().add(xi * c_out * c_in),
-                    1,
-                    c_in as isize,
+                self.u.mul(
+                    xi,
                     v.as_ptr().add(xi * c_in * n),
-                    1,
-                    n as isize,
-                    0.0,
-                    1.0,
+                    n,
+                    n,
+                    m.as_mut_ptr().add(xi * c_out * n),
+                    n,
                     false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
             }
             // Output transform Y = A^T M A, then the epilogue, into the batch.
