@@ -1,8 +1,8 @@
 //! V4L2 cameras through the `v4l` crate: capability enumeration, format negotiation
-//! ([`super::negotiate`]), mmap streaming with four kernel buffers, and driver timestamps mapped
+//! ([`super::negotiate()`]), mmap streaming with four kernel buffers, and driver timestamps mapped
 //! to the process's clocks.
 //!
-//! The buffer queue is driven with the V4L2 ioctls directly ([`MmapQueue`]) rather than through
+//! The buffer queue is driven with the V4L2 ioctls directly (`MmapQueue`) rather than through
 //! `v4l::io::mmap::Stream`: that stream requeues the previous buffer inside `next`, so a dequeue
 //! that fails with EAGAIN (a spurious wake-up) or EINTR (a signal during the wait) cannot be
 //! retried — the retry queues the same buffer twice — and every such hiccup would cost a

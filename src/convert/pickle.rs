@@ -50,7 +50,7 @@ pub enum PickleError {
 }
 
 /// A value on the stack or inside a container. Anything bigger than a number is an index into
-/// [`Pickle::nodes`].
+/// `Pickle::nodes`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Value {
     None,

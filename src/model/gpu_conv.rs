@@ -12,10 +12,10 @@
 //!   the next tile's are taken, so the stream-ordered pool hands the same blocks back: the
 //!   scratch is bounded and reused, not grown per conv.
 //!
-//! With the `cudnn` feature, f16 convs other than 1×1 stride-1 go to cuDNN instead ([`cudnn`]):
-//! the algorithm is chosen once per (device, input shape, conv), one workspace per device is
-//! grown as needed and reused, and the convolution is described with f32 compute over f16 data
-//! (cuDNN's pseudo-half configuration), so it accumulates in f32.
+//! With the `cudnn` feature, f16 convs other than 1×1 stride-1 go to cuDNN instead (the `cudnn`
+//! module): the algorithm is chosen once per (device, input shape, conv), one workspace per
+//! device is grown as needed and reused, and the convolution is described with f32 compute over
+//! f16 data (cuDNN's pseudo-half configuration), so it accumulates in f32.
 //!
 //! Column layout: PyTorch's weight `[O, C, k, k]` flattened to `[O, C·k·k]` multiplies columns
 //! `[C, k·k, rows·ow]` (channel-major, then kernel row, kernel column), so the weight is used

@@ -278,7 +278,7 @@ impl MaskRcnn {
     }
 
     /// Layers whose folded weights lie beyond f16's range, which GPUs keep in f32 (see
-    /// [`layers::layer_dtype`]); recorded on every device.
+    /// `layers::layer_dtype`); recorded on every device.
     pub fn beyond_f16(&self) -> &[String] {
         &self.beyond_f16
     }

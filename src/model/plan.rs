@@ -374,6 +374,28 @@ impl Walk {
         Ok(())
     }
 
+    /// RoIAlign's `[rois, channels, size, size]` output, then a head's conv stack (`{prefix}.{i}.0`:
+    /// v2's box head, the mask head). Returns the last output and how many convs there were.
+    fn pooled_convs(
+        &mut self,
+        w: &Weights,
+        prefix: &str,
+        (rois, channels, size): (usize, usize, usize),
+    ) -> Result<(Level, usize)> {
+        let pooled = self.act(&[rois, channels, size, size]);
+        self.alloc(pooled);
+        let mut x: Level = (pooled, channels, size, size);
+        let mut i = 0;
+        while w.contains(&format!("{prefix}.{i}.0.weight")) {
+            let g = geometry(w, &format!("{prefix}.{i}.0"), 1, 1)?;
+            let y = self.conv(g, &format!("{prefix}.{i}"), rois, (x.2, x.3), 1);
+            self.free(x.0);
+            x = y;
+            i += 1;
+        }
+        Ok((x, i))
+    }
+
     /// Box head on every proposal, mask head on every detection, and the paste.
     fn heads(
         &mut self,
@@ -387,17 +409,7 @@ impl Walk {
         let arch = model.architecture();
         let c = arch.fpn_channels;
         let r = cfg.rpn_post_nms_top_n;
-        let pooled = self.act(&[r, c, 7, 7]);
-        self.alloc(pooled);
-        let mut x: Level = (pooled, c, 7, 7);
-        let mut i = 0;
-        while w.contains(&format!("roi_heads.box_head.{i}.0.weight")) {
-            let g = geometry(w, &format!("roi_heads.box_head.{i}.0"), 1, 1)?;
-            let y = self.conv(g, &format!("roi_heads.box_head.{i}"), r, (x.2, x.3), 1);
-            self.free(x.0);
-            x = y;
-            i += 1;
-        }
+        let (x, i) = self.pooled_convs(w, "roi_heads.box_head", (r, c, 7))?;
         // v1's fc6/fc7, or v2's Linears at every other index after its convs and Flatten.
         let mut fcs = Vec::new();
         if w.contains("roi_heads.box_head.fc6.weight") {
@@ -426,17 +438,7 @@ impl Walk {
         self.free(fc_in);
 
         let d = cfg.detections_per_img;
-        let pooled = self.act(&[d, c, 14, 14]);
-        self.alloc(pooled);
-        let mut x: Level = (pooled, c, 14, 14);
-        let mut i = 0;
-        while w.contains(&format!("roi_heads.mask_head.{i}.0.weight")) {
-            let g = geometry(w, &format!("roi_heads.mask_head.{i}.0"), 1, 1)?;
-            let y = self.conv(g, &format!("roi_heads.mask_head.{i}"), d, (x.2, x.3), 1);
-            self.free(x.0);
-            x = y;
-            i += 1;
-        }
+        let (x, _) = self.pooled_convs(w, "roi_heads.mask_head", (d, c, 14))?;
         // conv5_mask as a GEMM: permuted input, output, +bias, ReLU; then the class's logits
         // on a permuted copy, the widened f32 probabilities.
         let deconv_out = w.shape("roi_heads.mask_predictor.conv5_mask.weight")?[1];
