@@ -7,8 +7,16 @@
 //! (accumulating in f32): `cuda_fwd` launches `kernels/roi_align.cu` (PTX built by build.rs),
 //! `metal_fwd` `kernels/roi_align.metal` (compiled at run time, once per device).
 
+use std::cell::RefCell;
+
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
+
+thread_local! {
+    /// One output bin's channel sums, per worker thread: grown once and reused, where a buffer
+    /// per rayon split allocated a varying number each frame.
+    static BIN_SUMS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct RoiAlign {
@@ -216,74 +224,76 @@ impl CustomOp2 for RoiAlign {
                     }
                 }
             });
-        out.par_chunks_mut(per_roi.max(1))
-            .zip(rois.par_chunks(5))
-            .try_for_each_init(
-                || vec![0f32; channels],
-                |acc, (out, roi)| {
-                    let b = roi[0] as usize;
-                    if roi[0] < 0.0 || b >= n {
-                        candle_core::bail!("roi_align: batch index {} out of range", roi[0]);
-                    }
-                    let start_w = roi[1] * self.spatial_scale - offset;
-                    let start_h = roi[2] * self.spatial_scale - offset;
-                    let end_w = roi[3] * self.spatial_scale - offset;
-                    let end_h = roi[4] * self.spatial_scale - offset;
-                    let (mut roi_w, mut roi_h) = (end_w - start_w, end_h - start_h);
-                    if !self.aligned {
-                        // Malformed boxes are forced to 1×1.
-                        roi_w = roi_w.max(1.0);
-                        roi_h = roi_h.max(1.0);
-                    }
-                    let bin_h = roi_h / ph as f32;
-                    let bin_w = roi_w / pw as f32;
-                    let grid_h = if self.sampling_ratio > 0 {
-                        self.sampling_ratio as usize
-                    } else {
-                        (roi_h / ph as f32).ceil() as usize
-                    };
-                    let grid_w = if self.sampling_ratio > 0 {
-                        self.sampling_ratio as usize
-                    } else {
-                        (roi_w / pw as f32).ceil() as usize
-                    };
-                    let count = (grid_h * grid_w).max(1) as f32;
-                    let image = &nhwc[b * plane * channels..][..plane * channels];
-                    let at = |i: usize| &image[i * channels..][..channels];
-                    for py in 0..ph {
-                        for px in 0..pw {
-                            acc.fill(0.0);
-                            for iy in 0..grid_h {
-                                let y = start_h
-                                    + py as f32 * bin_h
-                                    + (iy as f32 + 0.5) * bin_h / grid_h as f32;
-                                for ix in 0..grid_w {
-                                    let x = start_w
-                                        + px as f32 * bin_w
-                                        + (ix as f32 + 0.5) * bin_w / grid_w as f32;
-                                    let Some((idx, w)) = bilinear_corners(y, x, height, width)
-                                    else {
-                                        continue;
-                                    };
-                                    let (p0, p1, p2, p3) =
-                                        (at(idx[0]), at(idx[1]), at(idx[2]), at(idx[3]));
-                                    // The same sum, in the same order, as torchvision's
-                                    // per-channel loop, so results are bit-identical to it.
-                                    let corners = p0.iter().zip(p1).zip(p2).zip(p3);
-                                    for (a, (((v0, v1), v2), v3)) in acc.iter_mut().zip(corners) {
-                                        *a += w[0] * v0 + w[1] * v1 + w[2] * v2 + w[3] * v3;
-                                    }
-                                }
-                            }
-                            let bin = py * pw + px;
-                            for (c, v) in acc.iter().enumerate() {
-                                out[c * ph * pw + bin] = v / count;
+        let pool = |acc: &mut Vec<f32>,
+                    (out, roi): (&mut [f32], &[f32])|
+         -> candle_core::Result<()> {
+            let b = roi[0] as usize;
+            if roi[0] < 0.0 || b >= n {
+                candle_core::bail!("roi_align: batch index {} out of range", roi[0]);
+            }
+            let start_w = roi[1] * self.spatial_scale - offset;
+            let start_h = roi[2] * self.spatial_scale - offset;
+            let end_w = roi[3] * self.spatial_scale - offset;
+            let end_h = roi[4] * self.spatial_scale - offset;
+            let (mut roi_w, mut roi_h) = (end_w - start_w, end_h - start_h);
+            if !self.aligned {
+                // Malformed boxes are forced to 1×1.
+                roi_w = roi_w.max(1.0);
+                roi_h = roi_h.max(1.0);
+            }
+            let bin_h = roi_h / ph as f32;
+            let bin_w = roi_w / pw as f32;
+            let grid_h = if self.sampling_ratio > 0 {
+                self.sampling_ratio as usize
+            } else {
+                (roi_h / ph as f32).ceil() as usize
+            };
+            let grid_w = if self.sampling_ratio > 0 {
+                self.sampling_ratio as usize
+            } else {
+                (roi_w / pw as f32).ceil() as usize
+            };
+            let count = (grid_h * grid_w).max(1) as f32;
+            let image = &nhwc[b * plane * channels..][..plane * channels];
+            let at = |i: usize| &image[i * channels..][..channels];
+            for py in 0..ph {
+                for px in 0..pw {
+                    acc.fill(0.0);
+                    for iy in 0..grid_h {
+                        let y =
+                            start_h + py as f32 * bin_h + (iy as f32 + 0.5) * bin_h / grid_h as f32;
+                        for ix in 0..grid_w {
+                            let x = start_w
+                                + px as f32 * bin_w
+                                + (ix as f32 + 0.5) * bin_w / grid_w as f32;
+                            let Some((idx, w)) = bilinear_corners(y, x, height, width) else {
+                                continue;
+                            };
+                            let (p0, p1, p2, p3) = (at(idx[0]), at(idx[1]), at(idx[2]), at(idx[3]));
+                            // The same sum, in the same order, as torchvision's
+                            // per-channel loop, so results are bit-identical to it.
+                            let corners = p0.iter().zip(p1).zip(p2).zip(p3);
+                            for (a, (((v0, v1), v2), v3)) in acc.iter_mut().zip(corners) {
+                                *a += w[0] * v0 + w[1] * v1 + w[2] * v2 + w[3] * v3;
                             }
                         }
                     }
-                    Ok(())
-                },
-            )?;
+                    let bin = py * pw + px;
+                    for (c, v) in acc.iter().enumerate() {
+                        out[c * ph * pw + bin] = v / count;
+                    }
+                }
+            }
+            Ok(())
+        };
+        out.par_chunks_mut(per_roi.max(1))
+            .zip(rois.par_chunks(5))
+            .try_for_each(|item| {
+                BIN_SUMS.with_borrow_mut(|acc| {
+                    acc.resize(channels, 0.0);
+                    pool(acc, item)
+                })
+            })?;
         Ok((CpuStorage::F32(out), self.out_shape(&dims)))
     }
 
