@@ -54,7 +54,6 @@ const EMPTY_FRAMES: usize = 3;
 /// What the counters say at a point of the run.
 #[derive(Debug, Clone, Copy)]
 struct Mark {
-    all: u64,
     bytes: u64,
     own: u64,
     model: u64,
@@ -62,9 +61,8 @@ struct Mark {
 }
 
 fn mark() -> Mark {
-    let (all, bytes) = counts();
+    let (_, bytes) = counts();
     Mark {
-        all,
         bytes,
         own: own_allocations(),
         model: booked(Account::Model),
@@ -194,7 +192,9 @@ fn the_real_loop_allocates_nothing_outside_the_model() {
         per_frame(model),
         per_frame(encoder)
     );
-    assert_eq!(own + model + encoder, after.all - before.all);
+    // No check that the three accounts add up to all allocations: each allocation is booked to
+    // exactly one by construction, and the counters are read one after another while the
+    // renderer thread encodes, so such a sum differs by whatever it allocated in between.
     assert_eq!(
         own,
         0,
