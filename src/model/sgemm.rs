@@ -56,7 +56,6 @@ struct Kernel {
 trait Simd {
     type V: Copy;
     const LANES: usize;
-    unsafe fn zero() -> Self::V;
     unsafe fn load(p: *const f32) -> Self::V;
     unsafe fn store(p: *mut f32, v: Self::V);
     unsafe fn splat(x: f32) -> Self::V;
@@ -64,89 +63,66 @@ trait Simd {
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
 }
 
-#[cfg(target_arch = "x86_64")]
-struct Avx512;
-#[cfg(target_arch = "x86_64")]
-impl Simd for Avx512 {
-    type V = std::arch::x86_64::__m512;
-    const LANES: usize = 16;
-    #[inline(always)]
-    unsafe fn zero() -> Self::V {
-        std::arch::x86_64::_mm512_setzero_ps()
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self::V {
-        std::arch::x86_64::_mm512_loadu_ps(p)
-    }
-    #[inline(always)]
-    unsafe fn store(p: *mut f32, v: Self::V) {
-        std::arch::x86_64::_mm512_storeu_ps(p, v)
-    }
-    #[inline(always)]
-    unsafe fn splat(x: f32) -> Self::V {
-        std::arch::x86_64::_mm512_set1_ps(x)
-    }
-    #[inline(always)]
-    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
-        std::arch::x86_64::_mm512_fmadd_ps(a, b, c)
-    }
+/// A [`Simd`] for one vector instruction set on `$arch`, from its intrinsics.
+macro_rules! simd {
+    ($name:ident, $arch:literal, $v:ty, $lanes:literal, $load:path, $store:path, $splat:path,
+     |$a:ident, $b:ident, $c:ident| $fma:expr) => {
+        #[cfg(target_arch = $arch)]
+        struct $name;
+        #[cfg(target_arch = $arch)]
+        impl Simd for $name {
+            type V = $v;
+            const LANES: usize = $lanes;
+            #[inline(always)]
+            unsafe fn load(p: *const f32) -> Self::V {
+                $load(p)
+            }
+            #[inline(always)]
+            unsafe fn store(p: *mut f32, v: Self::V) {
+                $store(p, v)
+            }
+            #[inline(always)]
+            unsafe fn splat(x: f32) -> Self::V {
+                $splat(x)
+            }
+            #[inline(always)]
+            unsafe fn fma($a: Self::V, $b: Self::V, $c: Self::V) -> Self::V {
+                $fma
+            }
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-struct Avx2;
-#[cfg(target_arch = "x86_64")]
-impl Simd for Avx2 {
-    type V = std::arch::x86_64::__m256;
-    const LANES: usize = 8;
-    #[inline(always)]
-    unsafe fn zero() -> Self::V {
-        std::arch::x86_64::_mm256_setzero_ps()
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self::V {
-        std::arch::x86_64::_mm256_loadu_ps(p)
-    }
-    #[inline(always)]
-    unsafe fn store(p: *mut f32, v: Self::V) {
-        std::arch::x86_64::_mm256_storeu_ps(p, v)
-    }
-    #[inline(always)]
-    unsafe fn splat(x: f32) -> Self::V {
-        std::arch::x86_64::_mm256_set1_ps(x)
-    }
-    #[inline(always)]
-    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
-        std::arch::x86_64::_mm256_fmadd_ps(a, b, c)
-    }
-}
-
-#[cfg(target_arch = "aarch64")]
-struct Neon;
-#[cfg(target_arch = "aarch64")]
-impl Simd for Neon {
-    type V = std::arch::aarch64::float32x4_t;
-    const LANES: usize = 4;
-    #[inline(always)]
-    unsafe fn zero() -> Self::V {
-        std::arch::aarch64::vdupq_n_f32(0.0)
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self::V {
-        std::arch::aarch64::vld1q_f32(p)
-    }
-    #[inline(always)]
-    unsafe fn store(p: *mut f32, v: Self::V) {
-        std::arch::aarch64::vst1q_f32(p, v)
-    }
-    #[inline(always)]
-    unsafe fn splat(x: f32) -> Self::V {
-        std::arch::aarch64::vdupq_n_f32(x)
-    }
-    #[inline(always)]
-    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
-        std::arch::aarch64::vfmaq_f32(c, a, b)
-    }
-}
+simd!(
+    Avx512,
+    "x86_64",
+    std::arch::x86_64::__m512,
+    16,
+    std::arch::x86_64::_mm512_loadu_ps,
+    std::arch::x86_64::_mm512_storeu_ps,
+    std::arch::x86_64::_mm512_set1_ps,
+    |a, b, c| std::arch::x86_64::_mm512_fmadd_ps(a, b, c)
+);
+simd!(
+    Avx2,
+    "x86_64",
+    std::arch::x86_64::__m256,
+    8,
+    std::arch::x86_64::_mm256_loadu_ps,
+    std::arch::x86_64::_mm256_storeu_ps,
+    std::arch::x86_64::_mm256_set1_ps,
+    |a, b, c| std::arch::x86_64::_mm256_fmadd_ps(a, b, c)
+);
+simd!(
+    Neon,
+    "aarch64",
+    std::arch::aarch64::float32x4_t,
+    4,
+    std::arch::aarch64::vld1q_f32,
+    std::arch::aarch64::vst1q_f32,
+    std::arch::aarch64::vdupq_n_f32,
+    |a, b, c| std::arch::aarch64::vfmaq_f32(c, a, b)
+);
 
 /// Scalars, for x86 CPUs without AVX2 + FMA.
 #[cfg(not(target_arch = "aarch64"))]
@@ -155,10 +131,6 @@ struct Plain;
 impl Simd for Plain {
     type V = f32;
     const LANES: usize = 1;
-    #[inline(always)]
-    unsafe fn zero() -> f32 {
-        0.0
-    }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> f32 {
         *p
@@ -216,7 +188,7 @@ unsafe fn block<S: Simd, const MR: usize, const NV: usize>(
             }
         }
     }
-    let mut acc = [[S::zero(); NV]; MR];
+    let mut acc = [[S::splat(0.0); NV]; MR];
     if load {
         for (i, row) in acc.iter_mut().enumerate() {
             for (j, v) in row.iter_mut().enumerate() {
@@ -484,15 +456,8 @@ mod tests {
     }
 
     fn noise(n: usize, seed: u32) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(2654435761) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect()
+        let mut rng = crate::test_rng::TestRng::new(seed);
+        (0..n).map(|_| rng.unit() - 0.5).collect()
     }
 
     #[test]
