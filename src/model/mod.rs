@@ -12,6 +12,7 @@ pub mod gpu_conv;
 #[cfg(test)]
 pub(crate) mod kernel_emu;
 pub mod layers;
+pub mod mask_predictor;
 pub mod plan;
 pub mod poolers;
 pub mod roi_align;

@@ -4,10 +4,11 @@
 //! then 14×14 RoIAlign on the kept boxes → `MaskRCNNHeads` (3×3 convs, BatchNorm in v2) →
 //! `MaskRCNNPredictor` (2×2/2 transposed conv, 1×1 logits) → sigmoid of the predicted class.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::box_ops::{self, Box, BoxCoder, Candidates};
-use super::layers::{layer_dtype, upload, Conv2d, ConvSpec, Linear};
+use super::layers::{Conv2d, ConvSpec, Linear};
+use super::mask_predictor::MaskRCNNPredictor;
 use super::poolers::MultiScaleRoIAlign;
 use crate::config::{Config, BOX_MIN_SIZE};
 use crate::error::{Error, Result};
@@ -39,17 +40,7 @@ pub struct RoiHeads {
     cls_score: Linear,
     bbox_pred: Linear,
     mask_convs: Vec<Conv2d>,
-    /// `conv5_mask` as a matmul: `[in, out * 2 * 2]`. Stride equals kernel, so output pixels
-    /// never overlap and the transposed conv is exactly one GEMM plus a permutation.
-    deconv_weight: Tensor,
-    /// `[1, out, 1]`, broadcast over `[N, out, 4]`.
-    deconv_bias: Tensor,
-    deconv_out: usize,
-    /// `mask_fcn_logits` weight `[K, C]` and bias, indexed by the predicted class so only
-    /// that class's logits are computed.
-    mask_logits_weight: Tensor,
-    /// f32 on every device: added after the logits are widened, before the sigmoid.
-    mask_logits_bias: Tensor,
+    mask_predictor: MaskRCNNPredictor,
     num_classes: usize,
     coder: BoxCoder,
     score_thresh: f32,
@@ -184,41 +175,7 @@ impl RoiHeads {
             w.shape("roi_heads.mask_head.0.0.weight")?;
         }
 
-        let deconv_name = "roi_heads.mask_predictor.conv5_mask.weight";
-        let deconv_out = match w.shape(deconv_name)? {
-            [_, out, 2, 2] => *out,
-            other => {
-                return Err(Error::Shape {
-                    path: w.path().to_path_buf(),
-                    name: deconv_name.into(),
-                    expected: format!("[{c}, out, 2, 2]"),
-                    found: other.to_vec(),
-                })
-            }
-        };
-        let deconv_weight = w.tensor(deconv_name, &[c, deconv_out, 2, 2])?;
-        let deconv_bias = w.tensor("roi_heads.mask_predictor.conv5_mask.bias", &[deconv_out])?;
-        let logits_weight = w.tensor(
-            "roi_heads.mask_predictor.mask_fcn_logits.weight",
-            &[num_classes, deconv_out, 1, 1],
-        )?;
-        let mask_logits_bias = w.tensor(
-            "roi_heads.mask_predictor.mask_fcn_logits.bias",
-            &[num_classes],
-        )?;
-
-        let deconv_dtype = layer_dtype(
-            w,
-            "roi_heads.mask_predictor.conv5_mask",
-            &[&deconv_weight, &deconv_bias],
-            device,
-        );
-        let logits_dtype = layer_dtype(
-            w,
-            "roi_heads.mask_predictor.mask_fcn_logits",
-            &[&logits_weight],
-            device,
-        );
+        let mask_predictor = MaskRCNNPredictor::load(w, c, num_classes, device)?;
         Ok(Self {
             box_roi_pool: MultiScaleRoIAlign::new(BOX_POOL_SIZE),
             mask_roi_pool: MultiScaleRoIAlign::new(MASK_POOL_SIZE),
@@ -226,16 +183,7 @@ impl RoiHeads {
             cls_score,
             bbox_pred,
             mask_convs,
-            deconv_weight: upload(deconv_weight, (c, deconv_out * 4), deconv_dtype, device)?,
-            deconv_bias: upload(deconv_bias, (1, deconv_out, 1), deconv_dtype, device)?,
-            deconv_out,
-            mask_logits_weight: upload(
-                logits_weight,
-                (num_classes, deconv_out),
-                logits_dtype,
-                device,
-            )?,
-            mask_logits_bias: Tensor::from_vec(mask_logits_bias, num_classes, device)?,
+            mask_predictor,
             num_classes,
             coder: BoxCoder::new(BOX_CODER_WEIGHTS),
             score_thresh: cfg.box_score_thresh,
@@ -341,59 +289,11 @@ impl RoiHeads {
     /// each detection's own class. Returns `[D, 28, 28]` f32 probabilities on the device, which
     /// [`crate::postprocess::Postprocessor`] pastes there.
     pub fn mask_probs_from_pooled(&self, pooled: &Tensor, labels: &[usize]) -> Result<Tensor> {
-        let d = labels.len();
-        let device = pooled.device();
-        if d == 0 {
-            return Ok(Tensor::zeros(
-                (0, MASK_SIZE, MASK_SIZE),
-                DType::F32,
-                device,
-            )?);
-        }
         let mut x = pooled.clone();
         for conv in &self.mask_convs {
             x = conv.forward_relu(&x)?;
         }
-        let (_, c, h, w) = x.dims4()?;
-        // [D, C, h, w] -> [D*h*w, C] x [C, out*4] -> [D*h*w, out, 4] (+bias, relu), in the
-        // dtype the layer was kept in (f32 only beyond f16's range, see `layer_dtype`).
-        let y = x
-            .to_dtype(self.deconv_weight.dtype())?
-            .permute((0, 2, 3, 1))?
-            .reshape((d * h * w, c))?
-            .matmul(&self.deconv_weight)?
-            .reshape((d * h * w, self.deconv_out, 4))?
-            .broadcast_add(&self.deconv_bias)?
-            .relu()?;
-        // Logits of each detection's class only: [D, h*w*4, out] x [D, out, 1] -> [D, h*w*4].
-        let labels_t = Tensor::from_vec(
-            labels.iter().map(|&l| l as u32).collect::<Vec<_>>(),
-            d,
-            device,
-        )?;
-        let selected = self
-            .mask_logits_weight
-            .index_select(&labels_t, 0)?
-            .unsqueeze(2)?;
-        let bias = self
-            .mask_logits_bias
-            .index_select(&labels_t, 0)?
-            .reshape((d, 1, 1))?;
-        let logits = y
-            .to_dtype(self.mask_logits_weight.dtype())?
-            .reshape((d, h * w, self.deconv_out, 4))?
-            .permute((0, 1, 3, 2))?
-            .reshape((d, h * w * 4, self.deconv_out))?
-            .matmul(&selected)?;
-        // Index (i*w + j)*4 + a*2 + b holds output pixel (2i + a, 2j + b): [D, h, a, w, b].
-        let logits = logits
-            .reshape((d, h, w, 2, 2))?
-            .permute((0, 1, 3, 2, 4))?
-            .reshape((d, 2 * h, 2 * w))?
-            // f16 on GPUs; the bias and sigmoid are applied in f32.
-            .to_dtype(DType::F32)?
-            .broadcast_add(&bias)?;
-        Ok(candle_nn::ops::sigmoid(&logits)?)
+        self.mask_predictor.forward(&x, labels)
     }
 }
 

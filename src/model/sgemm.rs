@@ -1,5 +1,6 @@
 //! The Winograd convs' matrix products `M[ξ] = U[ξ] · V[ξ]`, with `U` (the transformed
-//! weights) packed once at load in the layout the microkernel reads.
+//! weights) packed once at load in the layout the microkernel reads; also the mask predictor's
+//! transposed conv (`mask_predictor.rs`), one RoI at a time.
 //!
 //! The `gemm` crate allocates on every call (its `did_pack_lhs` flags, and its packing buffers
 //! when a width is not a whole number of vectors), and Winograd makes 36 calls per job,
