@@ -5,8 +5,10 @@
 //! unit test in `conv.rs` bounds it against im2col), well inside the parity tests.
 //!
 //! Tiles are numbered across a whole batch (image after image, tile row after tile row), so
-//! the mask head's 100 small 14×14 RoIs make GEMMs as wide as one large image does. Transforms
-//! run a whole row of tiles at a time so the inner loops are straight-line over x.
+//! the mask head's 100 small 14×14 RoIs make GEMMs as wide as one large image does. The
+//! transforms run over all of a job's tiles at once, each step a loop over tiles that the
+//! compiler vectorises: a channel's 6×6 tiles are first gathered into 36 rows of one value per
+//! tile; run per row of tiles instead, the mask head's rows of four tiles fill no vector.
 //!
 //! The interpolation points are 0, -1, 1, ½, -2 and ∞ rather than the usual 0, ±1, ±2, ∞: with
 //! the same cost they halve the f32 rounding error (Barabasz, Anderson & Gregg, 2018, "Error
@@ -39,7 +41,11 @@ const TILES_PER_JOB: usize = 160;
 struct Scratch {
     v: Vec<f32>,
     m: Vec<f32>,
-    rows: Vec<f32>,
+    /// Two planes of `XI` rows of `n`: a channel's tiles gathered, `[r·T + s][tile]`, then
+    /// half-transformed; reused by the output transform.
+    planes: Vec<f32>,
+    /// One output line of a tile row, for the epilogue.
+    line: Vec<f32>,
 }
 
 thread_local! {
@@ -187,66 +193,37 @@ impl Winograd {
         // panels of the kernel, which then never takes its slower ragged-edge path.
         let n = ((g1 - g0) * across).next_multiple_of(sgemm::panel_width());
         let (c_in, c_out) = (self.inp, self.out);
-        // Padded row width: one zero column left, the row, zeros up to 4 * across + 2.
-        let pw = M * across + 2;
         SCRATCH.with_borrow_mut(|s| {
-            let Scratch { v, m, rows } = s;
-            if v.len() < XI * c_in * n {
-                v.resize(XI * c_in * n, 0.0);
+            let Scratch { v, m, planes, line } = s;
+            for (buf, len) in [(&mut *v, XI * c_in * n), (&mut *m, XI * c_out * n)] {
+                if buf.len() < len {
+                    buf.resize(len, 0.0);
+                }
             }
-            if m.len() < XI * c_out * n {
-                m.resize(XI * c_out * n, 0.0);
+            if planes.len() < 2 * XI * n {
+                planes.resize(2 * XI * n, 0.0);
             }
-            // 6 padded input rows, their 6 B^T rows; reused as A^T's 4×6 column sums and
-            // 4 output lines.
-            let need = 2 * T * pw.max(M * across);
-            if rows.len() < need {
-                rows.resize(need, 0.0);
+            if line.len() < w {
+                line.resize(w, 0.0);
             }
-            let (padded, tv) = rows.split_at_mut(T * pw);
-            // Input transform: V[ξ][c][t] = (B^T d B)[ξ] for each channel and tile.
+            let (gathered, half) = planes.split_at_mut(XI * n);
+            let (gathered, half) = (&mut gathered[..XI * n], &mut half[..XI * n]);
+            // Input transform, V[ξ][c][t] = (B^T d B)[ξ], every step a loop over the job's
+            // tiles t, so it runs in vector lanes even where a row has only a few tiles (the
+            // mask head's 14×14 RoIs have four).
             for c in 0..c_in {
-                for gr in g0..g1 {
-                    let (img, ty) = (gr / down, gr % down);
-                    let plane = &input[(img * c_in + c) * h * w..][..h * w];
-                    for r in 0..T {
-                        let dst = &mut padded[r * pw..][..pw];
-                        let y = (M * ty + r) as isize - 1;
-                        if y >= 0 && (y as usize) < h {
-                            dst[0] = 0.0;
-                            dst[1..1 + w].copy_from_slice(&plane[y as usize * w..][..w]);
-                            dst[1 + w..].fill(0.0);
-                        } else {
-                            dst.fill(0.0);
-                        }
-                    }
-                    // B^T down the rows, for every x at once.
-                    {
-                        let p: [&[f32]; T] = std::array::from_fn(|r| &padded[r * pw..][..pw]);
-                        let mut chunks = tv.chunks_exact_mut(pw);
-                        let t: [&mut [f32]; T] = std::array::from_fn(|_| {
-                            chunks.next().expect("tv holds six rows of pw")
-                        });
-                        for x in 0..pw {
-                            let col = bt(std::array::from_fn(|r| p[r][x]));
-                            for (r, v) in col.into_iter().enumerate() {
-                                t[r][x] = v;
-                            }
-                        }
-                    }
-                    // B across each tile's six columns.
-                    let t_base = (gr - g0) * across;
-                    for r in 0..T {
-                        let row = &tv[r * pw..][..pw];
-                        let base: [usize; T] =
-                            std::array::from_fn(|s| ((r * T + s) * c_in + c) * n + t_base);
-                        for tx in 0..across {
-                            let d: [f32; T] = row[M * tx..][..T].try_into().unwrap_or([0.0; T]);
-                            for (s, val) in bt(d).into_iter().enumerate() {
-                                v[base[s] + tx] = val;
-                            }
-                        }
-                    }
+                gather(input, c * h * w, c_in * h * w, tiles, (g0, g1), gathered, n);
+                // B^T down each of the six columns: half[r'][s] from gathered[r][s].
+                for s in 0..T {
+                    let src = rows_at(gathered, n, s, T);
+                    let dst = rows_at_mut(half, n, s, T);
+                    lanes(src, dst, bt);
+                }
+                // B across each of the six rows: V[r'·T + s][c] from half[r'][j].
+                for r in 0..T {
+                    let src = rows_at(half, n, r * T, 1);
+                    let dst = rows_at_mut(v, n, r * T * c_in + c, c_in);
+                    lanes(src, dst, bt);
                 }
             }
             // M[ξ] = U[ξ] · V[ξ]: [out, in] × [in, n].
@@ -261,42 +238,37 @@ impl Winograd {
                     false,
                 );
             }
-            // Output transform Y = A^T M A, then the epilogue, into the batch.
-            let (colsum, lines) = rows.split_at_mut(T * pw.max(M * across));
-            let ow = M * across;
+            // Output transform Y = A^T M A, again over the job's tiles in lanes, then the
+            // epilogue line by line into the batch.
+            let (down_rows, tile_values) = (half, gathered);
             for o in 0..c_out {
+                // A^T down each of the six columns: down_rows[i][s] from M[r·T + s][o].
+                for s in 0..T {
+                    let src = rows_at(m, n, s * c_out + o, T * c_out);
+                    let dst = rows_at_mut(down_rows, n, s, T);
+                    lanes(src, dst, at);
+                }
+                // A across each of the four rows: tile_values[i][k] from down_rows[i][s].
+                for i in 0..M {
+                    let src = rows_at(down_rows, n, i * T, 1);
+                    let dst = rows_at_mut(tile_values, n, i * M, 1);
+                    lanes(src, dst, at);
+                }
                 let bias = epilogue.bias[o];
                 for gr in g0..g1 {
                     let (img, ty) = (gr / down, gr % down);
-                    let t_base = (gr - g0) * across;
-                    let mx: [&[f32]; XI] =
-                        std::array::from_fn(|xi| &m[(xi * c_out + o) * n + t_base..][..across]);
-                    // A^T down the six rows of M, for every tile of the row at once:
-                    // colsum[i][s][tx].
-                    for s in 0..T {
-                        for tx in 0..across {
-                            let col = at(std::array::from_fn(|r| mx[r * T + s][tx]));
-                            for (i, val) in col.into_iter().enumerate() {
-                                colsum[(i * T + s) * across + tx] = val;
-                            }
-                        }
-                    }
-                    // Then A across: four output lines of the tile row.
-                    for i in 0..M {
-                        let line = &mut lines[i * ow..][..ow];
-                        for tx in 0..across {
-                            let q = at(std::array::from_fn(|s| colsum[(i * T + s) * across + tx]));
-                            line[M * tx..][..M].copy_from_slice(&q);
-                        }
-                    }
+                    let first = (gr - g0) * across;
                     let plane = (img * c_out + o) * h * w;
                     let res = epilogue.residual.map(|r| &r[plane..][..h * w]);
-                    for i in 0..M {
+                    for i in 0..M.min(h - M * ty) {
                         let y = M * ty + i;
-                        if y >= h {
-                            break;
+                        for k in 0..M {
+                            let values = &tile_values[(i * M + k) * n + first..][..across];
+                            for (x, &val) in (k..w).step_by(M).zip(values) {
+                                line[x] = val;
+                            }
                         }
-                        let src = &lines[i * ow..][..w];
+                        let src = &line[..w];
                         let dst = std::slice::from_raw_parts_mut(out.add(plane + y * w), w);
                         match res {
                             Some(r) => {
@@ -318,5 +290,79 @@ impl Winograd {
                 }
             }
         });
+    }
+}
+
+/// Channel `c`'s 6×6 input tiles (pad 1, zeros outside the image) of tile rows `g0..g1`, as
+/// `XI` rows of `n`: `dst[(r·T + s)·n + t]` is row `r`, column `s` of the job's tile `t`.
+/// `offset` is the channel's plane in the first image, `image` the values per image.
+fn gather(
+    input: &[f32],
+    offset: usize,
+    image: usize,
+    tiles: Tiles,
+    (g0, g1): (usize, usize),
+    dst: &mut [f32],
+    n: usize,
+) {
+    let (h, w, across, down) = (tiles.h, tiles.w, tiles.across, tiles.down);
+    for gr in g0..g1 {
+        let (img, ty) = (gr / down, gr % down);
+        let plane = &input[img * image + offset..][..h * w];
+        let first = (gr - g0) * across;
+        for r in 0..T {
+            let y = (M * ty + r) as isize - 1;
+            let row = (0..h as isize)
+                .contains(&y)
+                .then(|| &plane[y as usize * w..][..w]);
+            for s in 0..T {
+                let out = &mut dst[(r * T + s) * n + first..][..across];
+                match row {
+                    // Column x = 4·tx + s - 1 of each tile tx.
+                    Some(row) => {
+                        for (tx, o) in out.iter_mut().enumerate() {
+                            let x = (M * tx + s) as isize - 1;
+                            *o = if (0..w as isize).contains(&x) {
+                                row[x as usize]
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
+                    None => out.fill(0.0),
+                }
+            }
+        }
+    }
+}
+
+/// Six rows of `n` values in `buf`: row `first`, then every `step`-th after it.
+fn rows_at(buf: &[f32], n: usize, first: usize, step: usize) -> [&[f32]; T] {
+    std::array::from_fn(|i| &buf[(first + i * step) * n..][..n])
+}
+
+/// The mutable twin of [`rows_at`], for `N` rows (four or six).
+fn rows_at_mut<const N: usize>(
+    buf: &mut [f32],
+    n: usize,
+    first: usize,
+    step: usize,
+) -> [&mut [f32]; N] {
+    let mut rows = buf.chunks_exact_mut(n).skip(first).step_by(step);
+    std::array::from_fn(|_| rows.next().expect("the buffer holds every row asked for"))
+}
+
+/// `dst[k][t] = f(src[0][t], …, src[5][t])[k]` for every lane `t`: a transform step over all
+/// tiles at once, straight-line per lane so it vectorises.
+#[inline(always)]
+fn lanes<const N: usize>(src: [&[f32]; T], dst: [&mut [f32]; N], f: impl Fn([f32; T]) -> [f32; N]) {
+    let n = src[0].len();
+    let src: [&[f32]; T] = src.map(|s| &s[..n]);
+    let mut dst: [&mut [f32]; N] = dst.map(|d| &mut d[..n]);
+    for t in 0..n {
+        let y = f(std::array::from_fn(|i| src[i][t]));
+        for (d, y) in dst.iter_mut().zip(y) {
+            d[t] = y;
+        }
     }
 }
