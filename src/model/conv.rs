@@ -303,11 +303,16 @@ impl FusedConv {
     }
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+/// A CPU op's input as an f32 slice; `op` names the op in the error.
+pub(super) fn contiguous_f32<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        (CpuStorage::F32(_), None) => candle_core::bail!("conv input must be contiguous"),
-        _ => candle_core::bail!("the CPU conv computes in f32"),
+        (CpuStorage::F32(_), None) => candle_core::bail!("{op}: input must be contiguous"),
+        _ => candle_core::bail!("{op}: the CPU computes in f32"),
     }
 }
 
@@ -318,7 +323,11 @@ impl CustomOp1 for FusedConv {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, _, h, w) = self.check_input(l)?;
-        let (out, shape) = self.run(contiguous_f32(s, l)?, (n, h, w), None);
+        let (out, shape) = self.run(
+            contiguous_f32(s, l, CustomOp1::name(self))?,
+            (n, h, w),
+            None,
+        );
         Ok((CpuStorage::F32(out), shape))
     }
 }
@@ -344,8 +353,12 @@ impl CustomOp2 for FusedConv {
                 l2.shape()
             );
         }
-        let residual = contiguous_f32(s2, l2)?;
-        let (out, shape) = self.run(contiguous_f32(s1, l1)?, (n, h, w), Some(residual));
+        let residual = contiguous_f32(s2, l2, CustomOp2::name(self))?;
+        let (out, shape) = self.run(
+            contiguous_f32(s1, l1, CustomOp2::name(self))?,
+            (n, h, w),
+            Some(residual),
+        );
         Ok((CpuStorage::F32(out), shape))
     }
 }

@@ -15,6 +15,7 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::conv::contiguous_f32;
 use super::layers::{layer_dtype, upload};
 use super::sgemm::PackedA;
 use crate::error::{Error, Result};
@@ -216,13 +217,8 @@ impl CustomOp1 for FusedOp<'_> {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(x) = storage else {
-            candle_core::bail!("mask-predictor: f32 features expected");
-        };
+        let x = contiguous_f32(storage, layout, self.name())?;
         let (d, c, h, w) = layout.shape().dims4()?;
-        let Some((start, _)) = layout.contiguous_offsets() else {
-            candle_core::bail!("mask-predictor: contiguous features expected");
-        };
         if c != self.fused.in_channels || d != self.labels.len() {
             candle_core::bail!(
                 "mask-predictor: features [{d}, {c}, {h}, {w}] for {} labels and {} channels",
@@ -230,7 +226,6 @@ impl CustomOp1 for FusedOp<'_> {
                 self.fused.in_channels
             );
         }
-        let x = &x[start..start + d * c * h * w];
         let mut probs = vec![0f32; d * 4 * h * w];
         probs
             .par_chunks_mut(4 * h * w)
