@@ -119,13 +119,24 @@ impl Candidates {
 #[derive(Debug, Default)]
 pub struct NmsScratch {
     order: Vec<usize>,
-    areas: Vec<f32>,
-    suppressed: Vec<bool>,
+    sorted: Sorted,
     shifted: Vec<Box>,
     members: Vec<usize>,
     group_boxes: Vec<Box>,
     group_scores: Vec<f32>,
     group_keep: Vec<usize>,
+}
+
+/// One NMS's boxes in descending score order, a column per coordinate, so the IoUs of one
+/// kept box with every later box are one loop over contiguous values.
+#[derive(Debug, Default)]
+struct Sorted {
+    x1: Vec<f32>,
+    y1: Vec<f32>,
+    x2: Vec<f32>,
+    y2: Vec<f32>,
+    area: Vec<f32>,
+    suppressed: Vec<bool>,
 }
 
 /// torchvision's CPU `nms` kernel: greedy over boxes in descending score order (ties keep input
@@ -135,36 +146,51 @@ fn nms_core(
     boxes: &[Box],
     scores: &[f32],
     iou_thresh: f32,
-    (order, areas, suppressed): (&mut Vec<usize>, &mut Vec<f32>, &mut Vec<bool>),
+    (order, sorted): (&mut Vec<usize>, &mut Sorted),
     keep: &mut Vec<usize>,
 ) {
     order.clear();
     order.extend(0..boxes.len());
     // Unstable sort with the index as tie-break: the stable order without a merge buffer.
     order.sort_unstable_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    let Sorted {
+        x1,
+        y1,
+        x2,
+        y2,
+        area: areas,
+        suppressed,
+    } = sorted;
+    for (column, c) in [(&mut *x1, 0), (&mut *y1, 1), (&mut *x2, 2), (&mut *y2, 3)] {
+        column.clear();
+        column.extend(order.iter().map(|&i| boxes[i][c]));
+    }
     areas.clear();
-    areas.extend(boxes.iter().map(area));
+    areas.extend(order.iter().map(|&i| area(&boxes[i])));
     suppressed.clear();
     suppressed.resize(boxes.len(), false);
     for pos in 0..order.len() {
-        let i = order[pos];
-        if suppressed[i] {
+        if suppressed[pos] {
             continue;
         }
-        keep.push(i);
-        let bi = &boxes[i];
-        for &j in &order[pos + 1..] {
-            if suppressed[j] {
-                continue;
-            }
-            let bj = &boxes[j];
-            let w = (bi[2].min(bj[2]) - bi[0].max(bj[0])).max(0.0);
-            let h = (bi[3].min(bj[3]) - bi[1].max(bj[1])).max(0.0);
+        keep.push(order[pos]);
+        let (bx1, by1, bx2, by2, ba) = (x1[pos], y1[pos], x2[pos], y2[pos], areas[pos]);
+        let later = pos + 1..order.len();
+        // Every later box, suppressed or not, with no branch, so the loop vectorises:
+        // suppressing a box twice changes nothing, and the IoU is torchvision's expression.
+        for (((((&jx1, &jy1), &jx2), &jy2), &ja), s) in x1[later.clone()]
+            .iter()
+            .zip(&y1[later.clone()])
+            .zip(&x2[later.clone()])
+            .zip(&y2[later.clone()])
+            .zip(&areas[later.clone()])
+            .zip(&mut suppressed[later])
+        {
+            let w = (bx2.min(jx2) - bx1.max(jx1)).max(0.0);
+            let h = (by2.min(jy2) - by1.max(jy1)).max(0.0);
             let inter = w * h;
-            let iou = inter / (areas[i] + areas[j] - inter);
-            if iou > iou_thresh {
-                suppressed[j] = true;
-            }
+            let iou = inter / (ba + ja - inter);
+            *s |= iou > iou_thresh;
         }
     }
 }
@@ -186,7 +212,7 @@ pub fn batched_nms_into(
     if boxes.is_empty() {
         return;
     }
-    let bufs = (&mut s.order, &mut s.areas, &mut s.suppressed);
+    let bufs = (&mut s.order, &mut s.sorted);
     if boxes.len() * 4 > 4000 {
         let n_groups = groups.iter().max().map_or(0, |g| g + 1);
         for g in 0..n_groups {
@@ -202,7 +228,7 @@ pub fn batched_nms_into(
                 &s.group_boxes,
                 &s.group_scores,
                 iou_thresh,
-                (&mut *bufs.0, &mut *bufs.1, &mut *bufs.2),
+                (&mut *bufs.0, &mut *bufs.1),
                 &mut s.group_keep,
             );
             keep.extend(s.group_keep.iter().map(|&k| s.members[k]));
