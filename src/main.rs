@@ -29,12 +29,12 @@ mod cli;
 
 use cli::{choice, ModelArgs};
 
-// candle allocates a fresh buffer per tensor op; glibc malloc returns large ones to the kernel
-// and faults them back in every time, mimalloc keeps them (5x on large elementwise ops here).
-// Counted, so `drape bench` can report the model's allocations per frame.
 /// Where `--http-token` is read from when the flag and the config file do not give it.
 const HTTP_TOKEN_ENV: &str = "DRAPE_HTTP_TOKEN";
 
+// candle allocates a fresh buffer per tensor op; glibc malloc returns large ones to the kernel
+// and faults them back in every time, mimalloc keeps them (5x on large elementwise ops here).
+// Counted, so `drape bench` can report the model's allocations per frame.
 #[global_allocator]
 static GLOBAL: CountingAlloc<mimalloc::MiMalloc> = CountingAlloc(mimalloc::MiMalloc);
 
