@@ -195,16 +195,14 @@ impl FusedConv {
         }
 
         let pointwise = self.kernel == 1 && self.stride == 1 && self.padding == 0;
-        COLUMNS.with_borrow_mut(|scratch| {
+        COLUMNS.with_borrow_mut(|columns| {
             let (rhs, rhs_rs) = if pointwise {
                 // A 1×1 conv is a GEMM on the input as it lies: [C, H*W].
                 (image.as_ptr().add(y0 * ow), (h * w) as isize)
             } else {
-                if scratch.len() < k_dim * cols {
-                    scratch.resize(k_dim * cols, 0.0);
-                }
-                self.im2col(image, (h, w), (y0, y1), &mut scratch[..k_dim * cols]);
-                (scratch.as_ptr(), cols as isize)
+                let col = scratch(columns, k_dim * cols);
+                self.im2col(image, (h, w), (y0, y1), col);
+                (col.as_ptr(), cols as isize)
             };
             gemm::gemm(
                 self.out_channels,
@@ -301,6 +299,15 @@ impl FusedConv {
         }
         Ok((n, c, h, w))
     }
+}
+
+/// The first `len` values of a per-thread scratch buffer, grown to `len` the first time a
+/// thread needs that many and reused after, so the steady state allocates nothing.
+pub(super) fn scratch(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
 }
 
 /// A CPU op's input as an f32 slice; `op` names the op in the error.

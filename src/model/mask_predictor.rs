@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::conv::contiguous_f32;
+use super::conv::{contiguous_f32, scratch};
 use super::layers::{layer_dtype, upload};
 use super::sgemm::PackedA;
 use crate::error::{Error, Result};
@@ -173,11 +173,7 @@ impl Fused {
         let n = h * w;
         let rows = self.out_channels * 4;
         BLOCK.with_borrow_mut(|block| {
-            if block.len() < (rows + 4) * n {
-                block.resize((rows + 4) * n, 0.0);
-            }
-            let (y, logits) = block.split_at_mut(rows * n);
-            let logits = &mut logits[..4 * n];
+            let (y, logits) = scratch(block, (rows + 4) * n).split_at_mut(rows * n);
             // SAFETY: `x` holds `in` rows of `n` values, `y` `out·4` rows of `n`; both are this
             // thread's alone.
             unsafe {
@@ -219,10 +215,11 @@ impl CustomOp1 for FusedOp<'_> {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(storage, layout, self.name())?;
         let (d, c, h, w) = layout.shape().dims4()?;
-        if c != self.fused.in_channels || d != self.labels.len() {
+        // The GEMM reads `in` rows of each RoI's features; the label count was checked by
+        // `forward`, the only place this op is built.
+        if c != self.fused.in_channels {
             candle_core::bail!(
-                "mask-predictor: features [{d}, {c}, {h}, {w}] for {} labels and {} channels",
-                self.labels.len(),
+                "mask-predictor: features [{d}, {c}, {h}, {w}] for {} channels",
                 self.fused.in_channels
             );
         }

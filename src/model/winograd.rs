@@ -23,7 +23,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::conv::OutPtr;
+use super::conv::{scratch, OutPtr};
 use super::sgemm::{self, PackedA};
 
 /// Output tile side.
@@ -194,20 +194,10 @@ impl Winograd {
         let n = ((g1 - g0) * across).next_multiple_of(sgemm::panel_width());
         let (c_in, c_out) = (self.inp, self.out);
         SCRATCH.with_borrow_mut(|s| {
-            let Scratch { v, m, planes, line } = s;
-            for (buf, len) in [(&mut *v, XI * c_in * n), (&mut *m, XI * c_out * n)] {
-                if buf.len() < len {
-                    buf.resize(len, 0.0);
-                }
-            }
-            if planes.len() < 2 * XI * n {
-                planes.resize(2 * XI * n, 0.0);
-            }
-            if line.len() < w {
-                line.resize(w, 0.0);
-            }
-            let (gathered, half) = planes.split_at_mut(XI * n);
-            let (gathered, half) = (&mut gathered[..XI * n], &mut half[..XI * n]);
+            let v = scratch(&mut s.v, XI * c_in * n);
+            let m = scratch(&mut s.m, XI * c_out * n);
+            let (gathered, half) = scratch(&mut s.planes, 2 * XI * n).split_at_mut(XI * n);
+            let line = scratch(&mut s.line, w);
             // Input transform, V[ξ][c][t] = (B^T d B)[ξ], every step a loop over the job's
             // tiles t, so it runs in vector lanes even where a row has only a few tiles (the
             // mask head's 14×14 RoIs have four).
