@@ -15,9 +15,15 @@ use rayon::prelude::*;
 
 use super::winograd::{Epilogue, Tiles, Winograd};
 
-/// Output pixels per GEMM tile: enough columns for gemm to run at full speed, small enough
-/// that the column buffer of a 256-channel 3×3 conv (2304 rows) stays a few MB.
-const TILE_PIXELS: usize = 768;
+/// Output pixels per GEMM tile of a 1×1 conv, which reads its input in place. `gemm`
+/// allocates on every call, so fewer, wider tiles cost fewer allocations: 4096 rather than 768
+/// took the full R50 at 512 from about 1,500 to about 1,250 model allocations a frame, no
+/// slower.
+const POINTWISE_PIXELS: usize = 4096;
+/// Bytes of one im2col tile's column buffer (one per thread): the stem's 147 rows get about
+/// 7,000 pixels a tile, a 512-channel 3×3 conv's 4,608 rows about 230, rather than both 768
+/// (14 MB per thread for the latter).
+const COLUMN_BYTES: usize = 4 << 20;
 
 thread_local! {
     static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -104,6 +110,16 @@ impl FusedConv {
         (self.out_channels * self.in_channels * self.kernel * self.kernel * oh * ow) as u64
     }
 
+    /// A 1×1 stride-1 conv: a GEMM on the input as it lies, without im2col.
+    fn is_pointwise(&self) -> bool {
+        self.kernel == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// Rows of the im2col matrix: `in · k · k`.
+    fn k_dim(&self) -> usize {
+        self.in_channels * self.kernel * self.kernel
+    }
+
     /// `input`: `[n, in, h, w]` contiguous; `residual`: `[n, out, oh, ow]` or none.
     fn run(
         &self,
@@ -139,10 +155,15 @@ impl FusedConv {
                 return (out, Shape::from((n, self.out_channels, oh, ow)));
             }
         };
-        // About TILE_PIXELS columns per GEMM; for a single image, a tile count that is a
-        // multiple of the thread count, so layer3's 32×32 maps are not split 768 + 256 pixels
-        // and layer4's 16×16 ones not left to one thread.
-        let mut tiles_wanted = (oh * ow).div_ceil(TILE_PIXELS);
+        // About `tile_pixels` columns per GEMM; for a single image, a tile count that is a
+        // multiple of the thread count, so a map is not split into one big tile and a sliver,
+        // nor left to one thread.
+        let tile_pixels = if self.is_pointwise() {
+            POINTWISE_PIXELS
+        } else {
+            (COLUMN_BYTES / size_of::<f32>() / self.k_dim()).max(1)
+        };
+        let mut tiles_wanted = (oh * ow).div_ceil(tile_pixels);
         if n == 1 {
             tiles_wanted = tiles_wanted.next_multiple_of(rayon::current_num_threads().max(1));
         }
@@ -177,7 +198,7 @@ impl FusedConv {
         let (oh, ow) = self.output_size(h, w);
         let plane = oh * ow;
         let cols = (y1 - y0) * ow;
-        let k_dim = self.in_channels * self.kernel * self.kernel;
+        let k_dim = self.k_dim();
         let image = &input[img * self.in_channels * h * w..][..self.in_channels * h * w];
         let dst = out.add(img * self.out_channels * plane + y0 * ow);
 
@@ -194,9 +215,8 @@ impl FusedConv {
             }
         }
 
-        let pointwise = self.kernel == 1 && self.stride == 1 && self.padding == 0;
         COLUMNS.with_borrow_mut(|columns| {
-            let (rhs, rhs_rs) = if pointwise {
+            let (rhs, rhs_rs) = if self.is_pointwise() {
                 // A 1×1 conv is a GEMM on the input as it lies: [C, H*W].
                 (image.as_ptr().add(y0 * ow), (h * w) as isize)
             } else {
