@@ -8,6 +8,7 @@
 //! allocated once per thread, and the epilogue touches each output tile while it is in cache.
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape};
@@ -129,15 +130,17 @@ impl FusedConv {
     ) -> (Vec<f32>, Shape) {
         let (oh, ow) = self.output_size(h, w);
         let plane = oh * ow;
-        let mut out = vec![0f32; n * self.out_channels * plane];
-        let weight = match &self.method {
-            Method::Im2col(weight) => weight.as_slice(),
+        let len = n * self.out_channels * plane;
+        // Uninitialised: both methods write every value of every output plane, and zeroing the
+        // buffer first took about 2% of a frame (mimalloc zeroes reused pages itself).
+        let mut out = Vec::<f32>::with_capacity(len);
+        let ptr = OutPtr(out.as_mut_ptr());
+        match &self.method {
             Method::Winograd(wino) => {
                 // Jobs are runs of tile rows numbered across the whole batch, so a batch of small
                 // images (the mask head's RoIs) fills GEMMs as wide as one large image.
                 let tiles = Tiles::new(n, h, w);
                 let rows = tiles.rows_per_job(rayon::current_num_threads());
-                let ptr = OutPtr(out.as_mut_ptr());
                 let epilogue = Epilogue {
                     bias: &self.bias,
                     residual,
@@ -152,39 +155,44 @@ impl FusedConv {
                         // no other job touches, and `out` outlives the parallel loop.
                         unsafe { wino.rows(input, tiles, (g0, g1), &epilogue, ptr.get()) };
                     });
-                return (out, Shape::from((n, self.out_channels, oh, ow)));
             }
-        };
-        // About `tile_pixels` columns per GEMM; for a single image, a tile count that is a
-        // multiple of the thread count, so a map is not split into one big tile and a sliver,
-        // nor left to one thread.
-        let tile_pixels = if self.is_pointwise() {
-            POINTWISE_PIXELS
-        } else {
-            (COLUMN_BYTES / size_of::<f32>() / self.k_dim()).max(1)
-        };
-        let mut tiles_wanted = (oh * ow).div_ceil(tile_pixels);
-        if n == 1 {
-            tiles_wanted = tiles_wanted.next_multiple_of(rayon::current_num_threads().max(1));
+            Method::Im2col(weight) => {
+                // About `tile_pixels` columns per GEMM; for a single image, a tile count that is
+                // a multiple of the thread count, so a map is not split into one big tile and a
+                // sliver, nor left to one thread.
+                let tile_pixels = if self.is_pointwise() {
+                    POINTWISE_PIXELS
+                } else {
+                    (COLUMN_BYTES / size_of::<f32>() / self.k_dim()).max(1)
+                };
+                let mut tiles_wanted = (oh * ow).div_ceil(tile_pixels);
+                if n == 1 {
+                    tiles_wanted =
+                        tiles_wanted.next_multiple_of(rayon::current_num_threads().max(1));
+                }
+                let rows_per_tile = oh.div_ceil(tiles_wanted).clamp(1, oh);
+                let tiles_per_image = oh.div_ceil(rows_per_tile);
+                (0..n * tiles_per_image).into_par_iter().for_each(|job| {
+                    let (img, tile) = (job / tiles_per_image, job % tiles_per_image);
+                    let y0 = tile * rows_per_tile;
+                    let y1 = (y0 + rows_per_tile).min(oh);
+                    // SAFETY: this job writes only rows y0..y1 of image `img`'s output planes,
+                    // which no other job touches, and `out` outlives the parallel loop.
+                    unsafe { self.tile(weight, input, (img, h, w), (y0, y1), residual, ptr.get()) };
+                });
+            }
         }
-        let rows_per_tile = oh.div_ceil(tiles_wanted).clamp(1, oh);
-        let tiles_per_image = oh.div_ceil(rows_per_tile);
-        let ptr = OutPtr(out.as_mut_ptr());
-        (0..n * tiles_per_image).into_par_iter().for_each(|job| {
-            let (img, tile) = (job / tiles_per_image, job % tiles_per_image);
-            let y0 = tile * rows_per_tile;
-            let y1 = (y0 + rows_per_tile).min(oh);
-            // SAFETY: this job writes only columns y0*ow..y1*ow of image `img`'s output planes,
-            // which no other job touches, and `out` outlives the parallel loop.
-            unsafe { self.tile(weight, input, (img, h, w), (y0, y1), residual, ptr.get()) };
-        });
+        // SAFETY: the jobs above wrote all `len` values: Winograd's cover every tile row of
+        // every image, the im2col tiles every output row, each for every channel.
+        unsafe { out.set_len(len) };
         (out, Shape::from((n, self.out_channels, oh, ow)))
     }
 
     /// One tile: output rows `y0..y1` of image `img`, with `weight` in PyTorch's layout.
     ///
     /// # Safety
-    /// `out` must be valid for the whole `[n, out_channels, oh, ow]` output, and
+    /// `out` must be valid for writes of the whole `[n, out_channels, oh, ow]` output (it may be
+    /// uninitialised: the tile's values are written before they are read), and
     /// no other thread may touch image `img`'s output rows `y0..y1` during the call.
     unsafe fn tile(
         &self,
@@ -202,16 +210,22 @@ impl FusedConv {
         let image = &input[img * self.in_channels * h * w..][..self.in_channels * h * w];
         let dst = out.add(img * self.out_channels * plane + y0 * ow);
 
-        // Epilogue, first half: dst = bias (+ residual), then GEMM accumulates into it.
+        // Epilogue, first half: dst = bias (+ residual), then GEMM accumulates into it. The
+        // rows may be uninitialised until written here.
         for o in 0..self.out_channels {
-            let row = std::slice::from_raw_parts_mut(dst.add(o * plane), cols);
+            let row =
+                std::slice::from_raw_parts_mut(dst.add(o * plane).cast::<MaybeUninit<f32>>(), cols);
+            let b = self.bias[o];
             match residual {
                 Some(r) => {
                     let r = &r[(img * self.out_channels + o) * plane + y0 * ow..][..cols];
-                    let b = self.bias[o];
-                    row.iter_mut().zip(r).for_each(|(d, r)| *d = b + r);
+                    row.iter_mut().zip(r).for_each(|(d, r)| {
+                        d.write(b + r);
+                    });
                 }
-                None => row.fill(self.bias[o]),
+                None => row.iter_mut().for_each(|d| {
+                    d.write(b);
+                }),
             }
         }
 

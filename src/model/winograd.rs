@@ -20,6 +20,7 @@
 //! `A^T = [1 1 1 1 1 0; 0 -1 1 ½ -2 0; 0 1 1 ¼ 4 0; 0 -1 1 ⅛ -8 1]`.
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
@@ -178,8 +179,9 @@ impl Winograd {
     /// (same size: stride 1, pad 1).
     ///
     /// # Safety
-    /// `out` must be valid for the batch's whole output and no other thread may write the
-    /// output rows of tile rows `g0..g1`.
+    /// `out` must be valid for writes of the batch's whole output (which may be uninitialised:
+    /// these rows are written, never read) and no other thread may write the output rows of
+    /// tile rows `g0..g1`.
     pub unsafe fn rows(
         &self,
         input: &[f32],
@@ -259,22 +261,24 @@ impl Winograd {
                             }
                         }
                         let src = &line[..w];
-                        let dst = std::slice::from_raw_parts_mut(out.add(plane + y * w), w);
+                        // Written, not read: the output may be uninitialised until here.
+                        let dst = std::slice::from_raw_parts_mut(
+                            out.add(plane + y * w).cast::<MaybeUninit<f32>>(),
+                            w,
+                        );
+                        let act = |v: f32| if epilogue.relu { v.max(0.0) } else { v };
                         match res {
                             Some(r) => {
                                 let r = &r[y * w..][..w];
                                 for ((d, s), r) in dst.iter_mut().zip(src).zip(r) {
-                                    *d = s + bias + r;
+                                    d.write(act(s + bias + r));
                                 }
                             }
                             None => {
                                 for (d, s) in dst.iter_mut().zip(src) {
-                                    *d = s + bias;
+                                    d.write(act(s + bias));
                                 }
                             }
-                        }
-                        if epilogue.relu {
-                            dst.iter_mut().for_each(|v| *v = v.max(0.0));
                         }
                     }
                 }
