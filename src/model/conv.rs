@@ -128,6 +128,18 @@ impl FusedConv {
         (n, h, w): (usize, usize, usize),
         residual: Option<&[f32]>,
     ) -> (Vec<f32>, Shape) {
+        let (out, (oh, ow)) = self.run_values(input, (n, h, w), residual);
+        (out, Shape::from((n, self.out_channels, oh, ow)))
+    }
+
+    /// [`Self::run`]'s values and the output's (height, width), without a candle `Shape`
+    /// (which allocates), for callers that chain convs on host buffers.
+    pub(super) fn run_values(
+        &self,
+        input: &[f32],
+        (n, h, w): (usize, usize, usize),
+        residual: Option<&[f32]>,
+    ) -> (Vec<f32>, (usize, usize)) {
         let (oh, ow) = self.output_size(h, w);
         let plane = oh * ow;
         let len = n * self.out_channels * plane;
@@ -185,7 +197,7 @@ impl FusedConv {
         // SAFETY: the jobs above wrote all `len` values: Winograd's cover every tile row of
         // every image, the im2col tiles every output row, each for every channel.
         unsafe { out.set_len(len) };
-        (out, Shape::from((n, self.out_channels, oh, ow)))
+        (out, (oh, ow))
     }
 
     /// One tile: output rows `y0..y1` of image `img`, with `weight` in PyTorch's layout.

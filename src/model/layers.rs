@@ -240,6 +240,14 @@ impl Conv2d {
         }
     }
 
+    /// The CPU op this conv runs as, `relu` after it; `None` on other devices.
+    pub(super) fn cpu_op(&self, relu: bool) -> Option<FusedConv> {
+        match &self.kernel {
+            Kernel::Cpu(op) => Some(FusedConv { relu, ..op.clone() }),
+            Kernel::Device(_) => None,
+        }
+    }
+
     fn run(&self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
         match &self.kernel {
             Kernel::Cpu(op) => {
