@@ -6,6 +6,7 @@
 //! stage is counted from the keys. Stride sits on the 3×3 conv (ResNet v1.5), as in torchvision.
 
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 use super::conv::{contiguous_f32, FusedConv};
 use super::layers::{Conv2d, ConvSpec};
@@ -198,6 +199,56 @@ impl CustomOp1 for BlockOp {
     }
 }
 
+/// The stem's `max_pool2d(3, stride 2, padding 1)`. Its inputs are post-ReLU (>= 0), so zero
+/// padding selects exactly what torch's -inf padding does. On the CPU one op reads the map once
+/// and skips the padding; elsewhere it is two pads and candle's pool, each a copy of the map.
+fn max_pool(x: &Tensor) -> Result<Tensor> {
+    Ok(if x.device().is_cpu() {
+        x.contiguous()?.apply_op1_no_bwd(&StemPool)?
+    } else {
+        x.pad_with_zeros(2, 1, 1)?
+            .pad_with_zeros(3, 1, 1)?
+            .max_pool2d_with_stride(3, 2)?
+    })
+}
+
+/// [`max_pool`] on the CPU: each output the largest of its 3×3 window's values inside the map,
+/// or 0 when the window reaches the padding (the zero torch's padding loses to).
+struct StemPool;
+
+impl CustomOp1 for StemPool {
+    fn name(&self) -> &'static str {
+        "stem-max-pool"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let (n, c, h, w) = l.shape().dims4()?;
+        let (oh, ow) = (h.div_ceil(2), w.div_ceil(2));
+        let mut out = vec![0f32; n * c * oh * ow];
+        out.par_chunks_mut((oh * ow).max(1))
+            .zip(x.par_chunks((h * w).max(1)))
+            .for_each(|(dst, src)| {
+                for (oy, row) in dst.chunks_exact_mut(ow.max(1)).enumerate() {
+                    let ys = (2 * oy).saturating_sub(1)..(2 * oy + 2).min(h);
+                    let pad_y = 2 * oy == 0 || 2 * oy + 1 >= h;
+                    for (ox, d) in row.iter_mut().enumerate() {
+                        let xs = (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w);
+                        let pad = pad_y || 2 * ox == 0 || 2 * ox + 1 >= w;
+                        let mut m = if pad { 0.0 } else { f32::NEG_INFINITY };
+                        for y in ys.clone() {
+                            for v in &src[y * w + xs.start..y * w + xs.end] {
+                                m = m.max(*v);
+                            }
+                        }
+                        *d = m;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+    }
+}
+
 /// ResNet body: `conv1`/`bn1` stem, 3×3/2 max-pool, four stages.
 #[derive(Debug, Clone)]
 pub struct ResNet {
@@ -302,12 +353,7 @@ impl ResNet {
     /// `[1, 3, H, W]` → C2..C5 at strides 4, 8, 16, 32.
     pub fn forward(&self, x: &Tensor) -> Result<[Tensor; 4]> {
         let x = self.stem.forward_relu(x)?;
-        // max_pool2d(3, stride 2, padding 1). Inputs are post-ReLU (>= 0), so zero padding
-        // selects exactly what torch's -inf padding does.
-        let mut x = x
-            .pad_with_zeros(2, 1, 1)?
-            .pad_with_zeros(3, 1, 1)?
-            .max_pool2d_with_stride(3, 2)?;
+        let mut x = max_pool(&x)?;
         let mut out = Vec::with_capacity(4);
         for stage in &self.stages {
             for block in stage {
@@ -316,5 +362,34 @@ impl ResNet {
             out.push(x.clone());
         }
         Ok(out.try_into().expect("four stages"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_stem_pool_matches_padding_and_candles_pool() {
+        // Odd and even sides, a 1×1 map, zeros and ties: what a ReLU's output holds.
+        for (i, &(h, w)) in [(7, 9), (8, 6), (1, 1), (2, 3), (5, 4)].iter().enumerate() {
+            let mut rng = crate::test_rng::TestRng::new(i as u32);
+            let values: Vec<f32> = (0..2 * 3 * h * w)
+                .map(|_| (rng.unit() * 4.0 - 1.0).max(0.0).round())
+                .collect();
+            let x = Tensor::from_vec(values, (2, 3, h, w), &Device::Cpu).unwrap();
+            let want = x
+                .pad_with_zeros(2, 1, 1)
+                .and_then(|x| x.pad_with_zeros(3, 1, 1))
+                .and_then(|x| x.max_pool2d_with_stride(3, 2))
+                .unwrap();
+            let got = x.apply_op1_no_bwd(&StemPool).unwrap();
+            assert_eq!(got.dims(), want.dims(), "{h}x{w}");
+            let (got, want): (Vec<f32>, Vec<f32>) = (
+                got.flatten_all().unwrap().to_vec1().unwrap(),
+                want.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert_eq!(got, want, "{h}x{w}");
+        }
     }
 }
