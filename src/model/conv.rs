@@ -18,7 +18,7 @@ use super::winograd::{Epilogue, Tiles, Winograd};
 
 /// Output pixels per GEMM tile of a 1×1 conv, which reads its input in place. `gemm`
 /// allocates on every call, so fewer, wider tiles cost fewer allocations: 4096 rather than 768
-/// took the full R50 at 512 from about 1,500 to about 1,250 model allocations a frame, no
+/// took the full R50 at 512 from about 1,500 to about 1,200 model allocations a frame, no
 /// slower.
 const POINTWISE_PIXELS: usize = 4096;
 /// Bytes of one im2col tile's column buffer (one per thread): the stem's 147 rows get about
