@@ -5,15 +5,16 @@
 //! A radix select over order-preserving 32-bit keys: three histogram passes (11, 11 and 10
 //! bits) find the key of the n-th largest value, one collect pass gathers the keys above it and
 //! the indices of the keys equal to it, and the host sorts those n. Only three 8 KiB histograms
-//! and the n winners leave the device, not the whole level's logits. The two passes are candle
-//! custom ops with a CPU kernel (the one the CPU path runs, so parity tests exercise this very
-//! selection logic) and a CUDA kernel (`kernels/topk.cu`). Metal copies the level to the CPU.
+//! and the n winners leave the device, not the whole level's logits. On CUDA the two passes are
+//! candle custom ops (`kernels/topk.cu`). On the CPU they run in place on the levels' values,
+//! through the same host functions the ops' CPU kernels call, so parity tests exercise this
+//! very selection logic without a tensor per pass. Metal copies the levels to the host.
 //!
 //! Ties at the threshold are broken by the lowest index, which is also what the sort gives
 //! among equal values, so the result is deterministic on every device.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
 
 use crate::error::Result;
 
@@ -75,46 +76,87 @@ pub fn top_n_levels(levels: &[Tensor], n: usize) -> Result<Vec<TopN>> {
     let Some(first) = levels.first() else {
         return Ok(Vec::new());
     };
-    // Metal has no kernels for the passes: every level comes over in one read and the passes
-    // run on the CPU copy, whose results are already on the host (not read again).
-    let (levels, counted) = match first.device() {
+    match first.device() {
+        // The passes read the levels in place. Each counts as the read a GPU makes for it, so
+        // the CPU pins the GPU's count (see `crate::device::count_read`).
+        Device::Cpu => {
+            let levels = levels
+                .iter()
+                .map(|t| t.contiguous())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let guards: Vec<_> = levels.iter().map(|t| t.storage_and_layout()).collect();
+            let values = guards
+                .iter()
+                .map(|(s, l)| match &**s {
+                    Storage::Cpu(s) => cpu_values(s, l, "top_n"),
+                    _ => candle_core::bail!("top_n: every level must be on one device"),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            top_n_host(&values, n, crate::device::count_read)
+        }
+        // Metal has no kernels for the passes: every level comes over in one read and the
+        // passes run on the host copy.
         Device::Metal(_) => {
             let flat: Vec<Tensor> = levels
                 .iter()
                 .map(|t| t.to_dtype(DType::F32))
                 .collect::<candle_core::Result<_>>()?;
-            let host = crate::device::to_host(&Tensor::cat(&flat, 0)?)?;
-            let mut offset = 0;
-            let mut split = Vec::with_capacity(lens.len());
-            for &len in &lens {
-                split.push(host.narrow(0, offset, len)?.contiguous()?);
-                offset += len;
-            }
-            (split, false)
+            let host: Vec<f32> = crate::device::read_vec1(&Tensor::cat(&flat, 0)?)?;
+            let mut rest = &host[..];
+            let values: Vec<&[f32]> = lens
+                .iter()
+                .map(|&len| {
+                    let (head, tail) = rest.split_at(len);
+                    rest = tail;
+                    head
+                })
+                .collect();
+            top_n_host(&values, n, || {})
         }
-        _ => (
-            levels
+        _ => {
+            let levels = levels
                 .iter()
                 .map(|t| t.contiguous())
-                .collect::<candle_core::Result<_>>()?,
-            true,
-        ),
-    };
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            select_levels(
+                &lens,
+                n,
+                |ops| run_pass(&levels, ops),
+                |ops| run_pass(&levels, ops),
+            )
+        }
+    }
+}
+
+/// The selection over levels already on the host, each pass run in place over every level;
+/// `on_pass` is called once per pass.
+fn top_n_host(values: &[&[f32]], n: usize, on_pass: impl Fn()) -> Result<Vec<TopN>> {
+    let lens: Vec<usize> = values.iter().map(|v| v.len()).collect();
     select_levels(
         &lens,
         n,
-        |ops| run_pass(&levels, ops, counted),
-        |ops| run_pass(&levels, ops, counted),
+        |ops| {
+            on_pass();
+            Ok(values
+                .iter()
+                .zip(ops)
+                .map(|(v, op)| op.as_ref().map_or_else(Vec::new, |op| op.count(v)))
+                .collect())
+        },
+        |ops| {
+            on_pass();
+            Ok(values
+                .iter()
+                .zip(ops)
+                .map(|(v, op)| op.as_ref().map_or_else(Vec::new, |op| op.gather(v)))
+                .collect())
+        },
     )
 }
 
-/// One pass over every level with an op: the outputs concatenated, read once (counted when
-/// they come from the device), split back by level.
-fn run_pass<C: CustomOp1>(
-    levels: &[Tensor],
-    ops: &[Option<C>],
-    counted: bool,
-) -> Result<Vec<Vec<u32>>> {
+/// One pass over every level with an op: the outputs concatenated, read once, split back by
+/// level.
+fn run_pass<C: CustomOp1>(levels: &[Tensor], ops: &[Option<C>]) -> Result<Vec<Vec<u32>>> {
     let mut outs = Vec::new();
     let mut sizes = Vec::with_capacity(ops.len());
     for (values, op) in levels.iter().zip(ops) {
@@ -131,11 +173,7 @@ fn run_pass<C: CustomOp1>(
         return Ok(vec![Vec::new(); ops.len()]);
     }
     let all = Tensor::cat(&outs, 0)?;
-    let all: Vec<u32> = if counted {
-        crate::device::read_vec1(&all)?
-    } else {
-        all.to_vec1()?
-    };
+    let all: Vec<u32> = crate::device::read_vec1(&all)?;
     let mut rest = &all[..];
     Ok(sizes
         .iter()
@@ -288,6 +326,19 @@ impl Histogram {
     fn matches(&self, key: u32) -> bool {
         self.prefix_shift >= 32 || key >> self.prefix_shift == self.prefix
     }
+
+    /// The pass over `values` on the host.
+    fn count(&self, values: &[f32]) -> Vec<u32> {
+        let bins = 1usize << self.bits;
+        let mut hist = vec![0u32; bins];
+        for &v in values {
+            let key = order_key(v);
+            if self.matches(key) {
+                hist[(key >> self.shift) as usize & (bins - 1)] += 1;
+            }
+        }
+        hist
+    }
 }
 
 /// Every key above `threshold` with its index, and the indices of the keys equal to it, when
@@ -303,6 +354,31 @@ struct Collect {
 impl Collect {
     fn len(&self) -> usize {
         2 + 2 * self.above as usize + self.equal as usize
+    }
+
+    /// The pass over `values` on the host.
+    fn gather(&self, values: &[f32]) -> Vec<u32> {
+        let mut out = vec![0u32; self.len()];
+        let (counts, rest) = out.split_at_mut(2);
+        let (above, equal) = rest.split_at_mut(2 * self.above as usize);
+        let (mut n_above, mut n_equal) = (0usize, 0usize);
+        for (i, &v) in values.iter().enumerate() {
+            let key = order_key(v);
+            if key > self.threshold {
+                if let Some(slot) = above.get_mut(2 * n_above..2 * n_above + 2) {
+                    slot.copy_from_slice(&[key, i as u32]);
+                }
+                n_above += 1;
+            } else if key == self.threshold {
+                if let Some(slot) = equal.get_mut(n_equal) {
+                    *slot = i as u32;
+                }
+                n_equal += 1;
+            }
+        }
+        // As the CUDA kernel's counters report them, so `top_n` checks both alike.
+        counts.copy_from_slice(&[n_above as u32, n_equal as u32]);
+        out
     }
 }
 
@@ -322,15 +398,8 @@ impl CustomOp1 for Histogram {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let values = cpu_values(s, l, self.name())?;
-        let bins = 1usize << self.bits;
-        let mut hist = vec![0u32; bins];
-        for &v in values {
-            let key = order_key(v);
-            if self.matches(key) {
-                hist[(key >> self.shift) as usize & (bins - 1)] += 1;
-            }
-        }
+        let hist = self.count(cpu_values(s, l, self.name())?);
+        let bins = hist.len();
         Ok((CpuStorage::U32(hist), Shape::from(bins)))
     }
 
@@ -353,27 +422,7 @@ impl CustomOp1 for Collect {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let values = cpu_values(s, l, self.name())?;
-        let mut out = vec![0u32; self.len()];
-        let (counts, rest) = out.split_at_mut(2);
-        let (above, equal) = rest.split_at_mut(2 * self.above as usize);
-        let (mut n_above, mut n_equal) = (0usize, 0usize);
-        for (i, &v) in values.iter().enumerate() {
-            let key = order_key(v);
-            if key > self.threshold {
-                if let Some(slot) = above.get_mut(2 * n_above..2 * n_above + 2) {
-                    slot.copy_from_slice(&[key, i as u32]);
-                }
-                n_above += 1;
-            } else if key == self.threshold {
-                if let Some(slot) = equal.get_mut(n_equal) {
-                    *slot = i as u32;
-                }
-                n_equal += 1;
-            }
-        }
-        // As the CUDA kernel's counters report them, so `top_n` checks both alike.
-        counts.copy_from_slice(&[n_above as u32, n_equal as u32]);
+        let out = self.gather(cpu_values(s, l, self.name())?);
         let len = out.len();
         Ok((CpuStorage::U32(out), Shape::from(len)))
     }
