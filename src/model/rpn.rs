@@ -2,11 +2,17 @@
 //! `RPNHead` over every FPN level, then `filter_proposals` — top-n per level on the objectness
 //! logits, decode, clip, drop tiny boxes, NMS per level, keep the best overall.
 
-use candle_core::{DType, Device, Tensor};
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 use super::anchors::LevelAnchors;
 use super::box_ops::{self, Box, BoxCoder, Candidates};
+use super::conv::{contiguous_f32, scratch, FusedConv, Method};
 use super::layers::{Conv2d, ConvSpec};
+use super::sgemm::{self, PackedA};
 use super::sigmoid;
 use super::topk::top_n_levels;
 use crate::config::{Config, RPN_MIN_SIZE};
@@ -16,11 +22,19 @@ use crate::weights::Weights;
 /// `RegionProposalNetwork`'s box coder weights.
 const RPN_BOX_WEIGHTS: [f32; 4] = [1.0, 1.0, 1.0, 1.0];
 
+thread_local! {
+    /// [`HeadOp`]'s per-thread product of a run of columns (`[5A, columns]`), sized by the
+    /// first level a thread sees and reused.
+    static PRODUCT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
 #[derive(Debug, Clone)]
 pub struct Rpn {
     convs: Vec<Conv2d>,
     cls_logits: Conv2d,
     bbox_pred: Conv2d,
+    /// The whole head as one op, on the CPU.
+    cpu_head: Option<HeadOp>,
     num_anchors: usize,
     coder: BoxCoder,
     pre_nms_top_n: usize,
@@ -66,10 +80,12 @@ impl Rpn {
                 4 * num_anchors
             )));
         }
+        let cpu_head = HeadOp::new(&convs, &cls_logits, &bbox_pred);
         Ok(Self {
             convs,
             cls_logits,
             bbox_pred,
+            cpu_head,
             num_anchors,
             coder: BoxCoder::new(RPN_BOX_WEIGHTS),
             pre_nms_top_n: cfg.rpn_pre_nms_top_n,
@@ -98,26 +114,20 @@ impl Rpn {
         let mut deltas = Vec::with_capacity(features.len());
         let mut grids = Vec::with_capacity(features.len());
         for feature in features {
-            let mut t = feature.clone();
-            for conv in &self.convs {
-                t = conv.forward_relu(&t)?;
-            }
-            let (_, _, h, w) = t.dims4()?;
-            // [1, A, H, W] -> [H, W, A], the anchors' order.
-            logits.push(
-                self.cls_logits
-                    .forward(&t)?
-                    .permute((0, 2, 3, 1))?
-                    .flatten_all()?,
-            );
-            // [1, 4A, H, W] -> [1, A, 4, H, W] -> [H, W, A, 4].
-            deltas.push(
-                self.bbox_pred
-                    .forward(&t)?
-                    .reshape((1, self.num_anchors, 4, h, w))?
-                    .permute((0, 3, 4, 1, 2))?
-                    .reshape((h * w * self.num_anchors, 4))?,
-            );
+            let (_, _, h, w) = feature.dims4()?;
+            let (l, d) = match &self.cpu_head {
+                Some(op) => {
+                    let out = feature.contiguous()?.apply_op1_no_bwd(op)?;
+                    let anchors = h * w * self.num_anchors;
+                    (
+                        out.narrow(0, 0, anchors)?,
+                        out.narrow(0, anchors, 4 * anchors)?.reshape((anchors, 4))?,
+                    )
+                }
+                None => self.tensor_head(feature)?,
+            };
+            logits.push(l);
+            deltas.push(d);
             grids.push((h, w));
         }
         // The top-n runs on the device for all levels at once (see `topk`); only the
@@ -171,5 +181,206 @@ impl Rpn {
                 .map(|&i| cand.boxes[i]),
         );
         Ok(())
+    }
+}
+
+impl Rpn {
+    /// One level's `[H·W·A]` logits and `[H·W·A, 4]` box deltas, in the anchors' order, as
+    /// tensor ops: what GPUs run, and the reference for [`HeadOp`].
+    fn tensor_head(&self, feature: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut t = feature.clone();
+        for conv in &self.convs {
+            t = conv.forward_relu(&t)?;
+        }
+        let (_, _, h, w) = t.dims4()?;
+        // [1, A, H, W] -> [H, W, A].
+        let logits = self
+            .cls_logits
+            .forward(&t)?
+            .permute((0, 2, 3, 1))?
+            .flatten_all()?;
+        // [1, 4A, H, W] -> [1, A, 4, H, W] -> [H, W, A, 4].
+        let deltas = self
+            .bbox_pred
+            .forward(&t)?
+            .reshape((1, self.num_anchors, 4, h, w))?
+            .permute((0, 3, 4, 1, 2))?
+            .reshape((h * w * self.num_anchors, 4))?;
+        Ok((logits, deltas))
+    }
+}
+
+/// One level's head on the CPU, [`Rpn::tensor_head`] in one op: the 3×3 conv(s) on host
+/// buffers, then `cls_logits` and `bbox_pred` as one product of their stacked weights, written
+/// straight into the anchors' order. Out comes one `[5·H·W·A]` tensor, the logits then the
+/// deltas. As tensor ops a level made two conv outputs and two permuted copies, about 40
+/// allocations; this makes a handful.
+#[derive(Debug, Clone)]
+struct HeadOp {
+    /// Each followed by its ReLU.
+    convs: Vec<FusedConv>,
+    /// `cls_logits`' `A` rows, then `bbox_pred`'s `4A`, over the head's channels.
+    predictors: Arc<PackedA>,
+    bias: Arc<Vec<f32>>,
+    num_anchors: usize,
+}
+
+impl HeadOp {
+    /// `None` on devices other than the CPU.
+    fn new(convs: &[Conv2d], cls_logits: &Conv2d, bbox_pred: &Conv2d) -> Option<Self> {
+        let convs = convs
+            .iter()
+            .map(|c| c.cpu_op(true))
+            .collect::<Option<Vec<_>>>()?;
+        let (cls, bbox) = (cls_logits.cpu_op(false)?, bbox_pred.cpu_op(false)?);
+        // 1×1 convs keep PyTorch's `[out, in]` layout (only 3×3 ones go to Winograd).
+        let (Method::Im2col(cw), Method::Im2col(bw)) = (&cls.method, &bbox.method) else {
+            return None;
+        };
+        let channels = cls.in_channels;
+        let rows = cls.out_channels + bbox.out_channels;
+        let mut predictors = PackedA::zeroed(1, rows, channels);
+        let at = predictors.packing();
+        let dst = predictors.as_mut_ptr();
+        for (i, &v) in cw.iter().chain(bw.iter()).enumerate() {
+            // SAFETY: `offset` of a row below `rows` and a column below `channels` lies inside
+            // the one packed matrix `zeroed` made.
+            unsafe { *dst.add(at.offset(0, i / channels, i % channels)) = v };
+        }
+        Some(Self {
+            convs,
+            predictors: Arc::new(predictors),
+            bias: Arc::new(cls.bias.iter().chain(bbox.bias.iter()).copied().collect()),
+            num_anchors: cls.out_channels,
+        })
+    }
+
+    /// Both predictors over the `[C, plane]` features `x`: `[plane·A]` logits then
+    /// `[plane·A, 4]` deltas.
+    fn predict(&self, x: &[f32], plane: usize) -> Vec<f32> {
+        let a = self.num_anchors;
+        let rows = 5 * a;
+        let mut out = vec![0f32; rows * plane];
+        if plane == 0 {
+            return out;
+        }
+        let (logits, deltas) = out.split_at_mut(a * plane);
+        // Runs of whole kernel panels, one per thread.
+        let columns = plane
+            .div_ceil(rayon::current_num_threads().max(1))
+            .next_multiple_of(sgemm::panel_width());
+        logits
+            .par_chunks_mut(columns * a)
+            .zip(deltas.par_chunks_mut(columns * 4 * a))
+            .enumerate()
+            .for_each(|(run, (logits, deltas))| {
+                let (p0, n) = (run * columns, logits.len() / a);
+                PRODUCT.with_borrow_mut(|product| {
+                    let y = scratch(product, rows * n);
+                    // SAFETY: `x` holds the matrix's `in_channels` rows of `plane` values, of
+                    // which columns p0..p0 + n exist; `y` holds `rows` rows of `n`; both are
+                    // this job's alone.
+                    unsafe {
+                        self.predictors.mul(
+                            0,
+                            x.as_ptr().add(p0),
+                            plane,
+                            n,
+                            y.as_mut_ptr(),
+                            n,
+                            false,
+                        )
+                    };
+                    for p in 0..n {
+                        for k in 0..a {
+                            logits[p * a + k] = y[k * n + p] + self.bias[k];
+                            for j in 0..4 {
+                                let row = a + 4 * k + j;
+                                deltas[(p * a + k) * 4 + j] = y[row * n + p] + self.bias[row];
+                            }
+                        }
+                    }
+                });
+            });
+        out
+    }
+}
+
+impl CustomOp1 for HeadOp {
+    fn name(&self) -> &'static str {
+        "rpn-head"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let (n, c, h, w) = l.shape().dims4()?;
+        let channels = self.convs.first().map_or(c, |conv| conv.in_channels);
+        if n != 1 || c != channels {
+            candle_core::bail!(
+                "rpn-head: input [{n}, {c}, {h}, {w}] is not one {channels}-channel map"
+            );
+        }
+        // The convs are 3×3 with padding 1: every map keeps the level's size.
+        let mut t: Option<Vec<f32>> = None;
+        for conv in &self.convs {
+            t = Some(
+                conv.run_values(t.as_deref().unwrap_or(x), (1, h, w), None)
+                    .0,
+            );
+        }
+        let out = self.predict(t.as_deref().unwrap_or(x), h * w);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_head_matches_the_tensor_ops() {
+        let weights = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tiny_r50/model.safetensors"
+        );
+        let model = crate::MaskRcnn::load(weights, |_| {}, &Device::Cpu).unwrap();
+        let rpn = &model.rpn;
+        let mut op = rpn.cpu_head.clone().expect("a CPU head on the CPU");
+        // The fixture's predictor biases are zero, as torchvision initialises them: give the op
+        // others and add them to the tensor ops' output below, so each must land on its row.
+        let a = rpn.num_anchors;
+        let bias: Vec<f32> = (0..5 * a).map(|r| 0.25 * r as f32 - 1.0).collect();
+        op.bias = Arc::new(bias.clone());
+        let channels = model.fpn.channels();
+        // Ragged sizes: columns that end mid-panel, a single pixel, more columns than one
+        // thread's run.
+        for (i, &(h, w)) in [(13, 11), (1, 1), (7, 40), (64, 70)].iter().enumerate() {
+            let mut rng = crate::test_rng::TestRng::new(i as u32);
+            let values: Vec<f32> = (0..channels * h * w)
+                .map(|_| rng.unit() * 2.0 - 1.0)
+                .collect();
+            let x = Tensor::from_vec(values, (1, channels, h, w), &Device::Cpu).unwrap();
+            let got: Vec<f32> = x.apply_op1_no_bwd(&op).unwrap().to_vec1().unwrap();
+            let (logits, deltas) = rpn.tensor_head(&x).unwrap();
+            let mut want: Vec<f32> = logits.to_vec1().unwrap();
+            want.iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v += bias[i % a]);
+            let deltas: Vec<f32> = deltas.flatten_all().unwrap().to_vec1().unwrap();
+            want.extend(
+                deltas
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| v + bias[a + i % (4 * a)]),
+            );
+            assert_eq!(got.len(), want.len(), "{h}×{w}");
+            for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                    "{h}×{w} value {j}: {g} vs {e}"
+                );
+            }
+        }
     }
 }
