@@ -1,10 +1,12 @@
 //! torchvision's `MultiScaleRoIAlign` (`ops/poolers.py`): each box is pooled from one FPN level
 //! chosen by the FPN paper's eq. 1 (`LevelMapper`), with scales inferred from feature sizes.
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Storage, Tensor};
+use rayon::prelude::*;
 
 use super::box_ops::{self, Box};
-use super::roi_align::RoiAlign;
+use super::conv::contiguous_f32;
+use super::roi_align::{ChannelsLast, RoiAlign};
 use crate::error::Result;
 
 /// `LevelMapper` defaults: canonical box size 224 maps to level 4.
@@ -46,6 +48,22 @@ impl MultiScaleRoIAlign {
                 device,
             )?);
         }
+        let (levels, ops) = self.plan(features, boxes, image_size)?;
+        if device.is_cpu() {
+            self.pool_on_host(features, boxes, &levels, &ops)
+        } else {
+            pool_per_level(features, boxes, &levels, &ops)
+        }
+    }
+
+    /// Each box's level (`LevelMapper`) and each level's RoIAlign.
+    fn plan(
+        &self,
+        features: &[Tensor],
+        boxes: &[Box],
+        image_size: (usize, usize),
+    ) -> Result<(Vec<usize>, Vec<RoiAlign>)> {
+        let s = self.output_size;
         // `_infer_scale`: 2^round(log2(feature height / image height)).
         let scale = |f: &Tensor| -> Result<f32> {
             let approx = f.dim(2)? as f32 / image_size.0 as f32;
@@ -58,40 +76,158 @@ impl MultiScaleRoIAlign {
             let level = (CANONICAL_LEVEL + (size / CANONICAL_SCALE).log2() + LEVEL_EPS).floor();
             (level.clamp(k_min, k_max) - k_min) as usize
         };
-        // Rows are pooled level by level; `inverse[i]` is the row box `i` lands in. Each level
-        // rereads the boxes rather than keeping per-level lists: one exact-size buffer per
-        // level, the one its tensor is made from.
-        let mut pooled = Vec::with_capacity(features.len());
-        let mut inverse = vec![0u32; boxes.len()];
-        let mut row = 0u32;
-        for (level, feature) in features.iter().enumerate() {
-            let members = boxes.iter().filter(|b| level_of(b) == level).count();
-            if members == 0 {
+        let levels: Vec<usize> = boxes.iter().map(level_of).collect();
+        if levels.iter().any(|&l| l >= features.len()) {
+            let msg = format!(
+                "roi pooling: feature sizes give levels beyond the {} maps",
+                features.len()
+            );
+            return Err(candle_core::Error::Msg(msg).into());
+        }
+        let ops = features
+            .iter()
+            .map(|feature| {
+                Ok(RoiAlign {
+                    output_size: (s, s),
+                    spatial_scale: scale(feature)?,
+                    sampling_ratio: self.sampling_ratio,
+                    aligned: false,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((levels, ops))
+    }
+
+    /// [`Self::forward`] on the CPU: each level copied channels last once, its boxes pooled
+    /// straight into their own rows of one output, so neither the per-level outputs nor their
+    /// concatenation and reordering (each a copy of the whole `[K, C, S, S]`) exist.
+    fn pool_on_host(
+        &self,
+        features: &[Tensor],
+        boxes: &[Box],
+        levels: &[usize],
+        ops: &[RoiAlign],
+    ) -> Result<Tensor> {
+        let (batch, channels, _, _) = features[0].dims4()?;
+        let s = self.output_size;
+        let per_roi = channels * s * s;
+        let len = boxes.len() * per_roi;
+        let mut out = Vec::<f32>::with_capacity(len);
+        for (level, (feature, op)) in features.iter().zip(ops).enumerate() {
+            if !levels.contains(&level) {
                 continue;
             }
-            let mut rois = Vec::with_capacity(members * 5);
-            for (i, b) in boxes
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| level_of(b) == level)
-            {
-                rois.extend_from_slice(&[0.0, b[0], b[1], b[2], b[3]]);
-                inverse[i] = row;
-                row += 1;
+            let (n, c, h, w) = feature.dims4()?;
+            if (n, c) != (batch, channels) {
+                let msg = format!(
+                    "roi pooling: level {level} is [{n}, {c}, {h}, {w}], level 0 has {batch} \
+                     maps of {channels} channels"
+                );
+                return Err(candle_core::Error::Msg(msg).into());
             }
-            // Boxes stay f32 on every device: f16 would move a box edge at x = 1000 by up to
-            // 0.25 px, a large part of a P5 bin.
-            let rois = Tensor::from_vec(rois, (members, 5), device)?;
-            let op = RoiAlign {
-                output_size: (s, s),
-                spatial_scale: scale(feature)?,
-                sampling_ratio: self.sampling_ratio,
-                aligned: false,
+            let map = {
+                let feature = feature.contiguous()?;
+                let (storage, layout) = feature.storage_and_layout();
+                let Storage::Cpu(values) = &*storage else {
+                    let msg = "roi pooling: every level must be on the CPU".to_string();
+                    return Err(candle_core::Error::Msg(msg).into());
+                };
+                let values = contiguous_f32(values, layout, "roi pooling")?;
+                ChannelsLast::new(values, (n, c), (h, w))
             };
-            pooled.push(op.apply(&feature.contiguous()?, &rois)?);
+            out.spare_capacity_mut()[..len]
+                .par_chunks_mut(per_roi.max(1))
+                .zip(boxes.par_iter().zip(levels))
+                .filter(|(_, (_, &l))| l == level)
+                .try_for_each(|(row, (b, _))| op.pool(&map, &[0.0, b[0], b[1], b[2], b[3]], row))?;
         }
-        let pooled = Tensor::cat(&pooled, 0)?;
-        let inverse = Tensor::from_vec(inverse, boxes.len(), device)?;
-        Ok(pooled.index_select(&inverse, 0)?)
+        // SAFETY: every box's level is below `features.len()` (checked by the caller), so the
+        // pass over its level pooled it, writing all `per_roi` values of its row.
+        unsafe { out.set_len(len) };
+        let shape = (boxes.len(), channels, s, s);
+        Ok(Tensor::from_vec(out, shape, features[0].device())?)
+    }
+}
+
+/// [`MultiScaleRoIAlign::forward`] as tensor ops, on every other device: the RoIAlign op per
+/// level, the levels' outputs concatenated, then rows put back in the order of `boxes`.
+fn pool_per_level(
+    features: &[Tensor],
+    boxes: &[Box],
+    levels: &[usize],
+    ops: &[RoiAlign],
+) -> Result<Tensor> {
+    let device = features[0].device();
+    // Rows are pooled level by level; `inverse[i]` is the row box `i` lands in. Each level
+    // rereads the boxes rather than keeping per-level lists: one exact-size buffer per
+    // level, the one its tensor is made from.
+    let mut pooled = Vec::with_capacity(features.len());
+    let mut inverse = vec![0u32; boxes.len()];
+    let mut row = 0u32;
+    for (level, feature) in features.iter().enumerate() {
+        let members = levels.iter().filter(|&&l| l == level).count();
+        if members == 0 {
+            continue;
+        }
+        let mut rois = Vec::with_capacity(members * 5);
+        for (i, b) in boxes
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| levels[i] == level)
+        {
+            rois.extend_from_slice(&[0.0, b[0], b[1], b[2], b[3]]);
+            inverse[i] = row;
+            row += 1;
+        }
+        // Boxes stay f32 on every device: f16 would move a box edge at x = 1000 by up to
+        // 0.25 px, a large part of a P5 bin.
+        let rois = Tensor::from_vec(rois, (members, 5), device)?;
+        pooled.push(ops[level].apply(&feature.contiguous()?, &rois)?);
+    }
+    let pooled = Tensor::cat(&pooled, 0)?;
+    let inverse = Tensor::from_vec(inverse, boxes.len(), device)?;
+    Ok(pooled.index_select(&inverse, 0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_pooler_matches_the_per_level_ops() {
+        // Four levels of an odd-sized 2-channel map, boxes of every size (so every level gets
+        // some, and rows come back from levels out of order), edges beyond the image.
+        let image = (61, 83);
+        let sizes = [(16, 21), (8, 11), (4, 6), (2, 3)];
+        let mut rng = crate::test_rng::TestRng::new(5);
+        let features: Vec<Tensor> = sizes
+            .iter()
+            .map(|&(h, w)| {
+                let values: Vec<f32> = (0..2 * h * w).map(|_| rng.unit() * 2.0 - 1.0).collect();
+                Tensor::from_vec(values, (1, 2, h, w), &Device::Cpu).unwrap()
+            })
+            .collect();
+        let boxes: Vec<Box> = (0..40)
+            .map(|i| {
+                let (x, y) = (rng.unit() * 90.0 - 5.0, rng.unit() * 70.0 - 5.0);
+                let side = [1.0, 10.0, 120.0, 300.0, 900.0][i % 5] * (0.5 + rng.unit());
+                [x, y, x + side, y + side * (0.5 + rng.unit())]
+            })
+            .collect();
+        let pooler = MultiScaleRoIAlign::new(7);
+        let got = pooler
+            .forward(&features, &boxes, image, &Device::Cpu)
+            .unwrap();
+        assert_eq!(got.dims(), [40, 2, 7, 7]);
+        let want = {
+            let (levels, ops) = pooler.plan(&features, &boxes, image).unwrap();
+            assert!((0..4).all(|l| levels.contains(&l)), "{levels:?}");
+            pool_per_level(&features, &boxes, &levels, &ops).unwrap()
+        };
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        assert_eq!(bits(&got), bits(&want));
     }
 }
