@@ -1,9 +1,11 @@
 //! The two parametrised blocks every stage is made of, loaded from torchvision key paths.
 //! BatchNorm never reaches the hot path: it is folded into the preceding conv at load time.
 
-use candle_core::{DType, Device, Shape, Tensor};
+use std::sync::Arc;
 
-use super::conv::FusedConv;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+
+use super::conv::{contiguous_f32, FusedConv};
 pub use super::gpu_conv::ConvGeometry;
 use super::gpu_conv::DeviceConv;
 
@@ -284,12 +286,18 @@ impl Conv2d {
     }
 }
 
-/// A fully connected layer, weight kept transposed (`[in, out]`) so the forward is one matmul.
+/// A fully connected layer. On the CPU it runs as [`LinearOp`]; elsewhere the weight is kept
+/// transposed (`[in, out]`) so the forward is one matmul.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight_t: Tensor,
-    bias: Tensor,
+    kernel: LinearKernel,
     out_features: usize,
+}
+
+#[derive(Debug, Clone)]
+enum LinearKernel {
+    Cpu(LinearOp),
+    Device { weight_t: Tensor, bias: Tensor },
 }
 
 impl Linear {
@@ -309,11 +317,27 @@ impl Linear {
         let weight = w.tensor(&wname, &[out, in_features])?;
         let bias = w.tensor(&format!("{prefix}.bias"), &[out])?;
         let dtype = layer_dtype(w, prefix, &[&weight, &bias], device);
+        let kernel = if device.is_cpu() {
+            let mut weight_t = Vec::with_capacity(weight.len());
+            for i in 0..in_features {
+                weight_t.extend((0..out).map(|o| weight[o * in_features + i]));
+            }
+            LinearKernel::Cpu(LinearOp {
+                weight_t: Arc::new(weight_t),
+                bias: Arc::new(bias),
+                in_features,
+                relu: false,
+            })
+        } else {
+            LinearKernel::Device {
+                weight_t: upload(weight, (out, in_features), dtype, device)?
+                    .t()?
+                    .contiguous()?,
+                bias: upload(bias, (1, out), dtype, device)?,
+            }
+        };
         Ok(Self {
-            weight_t: upload(weight, (out, in_features), dtype, device)?
-                .t()?
-                .contiguous()?,
-            bias: upload(bias, (1, out), dtype, device)?,
+            kernel,
             out_features: out,
         })
     }
@@ -322,13 +346,156 @@ impl Linear {
         self.out_features
     }
 
+    fn run(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        match &self.kernel {
+            LinearKernel::Cpu(op) => {
+                let op = LinearOp { relu, ..op.clone() };
+                Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
+            }
+            LinearKernel::Device { weight_t, bias } => {
+                // Casts are no-ops unless the layer was kept in f32 (see `layer_dtype`).
+                let y = x
+                    .to_dtype(weight_t.dtype())?
+                    .matmul(weight_t)?
+                    .broadcast_add(bias)?
+                    .to_dtype(x.dtype())?;
+                Ok(if relu { y.relu()? } else { y })
+            }
+        }
+    }
+
     /// `[N, in] -> [N, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Casts are no-ops unless the layer was kept in f32 (see `layer_dtype`).
-        let y = x
-            .to_dtype(self.weight_t.dtype())?
-            .matmul(&self.weight_t)?
-            .broadcast_add(&self.bias)?;
-        Ok(y.to_dtype(x.dtype())?)
+        self.run(x, false)
+    }
+
+    /// `relu(forward(x))`.
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, true)
+    }
+}
+
+/// A fully connected layer on the CPU in one op: the output starts as the bias rows, one
+/// `gemm` call adds the product to it, and the ReLU (if any) runs in place. As tensor ops the
+/// product, the bias sum and the ReLU were three tensors, each a pass over the output.
+#[derive(Debug, Clone)]
+struct LinearOp {
+    /// `[in, out]`, row-major: the layout the matmul it replaces read.
+    weight_t: Arc<Vec<f32>>,
+    bias: Arc<Vec<f32>>,
+    in_features: usize,
+    relu: bool,
+}
+
+impl CustomOp1 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let (rows, inputs) = l.shape().dims2()?;
+        if inputs != self.in_features {
+            candle_core::bail!(
+                "linear: input [{rows}, {inputs}], the layer takes {}",
+                self.in_features
+            );
+        }
+        let outputs = self.bias.len();
+        let mut out = Vec::with_capacity(rows * outputs);
+        for _ in 0..rows {
+            out.extend_from_slice(&self.bias);
+        }
+        let threads = rayon::current_num_threads();
+        // SAFETY: `x` holds `rows × in` values, `weight_t` `in × out` and `out` `rows × out`,
+        // each row-major as the strides say; `out` is this call's own.
+        unsafe {
+            gemm::gemm(
+                rows,
+                outputs,
+                inputs,
+                out.as_mut_ptr(),
+                1,
+                outputs as isize,
+                true,
+                x.as_ptr(),
+                1,
+                inputs as isize,
+                self.weight_t.as_ptr(),
+                1,
+                outputs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                if threads > 1 {
+                    gemm::Parallelism::Rayon(threads)
+                } else {
+                    gemm::Parallelism::None
+                },
+            )
+        };
+        if self.relu {
+            out.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows, outputs))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_linear_matches_matmul_plus_bias() {
+        // Ragged sizes, one row, and more rows than a thread's share.
+        for (i, &(rows, inputs, outputs)) in
+            [(1, 3, 5), (37, 19, 11), (300, 64, 33)].iter().enumerate()
+        {
+            let mut rng = crate::test_rng::TestRng::new(i as u32);
+            let mut values =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.unit() * 2.0 - 1.0).collect() };
+            let (x, weight_t, bias) = (
+                values(rows * inputs),
+                values(inputs * outputs),
+                values(outputs),
+            );
+            let cpu = Device::Cpu;
+            let x = Tensor::from_vec(x, (rows, inputs), &cpu).unwrap();
+            let want = x
+                .matmul(&Tensor::from_slice(&weight_t, (inputs, outputs), &cpu).unwrap())
+                .unwrap()
+                .broadcast_add(&Tensor::from_slice(&bias, (1, outputs), &cpu).unwrap())
+                .unwrap();
+            for relu in [false, true] {
+                let op = LinearOp {
+                    weight_t: Arc::new(weight_t.clone()),
+                    bias: Arc::new(bias.clone()),
+                    in_features: inputs,
+                    relu,
+                };
+                let got: Vec<f32> = x
+                    .apply_op1_no_bwd(&op)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let want = if relu {
+                    want.relu().unwrap()
+                } else {
+                    want.clone()
+                };
+                let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(got.len(), want.len());
+                for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                        "{rows}×{inputs}×{outputs} relu {relu} value {j}: {g} vs {e}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -107,7 +107,7 @@ impl BoxHead {
         }
         let mut x = x.flatten_from(1)?;
         for fc in &self.fcs {
-            x = fc.forward(&x)?.relu()?;
+            x = fc.forward_relu(&x)?;
         }
         Ok(x)
     }
