@@ -14,6 +14,9 @@ The header names the CPU and the SIMD flags its kernels can use.
 rounds of each round's ratio: on a machine whose speed drifts (shared, thermally throttled) the
 two sides of one ratio are then measured minutes apart at most.
 
+`--plot FILE` draws the picture at the end: one more `drape bench --plot FILE --beside ...` run,
+torchvision's per-stage medians over the rounds as a bar beside drape's on the same scale.
+
 `--synthetic PATH` first writes a random full-size ResNet-50-FPN (47 classes) to PATH with
 torchvision and benchmarks that. Needs torch, torchvision, safetensors, numpy and Pillow.
 """
@@ -23,6 +26,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import tempfile
 import time
 from collections import defaultdict
 
@@ -141,11 +145,11 @@ class StageClock:
         return ms
 
 
-def run_drape(args, weights):
+def run_drape(args, weights, extra=()):
     cmd = [args.drape, "bench", "--json", "--weights", weights, "--image", args.image,
            "--min-size", str(args.min_size), "--max-size", str(args.max_size),
            "--score-thresh", str(args.score_thresh), "--threads", str(args.threads),
-           "--iters", str(args.iters)]
+           "--iters", str(args.iters), *extra]
     report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     medians = {name: s["median_ms"] for name, s in report["stages"].items()}
     # torchvision pastes and encodes in one call; drape times paste and RLE apart.
@@ -188,6 +192,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=1, help="alternate drape and torchvision this often")
     ap.add_argument("--drape", default="target/release/drape")
     ap.add_argument("--json", help="also write the table's numbers here")
+    ap.add_argument("--plot", help="also draw drape's and torchvision's stage bars to this PNG")
     args = ap.parse_args()
 
     weights = args.weights
@@ -240,6 +245,15 @@ def main():
     # ru_maxrss is this process only (drape ran as a child): torchvision's own peak, in KiB.
     torch_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS: drape {drape['peak_rss_mb']:.0f} MiB, torchvision {torch_rss:.0f} MiB")
+    if args.plot:
+        # The plot's drape bar comes from one more run; torchvision's from the rounds above.
+        reference = {"name": "torchvision",
+                     "stages": {stage: med(t_rounds, stage) for stage in names}}
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+            json.dump(reference, f)
+            f.flush()
+            run_drape(args, weights, ["--plot", args.plot, "--beside", f.name])
+        print(f"plot: {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cpu": cpu, "simd": flags, "input_size": [w, h], "threads": args.threads,

@@ -380,6 +380,11 @@ struct BenchArgs {
     /// Also draw per-stage medians and the latency distribution (p50/p90/p99) to this PNG.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Draw another engine's per-stage medians beside drape's in the plot, from a JSON file
+    /// `{"name": "torchvision", "stages": {"backbone": 247.3, ...}}` (what
+    /// `calibration/compare_torchvision.py --plot` writes).
+    #[arg(long, requires = "plot", value_name = "JSON")]
+    beside: Option<PathBuf>,
     /// Wait for the device at every stage boundary, so per-stage times are exact on a GPU
     /// (each wait idles it; the CPU's times are the same either way).
     #[arg(long)]
@@ -547,6 +552,20 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }
+    // Read before the model loads and the runs start, so a bad file fails in a moment.
+    let beside: Option<drape::bench::plot::Reference> = match &args.beside {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --beside {}", path.display()))?;
+            Some(serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "--beside {}: expected {{\"name\": ..., \"stages\": {{stage: ms, ...}}}}",
+                    path.display()
+                )
+            })?)
+        }
+        None => None,
+    };
     let mut model_args = args.model;
     // Held until the model is loaded; the file is removed with it.
     let _synthetic = if args.random_r50 {
@@ -597,7 +616,7 @@ fn bench(args: BenchArgs, process_start: Instant) -> Result<()> {
     let a = model.architecture();
     if let Some(path) = &args.plot {
         let name = format!("{}, {} classes", a.backbone, a.num_classes);
-        drape::bench::plot::draw(&report, &name)
+        drape::bench::plot::draw(&report, &name, beside.as_ref())
             .save(path)
             .with_context(|| format!("writing the plot to {}", path.display()))?;
     }

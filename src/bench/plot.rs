@@ -1,9 +1,14 @@
 //! `drape bench --plot`: per-stage medians as one stacked bar and the end-to-end latency of
 //! every timed run as a histogram with p50, p90 and p99 marked, titled with the model, input
-//! size, device and the CPU's SIMD flags. Drawn with the eval sweep chart's primitives (the
-//! `image` crate and 8×8 glyphs), so no plotting stack is needed.
+//! size, device and the CPU's SIMD flags. With `--beside`, another engine's per-stage medians
+//! (torchvision's, from `calibration/compare_torchvision.py --plot`) stand as a second bar on
+//! the same scale. Drawn with the eval sweep chart's primitives (the `image` crate and 8×8
+//! glyphs), so no plotting stack is needed.
+
+use std::collections::BTreeMap;
 
 use image::{Rgb, RgbImage};
+use serde::Deserialize;
 
 use super::{percentile, BenchReport};
 use crate::eval::plot::{nice_ceiling, rect, BACKGROUND, GRID, INK};
@@ -14,10 +19,11 @@ const HEIGHT: u32 = 600;
 /// Plot area, top to bottom: three title lines, then both panels share these rows.
 const TOP: i64 = 90;
 const BOTTOM: i64 = 540;
-/// The stacked bar's column and the legend beside it.
-const BAR_LEFT: i64 = 90;
-const BAR_RIGHT: i64 = 170;
-const LEGEND_LEFT: i64 = 190;
+/// The stacked bars' columns (drape's, then the reference's) and the legend beside them.
+const BAR_LEFT: i64 = 80;
+const BAR_WIDTH: i64 = 70;
+const BAR_GAP: i64 = 15;
+const LEGEND_LEFT: i64 = BAR_LEFT + 2 * BAR_WIDTH + BAR_GAP + 20;
 /// The histogram's panel.
 const HIST_LEFT: i64 = 500;
 const HIST_RIGHT: i64 = 930;
@@ -33,8 +39,17 @@ const MARKERS: [(f64, [u8; 3]); 3] = [
     (99.0, [214, 39, 40]),
 ];
 
+/// Another engine's per-stage medians on the same input, drawn beside drape's: the JSON
+/// `{"name": "torchvision 0.29", "stages": {"backbone": 247.3, ...}}`, with stage names as
+/// [`crate::model::Timings`] has them; `total` is optional.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Reference {
+    pub name: String,
+    pub stages: BTreeMap<String, f64>,
+}
+
 /// `model` names the weights (e.g. "ResNet-50, 47 classes").
-pub fn draw(report: &BenchReport, model: &str) -> RgbImage {
+pub fn draw(report: &BenchReport, model: &str, beside: Option<&Reference>) -> RgbImage {
     let mut img = RgbImage::from_pixel(WIDTH, HEIGHT, Rgb(BACKGROUND));
     let [w, h] = report.input_size;
     let title = format!(
@@ -49,7 +64,7 @@ pub fn draw(report: &BenchReport, model: &str) -> RgbImage {
         report.cpu.gemm_kernel
     );
     text(&mut img, 20, 40, &simd, INK);
-    stages(&mut img, report);
+    stages(&mut img, report, beside);
     histogram(&mut img, &report.total_ms);
     img
 }
@@ -59,45 +74,82 @@ fn row(v: f64, max: f64) -> i64 {
     BOTTOM - (v / max * (BOTTOM - TOP) as f64).round() as i64
 }
 
-fn stages(img: &mut RgbImage, report: &BenchReport) {
-    // Every stage `Timings` names except the sum, in pipeline order; empty ones left out.
-    let parts: Vec<(&str, f64)> = crate::model::Timings::default()
+fn stages(img: &mut RgbImage, report: &BenchReport, beside: Option<&Reference>) {
+    // Every stage `Timings` names except the sum, in pipeline order; those empty on both sides
+    // left out.
+    let theirs = |name: &str| beside.and_then(|r| r.stages.get(name)).copied();
+    let parts: Vec<(&str, f64, Option<f64>)> = crate::model::Timings::default()
         .stages()
         .iter()
         .map(|(name, _)| *name)
         .filter(|&name| name != "total")
-        .filter_map(|name| Some((name, report.stages.get(name)?.median_ms)))
-        .filter(|(_, ms)| *ms > 0.0)
+        .map(|name| {
+            let ours = report.stages.get(name).map_or(0.0, |s| s.median_ms);
+            (name, ours, theirs(name))
+        })
+        .filter(|&(_, ours, theirs)| ours > 0.0 || theirs.is_some_and(|t| t > 0.0))
         .collect();
-    let sum: f64 = parts.iter().map(|(_, ms)| ms).sum();
-    let max = nice_ceiling(sum * 1.05);
-    axis(img, BAR_LEFT - 10, BAR_RIGHT + 10, max, "ms");
+    let sum: f64 = parts.iter().map(|p| p.1).sum();
+    let their_sum: f64 = parts.iter().filter_map(|p| p.2).sum();
+    let max = nice_ceiling(sum.max(their_sum) * 1.05);
+    let right = BAR_LEFT + BAR_WIDTH + beside.map_or(0, |_| BAR_GAP + BAR_WIDTH);
+    axis(img, BAR_LEFT - 10, right + 10, max, "ms");
     text(img, BAR_LEFT - 10, TOP - 28, "per-stage median", INK);
-    let mut below = 0.0;
-    for (i, (name, ms)) in parts.iter().enumerate() {
+    let (mut below, mut their_below) = (0.0, 0.0);
+    let their_left = BAR_LEFT + BAR_WIDTH + BAR_GAP;
+    for (i, &(name, ms, their_ms)) in parts.iter().enumerate() {
         let colour = STAGE_COLOURS[i % STAGE_COLOURS.len()];
         let (y0, y1) = (row(below, max), row(below + ms, max));
-        rect(img, (BAR_LEFT, y0), (BAR_RIGHT, y1.min(y0)), colour);
+        rect(
+            img,
+            (BAR_LEFT, y0),
+            (BAR_LEFT + BAR_WIDTH, y1.min(y0)),
+            colour,
+        );
         below += ms;
+        if let Some(t) = their_ms {
+            let (y0, y1) = (row(their_below, max), row(their_below + t, max));
+            rect(
+                img,
+                (their_left, y0),
+                (their_left + BAR_WIDTH, y1.min(y0)),
+                colour,
+            );
+            their_below += t;
+        }
         // Legend top to bottom in the bar's order bottom to top, so the two read alike.
         let ly = BOTTOM - 20 * (i as i64 + 1);
         rect(img, (LEGEND_LEFT, ly), (LEGEND_LEFT + 10, ly + 10), colour);
-        text(
-            img,
-            LEGEND_LEFT + 16,
-            ly + 1,
-            &format!("{name} {ms:.1} ms"),
-            INK,
-        );
+        let label = match (beside, their_ms) {
+            (None, _) => format!("{name} {ms:.1} ms"),
+            (Some(_), Some(t)) => format!("{name} {ms:.1} / {t:.1}"),
+            (Some(_), None) => format!("{name} {ms:.1} / -"),
+        };
+        text(img, LEGEND_LEFT + 16, ly + 1, &label, INK);
     }
     let total = report.stages.get("total").map_or(sum, |s| s.median_ms);
-    text(
-        img,
-        LEGEND_LEFT,
-        BOTTOM - 20 * (parts.len() as i64 + 1),
-        &format!("total {total:.1} ms"),
-        INK,
-    );
+    let summary = match beside {
+        None => format!("total {total:.1} ms"),
+        Some(r) => {
+            let t = r.stages.get("total").copied().unwrap_or(their_sum);
+            format!("total {total:.1} / {t:.1} ms")
+        }
+    };
+    let top = BOTTOM - 20 * (parts.len() as i64 + 1);
+    text(img, LEGEND_LEFT, top, &summary, INK);
+    if let Some(r) = beside {
+        // Which number is whose, and each bar's name under it (the second a row lower, as the
+        // names are wider than the bars).
+        text(
+            img,
+            LEGEND_LEFT,
+            top - 14,
+            &format!("drape / {}", r.name),
+            INK,
+        );
+        text(img, BAR_LEFT, BOTTOM + 8, "drape", INK);
+        text(img, their_left, BOTTOM + 22, &r.name, INK);
+    }
 }
 
 fn histogram(img: &mut RgbImage, totals: &[f64]) {
@@ -241,12 +293,12 @@ mod tests {
     fn stages_are_stacked_in_proportion_and_percentiles_are_marked() {
         // 20 runs, so p50, p90 and p99 are three different runs.
         let totals = (0..20).map(|i| 780.0 + 5.0 * i as f64).collect();
-        let img = draw(&report(totals), "test");
+        let img = draw(&report(totals), "test", None);
         assert_eq!((img.width(), img.height()), (WIDTH, HEIGHT));
         // Bar segments: backbone, fpn, mask_head in pipeline order (colours 0, 1, 2), each a
         // full-width block whose height is its share of the time (plus its legend square).
         let legend = 11 * 11;
-        let bar_width = (BAR_RIGHT - BAR_LEFT + 1) as usize;
+        let bar_width = (BAR_WIDTH + 1) as usize;
         let height = |c: usize| (count(&img, STAGE_COLOURS[c], true) - legend) / bar_width;
         let (backbone, fpn, mask) = (height(0), height(1), height(2));
         assert!(fpn > 0, "fpn segment missing");
@@ -268,7 +320,54 @@ mod tests {
 
     #[test]
     fn a_single_run_still_draws() {
-        let img = draw(&report(vec![800.0]), "test");
+        let img = draw(&report(vec![800.0]), "test", None);
         assert!(count(&img, HIST_COLOUR, false) > 100);
+    }
+
+    #[test]
+    fn a_reference_stands_beside_on_the_same_scale() {
+        // torchvision twice as slow in the backbone, with an RPN that drape's report lacks.
+        let beside = Reference {
+            name: "torchvision".into(),
+            stages: [("backbone", 600.0), ("fpn", 100.0), ("rpn", 50.0)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        };
+        let img = draw(&report(vec![800.0]), "test", Some(&beside));
+        // Column height of `colour` at `x`.
+        let column = |x: i64, colour: [u8; 3]| {
+            (TOP..=BOTTOM)
+                .filter(|&y| img.get_pixel(x as u32, y as u32).0 == colour)
+                .count()
+        };
+        let (ours, theirs) = (BAR_LEFT + BAR_WIDTH / 2, BAR_LEFT + BAR_WIDTH + BAR_GAP + 5);
+        // Stages in pipeline order: backbone, fpn, rpn, mask_head (colours 0..3).
+        let backbone = (
+            column(ours, STAGE_COLOURS[0]),
+            column(theirs, STAGE_COLOURS[0]),
+        );
+        let fpn = (
+            column(ours, STAGE_COLOURS[1]),
+            column(theirs, STAGE_COLOURS[1]),
+        );
+        let rpn = (
+            column(ours, STAGE_COLOURS[2]),
+            column(theirs, STAGE_COLOURS[2]),
+        );
+        let mask = (
+            column(ours, STAGE_COLOURS[3]),
+            column(theirs, STAGE_COLOURS[3]),
+        );
+        assert!(fpn.0 > 0 && fpn.0.abs_diff(fpn.1) <= 1, "{fpn:?}");
+        assert!(
+            (backbone.1 as f64 / backbone.0 as f64 - 2.0).abs() < 0.05,
+            "{backbone:?}"
+        );
+        assert!(
+            rpn.0 == 0 && rpn.1.abs_diff(fpn.1 / 2) <= 2,
+            "{rpn:?} {fpn:?}"
+        );
+        assert!(mask.0 > 0 && mask.1 == 0, "{mask:?}");
     }
 }
