@@ -182,9 +182,7 @@ impl Rpn {
         );
         Ok(())
     }
-}
 
-impl Rpn {
     /// One level's `[H·W·A]` logits and `[H·W·A, 4]` box deltas, in the anchors' order, as
     /// tensor ops: what GPUs run, and the reference for [`HeadOp`].
     fn tensor_head(&self, feature: &Tensor) -> Result<(Tensor, Tensor)> {
