@@ -256,7 +256,19 @@ kernel!(neon, Neon, 6, 4);
 #[cfg(not(target_arch = "aarch64"))]
 kernel!(plain, Plain, 4, 8);
 
-/// Every kernel this CPU can run, fastest first.
+/// Every kernel this CPU can run, fastest first: on aarch64 NEON, which every such CPU has.
+#[cfg(target_arch = "aarch64")]
+fn supported() -> Vec<Kernel> {
+    vec![Kernel {
+        mr: 6,
+        nr: 16,
+        run: neon,
+        name: "neon",
+    }]
+}
+
+/// Every kernel this CPU can run, fastest first: the vector ones it has, then plain scalars.
+#[cfg(not(target_arch = "aarch64"))]
 fn supported() -> Vec<Kernel> {
     let mut kernels = Vec::new();
     #[cfg(target_arch = "x86_64")]
@@ -279,14 +291,6 @@ fn supported() -> Vec<Kernel> {
             });
         }
     }
-    #[cfg(target_arch = "aarch64")]
-    kernels.push(Kernel {
-        mr: 6,
-        nr: 16,
-        run: neon,
-        name: "neon",
-    });
-    #[cfg(not(target_arch = "aarch64"))]
     kernels.push(Kernel {
         mr: 4,
         nr: 8,
