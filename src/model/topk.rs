@@ -13,9 +13,9 @@
 //! Ties at the threshold are broken by the lowest index, which is also what the sort gives
 //! among equal values, so the result is deterministic on every device.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
 
+use super::conv::contiguous_f32;
 use crate::error::Result;
 
 /// The key's digits, most significant first: (shift, bits). The bins of the widest digit are
@@ -76,19 +76,19 @@ pub fn top_n_levels(levels: &[Tensor], n: usize) -> Result<Vec<TopN>> {
     let Some(first) = levels.first() else {
         return Ok(Vec::new());
     };
+    let levels = levels
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
     match first.device() {
         // The passes read the levels in place. Each counts as the read a GPU makes for it, so
         // the CPU pins the GPU's count (see `crate::device::count_read`).
         Device::Cpu => {
-            let levels = levels
-                .iter()
-                .map(|t| t.contiguous())
-                .collect::<candle_core::Result<Vec<_>>>()?;
             let guards: Vec<_> = levels.iter().map(|t| t.storage_and_layout()).collect();
             let values = guards
                 .iter()
                 .map(|(s, l)| match &**s {
-                    Storage::Cpu(s) => cpu_values(s, l, "top_n"),
+                    Storage::Cpu(s) => contiguous_f32(s, l, "top_n"),
                     _ => candle_core::bail!("top_n: every level must be on one device"),
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
@@ -113,18 +113,12 @@ pub fn top_n_levels(levels: &[Tensor], n: usize) -> Result<Vec<TopN>> {
                 .collect();
             top_n_host(&values, n, || {})
         }
-        _ => {
-            let levels = levels
-                .iter()
-                .map(|t| t.contiguous())
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            select_levels(
-                &lens,
-                n,
-                |ops| run_pass(&levels, ops),
-                |ops| run_pass(&levels, ops),
-            )
-        }
+        _ => select_levels(
+            &lens,
+            n,
+            |ops| run_pass(&levels, ops),
+            |ops| run_pass(&levels, ops),
+        ),
     }
 }
 
@@ -382,23 +376,13 @@ impl Collect {
     }
 }
 
-fn cpu_values<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{op}: values must be f32 on the CPU, got {:?}", s.dtype());
-    };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => candle_core::bail!("{op}: values must be contiguous"),
-    }
-}
-
 impl CustomOp1 for Histogram {
     fn name(&self) -> &'static str {
         "topk_histogram"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let hist = self.count(cpu_values(s, l, self.name())?);
+        let hist = self.count(contiguous_f32(s, l, self.name())?);
         let bins = hist.len();
         Ok((CpuStorage::U32(hist), Shape::from(bins)))
     }
@@ -422,7 +406,7 @@ impl CustomOp1 for Collect {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = self.gather(cpu_values(s, l, self.name())?);
+        let out = self.gather(contiguous_f32(s, l, self.name())?);
         let len = out.len();
         Ok((CpuStorage::U32(out), Shape::from(len)))
     }
