@@ -16,8 +16,8 @@ use crate::overlay::glyphs as text;
 
 const WIDTH: u32 = 960;
 const HEIGHT: u32 = 600;
-/// Plot area, top to bottom: three title lines, then both panels share these rows.
-const TOP: i64 = 90;
+/// Plot area, top to bottom: three or four title lines, then both panels share these rows.
+const TOP: i64 = 100;
 const BOTTOM: i64 = 540;
 /// The stacked bars' columns (drape's, then the reference's) and the legend beside them.
 const BAR_LEFT: i64 = 80;
@@ -29,6 +29,8 @@ const HIST_LEFT: i64 = 500;
 const HIST_RIGHT: i64 = 930;
 const HIST_BINS: usize = 12;
 const TICKS: usize = 5;
+/// 8-pixel glyphs that fit between the 20-pixel margins.
+const LINE_CHARS: usize = (WIDTH as usize - 40) / 8;
 /// One colour per stage, in pipeline order: matplotlib's tab10, the overlay's first ten.
 const STAGE_COLOURS: &[[u8; 3]] = crate::overlay::PALETTE.split_at(10).0;
 const HIST_COLOUR: [u8; 3] = [120, 160, 200];
@@ -63,10 +65,28 @@ pub fn draw(report: &BenchReport, model: &str, beside: Option<&Reference>) -> Rg
         report.cpu.simd.join(" "),
         report.cpu.gemm_kernel
     );
-    text(&mut img, 20, 40, &simd, INK);
+    // An AVX-512 machine lists a dozen flags, more than one line holds.
+    for (i, line) in wrap(&simd, LINE_CHARS).iter().take(2).enumerate() {
+        text(&mut img, 20, 40 + 14 * i as i64, line, INK);
+    }
     stages(&mut img, report, beside);
     histogram(&mut img, &report.total_ms);
     img
+}
+
+/// `s` broken at spaces into lines of at most `max` characters (a longer word stands alone).
+fn wrap(s: &str, max: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for word in s.split_whitespace() {
+        match lines.last_mut() {
+            Some(line) if line.len() + 1 + word.len() <= max => {
+                line.push(' ');
+                line.push_str(word);
+            }
+            _ => lines.push(word.to_string()),
+        }
+    }
+    lines
 }
 
 /// Maps `v` in `[0, max]` onto the rows `BOTTOM..TOP`.
@@ -95,27 +115,19 @@ fn stages(img: &mut RgbImage, report: &BenchReport, beside: Option<&Reference>) 
     let right = BAR_LEFT + BAR_WIDTH + beside.map_or(0, |_| BAR_GAP + BAR_WIDTH);
     axis(img, BAR_LEFT - 10, right + 10, max, "ms");
     text(img, BAR_LEFT - 10, TOP - 28, "per-stage median", INK);
+    // One stage's segment of a stacked bar whose left edge is `left`, on the `ms` below it.
+    let segment = |img: &mut RgbImage, left: i64, below: &mut f64, ms: f64, colour| {
+        let (y0, y1) = (row(*below, max), row(*below + ms, max));
+        rect(img, (left, y0), (left + BAR_WIDTH, y1.min(y0)), colour);
+        *below += ms;
+    };
     let (mut below, mut their_below) = (0.0, 0.0);
     let their_left = BAR_LEFT + BAR_WIDTH + BAR_GAP;
     for (i, &(name, ms, their_ms)) in parts.iter().enumerate() {
         let colour = STAGE_COLOURS[i % STAGE_COLOURS.len()];
-        let (y0, y1) = (row(below, max), row(below + ms, max));
-        rect(
-            img,
-            (BAR_LEFT, y0),
-            (BAR_LEFT + BAR_WIDTH, y1.min(y0)),
-            colour,
-        );
-        below += ms;
+        segment(img, BAR_LEFT, &mut below, ms, colour);
         if let Some(t) = their_ms {
-            let (y0, y1) = (row(their_below, max), row(their_below + t, max));
-            rect(
-                img,
-                (their_left, y0),
-                (their_left + BAR_WIDTH, y1.min(y0)),
-                colour,
-            );
-            their_below += t;
+            segment(img, their_left, &mut their_below, t, colour);
         }
         // Legend top to bottom in the bar's order bottom to top, so the two read alike.
         let ly = BOTTOM - 20 * (i as i64 + 1);
@@ -316,6 +328,26 @@ mod tests {
         for (p, colour) in MARKERS {
             assert!(count(&img, colour, false) >= full_height, "p{p} marker");
         }
+    }
+
+    #[test]
+    fn a_long_flag_list_wraps_inside_the_image() {
+        let flags = "sse4_2 avx avx2 fma f16c avx512f avx512bw avx512dq avx512vl avx512_vnni \
+                     avx512_bf16 avx512_fp16 amx_tile";
+        let simd = format!("SIMD: {flags} (Winograd GEMM: avx512)");
+        let lines = wrap(&simd, LINE_CHARS);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines.iter().all(|l| l.len() <= LINE_CHARS), "{lines:?}");
+        assert_eq!(lines.join(" "), simd);
+        // Drawn, nothing lands in the right margin.
+        let mut r = report(vec![800.0]);
+        r.cpu.simd = flags.split_whitespace().map(String::from).collect();
+        r.cpu.gemm_kernel = "avx512".into();
+        let img = draw(&r, "test", None);
+        let margin = (WIDTH - 20..WIDTH).flat_map(|x| (0..TOP as u32).map(move |y| (x, y)));
+        assert!(margin
+            .into_iter()
+            .all(|(x, y)| img.get_pixel(x, y).0 != INK));
     }
 
     #[test]
