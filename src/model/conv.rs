@@ -326,14 +326,23 @@ impl FusedConv {
                             );
                             dst[hi..].fill(0.0);
                         } else {
-                            for (ox, d) in dst.iter_mut().enumerate() {
-                                let ix = (ox * s) as isize - p + kx as isize;
-                                *d = if ix >= 0 && ix < w as isize {
-                                    line[ix as usize]
-                                } else {
-                                    0.0
-                                };
+                            // ix = ox·s - p + kx: in the image for ox in lo..hi, zero outside.
+                            let shift = kx as isize - p;
+                            let lo = ((-shift).max(0) as usize).div_ceil(s).min(ow);
+                            let hi = ((w as isize - shift).max(0) as usize)
+                                .div_ceil(s)
+                                .clamp(lo, ow);
+                            dst[..lo].fill(0.0);
+                            if hi > lo {
+                                let first = (lo * s) as isize + shift;
+                                for (d, &v) in dst[lo..hi]
+                                    .iter_mut()
+                                    .zip(line[first as usize..].iter().step_by(s))
+                                {
+                                    *d = v;
+                                }
                             }
+                            dst[hi..].fill(0.0);
                         }
                     }
                 }
@@ -433,6 +442,50 @@ mod tests {
     fn noise(n: usize, seed: u32) -> Vec<f32> {
         let mut rng = crate::test_rng::TestRng::new(seed);
         (0..n).map(|_| rng.unit() * 2.0 - 1.0).collect()
+    }
+
+    /// im2col against the convolution's definition, summed in f64, for the strides, kernels and
+    /// paddings the model has, on maps smaller than the kernel, odd and even.
+    #[test]
+    fn im2col_matches_the_direct_sum_at_every_stride() {
+        for (case, &(k, stride, pad)) in [(7, 2, 3), (3, 2, 1), (1, 2, 0), (3, 1, 1), (1, 1, 0)]
+            .iter()
+            .enumerate()
+        {
+            for &(h, w) in &[(1, 1), (2, 3), (9, 7), (16, 11)] {
+                let (cin, cout) = (3, 5);
+                let seed = 100 * case as u32 + (h * w) as u32;
+                let weight = noise(cout * cin * k * k, seed);
+                let bias = noise(cout, seed + 1);
+                let input = noise(cin * h * w, seed + 2);
+                let conv = FusedConv {
+                    method: Method::Im2col(Arc::new(weight.clone())),
+                    ..FusedConv::new(weight.clone(), bias.clone(), cin, cout, (k, stride, pad))
+                };
+                let (got, (oh, ow)) = conv.run_values(&input, (1, h, w), None);
+                for (o, oy, ox) in (0..cout)
+                    .flat_map(|o| (0..oh).flat_map(move |oy| (0..ow).map(move |ox| (o, oy, ox))))
+                {
+                    let mut want = f64::from(bias[o]);
+                    for (c, ky, kx) in (0..cin)
+                        .flat_map(|c| (0..k).flat_map(move |ky| (0..k).map(move |kx| (c, ky, kx))))
+                    {
+                        let iy = (oy * stride + ky) as isize - pad as isize;
+                        let ix = (ox * stride + kx) as isize - pad as isize;
+                        if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
+                            let x = input[(c * h + iy as usize) * w + ix as usize];
+                            want +=
+                                f64::from(weight[((o * cin + c) * k + ky) * k + kx]) * f64::from(x);
+                        }
+                    }
+                    let g = got[(o * oh + oy) * ow + ox];
+                    assert!(
+                        (f64::from(g) - want).abs() < 1e-5,
+                        "k{k} s{stride} p{pad} {h}×{w} ({o}, {oy}, {ox}): {g} vs {want}"
+                    );
+                }
+            }
+        }
     }
 
     /// Winograd against im2col (the direct sum) on shapes that exercise partial tiles on both
