@@ -86,20 +86,24 @@ impl Transform {
         let (rh, rw) = Self::resized_size((height, width), sizes);
         let (ph, pw) = Self::padded_size((rh, rw));
         scratch.plane.resize(height * width, 0.0);
-        out.clear();
+        // Only grows: the resize writes every value but the padding, which is zeroed below.
         out.resize(3 * ph * pw, 0.0);
-        for c in 0..3 {
+        for (c, dst) in out[..3 * ph * pw].chunks_exact_mut(ph * pw).enumerate() {
             for (p, px) in scratch.plane.iter_mut().zip(rgb.chunks_exact(3)) {
                 *p = (px[c] as f32 / 255.0 - self.mean[c]) / self.std[c];
             }
             resize_bilinear(
                 &scratch.plane,
                 (height, width),
-                &mut out[c * ph * pw..(c + 1) * ph * pw],
+                dst,
                 pw,
                 (rh, rw),
-                &mut scratch.cols,
+                &mut scratch.rows,
             );
+            for row in dst[..rh * pw].chunks_exact_mut(pw) {
+                row[rw..].fill(0.0);
+            }
+            dst[rh * pw..].fill(0.0);
         }
         Ok(Geometry {
             image_size: (rh, rw),
@@ -131,28 +135,61 @@ impl Transform {
 #[derive(Debug, Default)]
 pub struct ResizeScratch {
     plane: Vec<f32>,
+    rows: RowCache,
+}
+
+/// Source rows already interpolated along x, the last two a resize used: upsampling reads each
+/// source row for about two output rows, and an output row is a blend of two such rows.
+#[derive(Debug, Default)]
+pub(crate) struct RowCache {
     cols: Vec<LinearTap>,
+    lines: [Vec<f32>; 2],
+    /// The source row each line holds.
+    held: [Option<usize>; 2],
+}
+
+impl RowCache {
+    /// The line holding source row `y` of `src` (rows `sw` apart), interpolating it into the
+    /// line that does not hold `keep` if no line holds it yet.
+    fn line(&mut self, src: &[f32], sw: usize, y: usize, keep: usize) -> usize {
+        if let Some(i) = self.held.iter().position(|&h| h == Some(y)) {
+            return i;
+        }
+        let i = usize::from(self.held[0] == Some(keep));
+        let row = &src[y * sw..][..sw];
+        for (o, t) in self.lines[i].iter_mut().zip(&self.cols) {
+            let (w1, w0) = (t.l1, 1.0 - t.l1);
+            *o = w0 * row[t.i0] + w1 * row[t.i1];
+        }
+        self.held[i] = Some(y);
+        i
+    }
 }
 
 /// Bilinear resize of a row-major `src` plane into the top-left `dst_size` corner of `dst`,
-/// whose rows are `dst_stride` apart, with torch's weights and evaluation order.
+/// whose rows are `dst_stride` apart, with torch's weights and evaluation order: each output is
+/// `h0·(w0·a + w1·b) + h1·(w0·c + w1·d)`, the x-interpolated source rows computed once each.
 pub(crate) fn resize_bilinear(
     src: &[f32],
     (sh, sw): (usize, usize),
     dst: &mut [f32],
     dst_stride: usize,
     (dh, dw): (usize, usize),
-    cols: &mut Vec<LinearTap>,
+    rows: &mut RowCache,
 ) {
-    cols.clear();
-    cols.extend(linear_taps(sw, dw));
-    for (y, row_tap) in linear_taps(sh, dh).enumerate() {
-        let r0 = &src[row_tap.i0 * sw..][..sw];
-        let r1 = &src[row_tap.i1 * sw..][..sw];
-        let (h1, h0) = (row_tap.l1, 1.0 - row_tap.l1);
-        for (o, t) in dst[y * dst_stride..][..dw].iter_mut().zip(cols.iter()) {
-            let (w1, w0) = (t.l1, 1.0 - t.l1);
-            *o = h0 * (w0 * r0[t.i0] + w1 * r0[t.i1]) + h1 * (w0 * r1[t.i0] + w1 * r1[t.i1]);
+    rows.cols.clear();
+    rows.cols.extend(linear_taps(sw, dw));
+    for line in &mut rows.lines {
+        line.resize(dw, 0.0);
+    }
+    rows.held = [None; 2];
+    for (y, t) in linear_taps(sh, dh).enumerate() {
+        let i0 = rows.line(src, sw, t.i0, t.i1);
+        let i1 = rows.line(src, sw, t.i1, t.i0);
+        let (h1, h0) = (t.l1, 1.0 - t.l1);
+        let (a, b) = (&rows.lines[i0][..dw], &rows.lines[i1][..dw]);
+        for ((o, a), b) in dst[y * dst_stride..][..dw].iter_mut().zip(a).zip(b) {
+            *o = h0 * a + h1 * b;
         }
     }
 }
@@ -174,15 +211,94 @@ mod tests {
         );
     }
 
+    /// The resize is torch's formula, value for value, whether it shrinks, grows or keeps
+    /// each axis.
+    #[test]
+    fn resize_matches_the_direct_formula_bit_for_bit() {
+        let mut rng = crate::test_rng::TestRng::new(7);
+        let mut rows = RowCache::default();
+        for &((sh, sw), (dh, dw)) in &[
+            ((5, 7), (13, 11)),
+            ((13, 11), (5, 7)),
+            ((9, 9), (9, 20)),
+            ((1, 6), (4, 3)),
+            ((6, 1), (2, 5)),
+        ] {
+            let src: Vec<f32> = (0..sh * sw).map(|_| rng.unit() * 4.0 - 2.0).collect();
+            let stride = dw + 2;
+            let mut got = vec![f32::NAN; dh * stride];
+            resize_bilinear(&src, (sh, sw), &mut got, stride, (dh, dw), &mut rows);
+            let cols: Vec<LinearTap> = linear_taps(sw, dw).collect();
+            for (y, r) in linear_taps(sh, dh).enumerate() {
+                let (r0, r1) = (&src[r.i0 * sw..][..sw], &src[r.i1 * sw..][..sw]);
+                let (h1, h0) = (r.l1, 1.0 - r.l1);
+                for (x, t) in cols.iter().enumerate() {
+                    let (w1, w0) = (t.l1, 1.0 - t.l1);
+                    let want =
+                        h0 * (w0 * r0[t.i0] + w1 * r0[t.i1]) + h1 * (w0 * r1[t.i0] + w1 * r1[t.i1]);
+                    let g = got[y * stride + x];
+                    assert_eq!(
+                        g.to_bits(),
+                        want.to_bits(),
+                        "{sh}x{sw}->{dh}x{dw} ({y}, {x})"
+                    );
+                }
+                assert!(got[y * stride + dw..][..2].iter().all(|v| v.is_nan()));
+            }
+        }
+    }
+
+    /// A buffer that held a larger frame gives the same input as a fresh one: the padding is
+    /// zeroed, not left over.
+    #[test]
+    fn a_reused_buffer_is_padded_with_zeros() {
+        let t = Transform {
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        };
+        let mut rng = crate::test_rng::TestRng::new(3);
+        let mut image = |h: usize, w: usize| -> Vec<u8> {
+            (0..h * w * 3).map(|_| (rng.unit() * 255.0) as u8).collect()
+        };
+        let (big, small) = (image(64, 96), image(40, 50));
+        let (mut scratch, mut out) = (ResizeScratch::default(), Vec::new());
+        t.apply_into(&big, (64, 96), (64, 96), &mut scratch, &mut out)
+            .unwrap();
+        let g = t
+            .apply_into(&small, (40, 50), (45, 70), &mut scratch, &mut out)
+            .unwrap();
+        let mut fresh = Vec::new();
+        let want = t
+            .apply_into(
+                &small,
+                (40, 50),
+                (45, 70),
+                &mut ResizeScratch::default(),
+                &mut fresh,
+            )
+            .unwrap();
+        assert_eq!(g, want);
+        let len = 3 * g.padded.0 * g.padded.1;
+        assert!(g.image_size != g.padded, "the case must have padding");
+        assert_eq!(&out[..len], &fresh[..]);
+    }
+
     #[test]
     fn resize_is_identity_at_same_size_and_exact_on_ramps() {
         let src: Vec<f32> = (0..12).map(|v| v as f32).collect();
         let mut dst = vec![0f32; 12];
-        resize_bilinear(&src, (3, 4), &mut dst, 4, (3, 4), &mut Vec::new());
+        resize_bilinear(&src, (3, 4), &mut dst, 4, (3, 4), &mut RowCache::default());
         assert_eq!(dst, src);
         // Upsampling a 1×2 row [0, 1] to 1×4: sources -0.25→0, 0.25, 0.75, 1.25→clamped.
         let mut up = vec![0f32; 4];
-        resize_bilinear(&[0.0, 1.0], (1, 2), &mut up, 4, (1, 4), &mut Vec::new());
+        resize_bilinear(
+            &[0.0, 1.0],
+            (1, 2),
+            &mut up,
+            4,
+            (1, 4),
+            &mut RowCache::default(),
+        );
         assert_eq!(up, vec![0.0, 0.25, 0.75, 1.0]);
     }
 }
