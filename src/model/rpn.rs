@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::anchors::LevelAnchors;
@@ -14,7 +14,7 @@ use super::conv::{contiguous_f32, scratch, FusedConv, Method};
 use super::layers::{Conv2d, ConvSpec};
 use super::sgemm::{self, PackedA};
 use super::sigmoid;
-use super::topk::top_n_levels;
+use super::topk::{top_n_levels, top_n_slices, TopN};
 use crate::config::{Config, RPN_MIN_SIZE};
 use crate::error::Result;
 use crate::weights::Weights;
@@ -108,52 +108,9 @@ impl Rpn {
         out: &mut Vec<Box>,
     ) -> Result<()> {
         cand.clear();
-        // Every level's head is enqueued before anything is read back, so the device runs
-        // them back to back instead of idling while the host waits for each level's top-n.
-        let mut logits = Vec::with_capacity(features.len());
-        let mut deltas = Vec::with_capacity(features.len());
-        let mut grids = Vec::with_capacity(features.len());
-        for feature in features {
-            let (_, _, h, w) = feature.dims4()?;
-            let (l, d) = match &self.cpu_head {
-                Some(op) => {
-                    let out = feature.contiguous()?.apply_op1_no_bwd(op)?;
-                    let anchors = h * w * self.num_anchors;
-                    (
-                        out.narrow(0, 0, anchors)?,
-                        out.narrow(0, anchors, 4 * anchors)?.reshape((anchors, 4))?,
-                    )
-                }
-                None => self.tensor_head(feature)?,
-            };
-            logits.push(l);
-            deltas.push(d);
-            grids.push((h, w));
-        }
-        // The top-n runs on the device for all levels at once (see `topk`); only the
-        // winners' logits and box deltas come to the host, where decoding and NMS run in f32
-        // (the deltas are f16 on GPUs until here).
-        let tops = top_n_levels(&logits, self.pre_nms_top_n)?;
-        // One gather and one read of every level's winners' deltas: indices into the levels'
-        // deltas stacked as [sum of H*W*A, 4].
-        let mut winners = Vec::with_capacity(tops.iter().map(|t| t.indices.len()).sum());
-        let mut offset = 0u32;
-        for (top, d) in tops.iter().zip(&deltas) {
-            winners.extend(top.indices.iter().map(|&i| offset + i));
-            offset += d.dim(0)? as u32;
-        }
-        let winner_deltas: Vec<f32> = if winners.is_empty() {
-            Vec::new()
-        } else {
-            let device = features[0].device();
-            let n = winners.len();
-            let winners = Tensor::from_vec(winners, n, device)?;
-            crate::device::read_vec1(
-                &Tensor::cat(&deltas, 0)?
-                    .index_select(&winners, 0)?
-                    .flatten_all()?
-                    .to_dtype(DType::F32)?,
-            )?
+        let (tops, grids, winner_deltas) = match &self.cpu_head {
+            Some(op) => self.winners_on_host(op, features)?,
+            None => self.winners_on_device(features)?,
         };
         let mut level_deltas = winner_deltas.chunks_exact(4);
         for (level, (top, &grid)) in tops.iter().zip(&grids).enumerate() {
@@ -183,6 +140,93 @@ impl Rpn {
         Ok(())
     }
 
+    /// Every level's pre-NMS winners (top-n objectness logits), each level's `(H, W)`, and the
+    /// winners' box deltas, level after level, four values each, as GPUs compute them: every
+    /// level's head is enqueued before anything is read back, so the device runs them back to
+    /// back instead of idling while the host waits for each level's top-n.
+    fn winners_on_device(&self, features: &[Tensor]) -> Result<Winners> {
+        let mut logits = Vec::with_capacity(features.len());
+        let mut deltas = Vec::with_capacity(features.len());
+        let mut grids = Vec::with_capacity(features.len());
+        for feature in features {
+            let (_, _, h, w) = feature.dims4()?;
+            let (l, d) = self.tensor_head(feature)?;
+            logits.push(l);
+            deltas.push(d);
+            grids.push((h, w));
+        }
+        // The top-n runs on the device for all levels at once (see `topk`); only the
+        // winners' logits and box deltas come to the host, where decoding and NMS run in f32
+        // (the deltas are f16 on GPUs until here).
+        let tops = top_n_levels(&logits, self.pre_nms_top_n)?;
+        // One gather and one read of every level's winners' deltas: indices into the levels'
+        // deltas stacked as [sum of H*W*A, 4].
+        let mut winners = Vec::with_capacity(tops.iter().map(|t| t.indices.len()).sum());
+        let mut offset = 0u32;
+        for (top, d) in tops.iter().zip(&deltas) {
+            winners.extend(top.indices.iter().map(|&i| offset + i));
+            offset += d.dim(0)? as u32;
+        }
+        let winner_deltas: Vec<f32> = if winners.is_empty() {
+            Vec::new()
+        } else {
+            let device = features[0].device();
+            let n = winners.len();
+            let winners = Tensor::from_vec(winners, n, device)?;
+            crate::device::read_vec1(
+                &Tensor::cat(&deltas, 0)?
+                    .index_select(&winners, 0)?
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?,
+            )?
+        };
+        Ok((tops, grids, winner_deltas))
+    }
+
+    /// [`Self::winners_on_device`] on the CPU: each level's head written into one host buffer
+    /// ([`HeadOp`]), the top-n run on its logits in place, and the winners' deltas copied
+    /// straight out of it. As tensors (the head's output, its logits and deltas as views, the
+    /// gather) a frame made about a hundred allocations more.
+    fn winners_on_host(&self, op: &HeadOp, features: &[Tensor]) -> Result<Winners> {
+        let heads = features
+            .iter()
+            .map(|feature| {
+                let feature = feature.contiguous()?;
+                let (storage, layout) = feature.storage_and_layout();
+                let Storage::Cpu(values) = &*storage else {
+                    let msg = "rpn head: every level must be on the CPU".to_string();
+                    return Err(candle_core::Error::Msg(msg).into());
+                };
+                let x = contiguous_f32(values, layout, "rpn head")?;
+                op.run(x, layout.shape().dims4()?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let grids: Vec<(usize, usize)> = features
+            .iter()
+            .map(|f| f.dims4().map(|(_, _, h, w)| (h, w)))
+            .collect::<candle_core::Result<_>>()?;
+        let anchors = |&(h, w): &(usize, usize)| h * w * self.num_anchors;
+        let logits: Vec<&[f32]> = heads
+            .iter()
+            .zip(&grids)
+            .map(|(head, grid)| &head[..anchors(grid)])
+            .collect();
+        let tops = top_n_slices(&logits, self.pre_nms_top_n)?;
+        let total: usize = tops.iter().map(|t| t.indices.len()).sum();
+        let mut winner_deltas = Vec::with_capacity(4 * total);
+        for ((top, head), grid) in tops.iter().zip(&heads).zip(&grids) {
+            let deltas = &head[anchors(grid)..];
+            for &i in &top.indices {
+                winner_deltas.extend_from_slice(&deltas[4 * i as usize..][..4]);
+            }
+        }
+        // Counted as the GPU's one read of the winners' deltas, so the CPU pins its count.
+        if total > 0 {
+            crate::device::count_read();
+        }
+        Ok((tops, grids, winner_deltas))
+    }
+
     /// One level's `[H·W·A]` logits and `[H·W·A, 4]` box deltas, in the anchors' order, as
     /// tensor ops: what GPUs run, and the reference for [`HeadOp`].
     fn tensor_head(&self, feature: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -208,11 +252,14 @@ impl Rpn {
     }
 }
 
-/// One level's head on the CPU, [`Rpn::tensor_head`] in one op: the 3×3 conv(s) on host
-/// buffers, then `cls_logits` and `bbox_pred` as one product of their stacked weights, written
-/// straight into the anchors' order. Out comes one `[5·H·W·A]` tensor, the logits then the
-/// deltas. As tensor ops a level made two conv outputs and two permuted copies, about 40
-/// allocations; this makes a handful.
+/// [`Rpn::winners_on_device`]'s result: every level's top-n, `(H, W)` and the winners' deltas.
+type Winners = (Vec<TopN>, Vec<(usize, usize)>, Vec<f32>);
+
+/// One level's head on the CPU, [`Rpn::tensor_head`] on host buffers: the 3×3 conv(s), then
+/// `cls_logits` and `bbox_pred` as one product of their stacked weights, written straight into
+/// the anchors' order. Out comes one `[5·H·W·A]` buffer, the logits then the deltas. As tensor
+/// ops a level made two conv outputs and two permuted copies, about 40 allocations; this makes
+/// two.
 #[derive(Debug, Clone)]
 struct HeadOp {
     /// Each followed by its ReLU.
@@ -304,19 +351,15 @@ impl HeadOp {
     }
 }
 
-impl CustomOp1 for HeadOp {
-    fn name(&self) -> &'static str {
-        "rpn-head"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, self.name())?;
-        let (n, c, h, w) = l.shape().dims4()?;
+impl HeadOp {
+    /// The head over one `[1, C, H, W]` map `x`, `dims` its shape.
+    fn run(&self, x: &[f32], dims: (usize, usize, usize, usize)) -> Result<Vec<f32>> {
+        let (n, c, h, w) = dims;
         let channels = self.convs.first().map_or(c, |conv| conv.in_channels);
-        if n != 1 || c != channels {
-            candle_core::bail!(
-                "rpn-head: input [{n}, {c}, {h}, {w}] is not one {channels}-channel map"
-            );
+        if n != 1 || c != channels || x.len() != c * h * w {
+            let msg =
+                format!("rpn head: input [{n}, {c}, {h}, {w}] is not one {channels}-channel map");
+            return Err(candle_core::Error::Msg(msg).into());
         }
         // The convs are 3×3 with padding 1: every map keeps the level's size.
         let mut t: Option<Vec<f32>> = None;
@@ -326,15 +369,58 @@ impl CustomOp1 for HeadOp {
                     .0,
             );
         }
-        let out = self.predict(t.as_deref().unwrap_or(x), h * w);
-        let len = out.len();
-        Ok((CpuStorage::F32(out), Shape::from(len)))
+        Ok(self.predict(t.as_deref().unwrap_or(x), h * w))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CPU's winners (head into host buffers, top-n in place, deltas copied out) against
+    /// the GPUs' composition (tensor head, top-n op, gather), both run on the CPU.
+    #[test]
+    fn the_host_winners_match_the_device_composition() {
+        let weights = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tiny_r50/model.safetensors"
+        );
+        let model = crate::MaskRcnn::load(weights, |_| {}, &Device::Cpu).unwrap();
+        let mut rpn = model.rpn.clone();
+        rpn.pre_nms_top_n = 40;
+        let op = rpn.cpu_head.clone().expect("a CPU head on the CPU");
+        let channels = model.fpn.channels();
+        let features: Vec<Tensor> = [(16, 20), (8, 10), (4, 5), (2, 3), (1, 1)]
+            .iter()
+            .enumerate()
+            .map(|(i, &(h, w))| {
+                let mut rng = crate::test_rng::TestRng::new(50 + i as u32);
+                let values: Vec<f32> = (0..channels * h * w)
+                    .map(|_| rng.unit() * 2.0 - 1.0)
+                    .collect();
+                Tensor::from_vec(values, (1, channels, h, w), &Device::Cpu).unwrap()
+            })
+            .collect();
+        let (tops, grids, deltas) = rpn.winners_on_host(&op, &features).unwrap();
+        let (want_tops, want_grids, want_deltas) = rpn.winners_on_device(&features).unwrap();
+        assert_eq!(grids, want_grids);
+        // Level 4 has 3 anchors, fewer than the top-n: all of them, best first.
+        let counts: Vec<usize> = tops.iter().map(|t| t.indices.len()).collect();
+        assert_eq!(counts, [40, 40, 40, 18, 3]);
+        for (level, (got, want)) in tops.iter().zip(&want_tops).enumerate() {
+            assert_eq!(got.indices, want.indices, "level {level}");
+            for (g, e) in got.values.iter().zip(&want.values) {
+                assert!(
+                    (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                    "level {level}: {g} vs {e}"
+                );
+            }
+        }
+        assert_eq!(deltas.len(), want_deltas.len());
+        for (g, e) in deltas.iter().zip(&want_deltas) {
+            assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "{g} vs {e}");
+        }
+    }
 
     #[test]
     fn the_cpu_head_matches_the_tensor_ops() {
@@ -358,8 +444,8 @@ mod tests {
             let values: Vec<f32> = (0..channels * h * w)
                 .map(|_| rng.unit() * 2.0 - 1.0)
                 .collect();
+            let got = op.run(&values, (1, channels, h, w)).unwrap();
             let x = Tensor::from_vec(values, (1, channels, h, w), &Device::Cpu).unwrap();
-            let got: Vec<f32> = x.apply_op1_no_bwd(&op).unwrap().to_vec1().unwrap();
             let (logits, deltas) = rpn.tensor_head(&x).unwrap();
             let mut want: Vec<f32> = logits.to_vec1().unwrap();
             want.iter_mut()

@@ -92,7 +92,7 @@ pub fn top_n_levels(levels: &[Tensor], n: usize) -> Result<Vec<TopN>> {
                     _ => candle_core::bail!("top_n: every level must be on one device"),
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            top_n_host(&values, n, crate::device::count_read)
+            top_n_slices(&values, n)
         }
         // Metal has no kernels for the passes: every level comes over in one read and the
         // passes run on the host copy.
@@ -120,6 +120,12 @@ pub fn top_n_levels(levels: &[Tensor], n: usize) -> Result<Vec<TopN>> {
             |ops| run_pass(&levels, ops),
         ),
     }
+}
+
+/// [`top_n_levels`] of levels held on the host, in place. Each pass counts as the read a GPU
+/// makes for it (see `crate::device::count_read`).
+pub fn top_n_slices(levels: &[&[f32]], n: usize) -> Result<Vec<TopN>> {
+    top_n_host(levels, n, crate::device::count_read)
 }
 
 /// The selection over levels already on the host, each pass run in place over every level;
