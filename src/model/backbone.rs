@@ -99,10 +99,8 @@ impl Block {
         self.conv3.as_ref().unwrap_or(&self.conv2).out_channels()
     }
 
+    /// The block as tensor ops, what GPUs run (the CPU runs [`StageOp`]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(op) = self.cpu_op() {
-            return Ok(x.contiguous()?.apply_op1_no_bwd(&op)?);
-        }
         let identity = match &self.downsample {
             Some(ds) => ds.forward(x)?,
             None => x.clone(),
@@ -132,10 +130,10 @@ impl Block {
 }
 
 /// A block on the CPU: its convs in turn on host buffers, the identity (or downsample) added
-/// before the last ReLU, one tensor out. As one op per conv, each block made three to five
-/// tensors a frame, about five allocations each; here the maps between the convs are plain
-/// buffers of the call (kept per thread instead, they raised peak RSS by 50–70 MB and slowed
-/// the backbone by about 5%, for 36 fewer allocations a frame).
+/// before the last ReLU. The maps between the convs are plain buffers of the call (kept per
+/// thread instead, they raised peak RSS by 50–70 MB and slowed the backbone by about 5%, for 36
+/// fewer allocations a frame).
+#[derive(Debug, Clone)]
 struct BlockOp {
     /// Each with the ReLU it is followed by.
     conv1: FusedConv,
@@ -166,16 +164,13 @@ impl BlockOp {
     }
 }
 
-impl CustomOp1 for BlockOp {
-    fn name(&self) -> &'static str {
-        "resnet-block"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, self.name())?;
-        let (n, c, h, w) = l.shape().dims4()?;
-        // The shapes the convs and the residual add need, checked once here: the identity must
-        // come out the size of the last conv's output.
+impl BlockOp {
+    /// `(channels, height, width)` out of the block for `(c, h, w)` in, or why the block's
+    /// convs and the residual add cannot take that input.
+    fn output_shape(
+        &self,
+        (c, h, w): (usize, usize, usize),
+    ) -> candle_core::Result<(usize, usize, usize)> {
         let (h1, w1) = self.conv1.output_size(h, w);
         let (oh, ow) = match &self.conv3 {
             Some(conv3) => {
@@ -184,18 +179,45 @@ impl CustomOp1 for BlockOp {
             }
             None => self.conv2.output_size(h1, w1),
         };
+        // The identity must come out the size of the last conv's output.
         let identity = match &self.downsample {
             Some(ds) => (ds.out_channels, ds.output_size(h, w)),
             None => (c, (h, w)),
         };
         if c != self.conv1.in_channels || identity != (self.last().out_channels, (oh, ow)) {
             candle_core::bail!(
-                "resnet-block: input [{n}, {c}, {h}, {w}] does not fit the block's convs"
+                "resnet-block: input [{c}, {h}, {w}] does not fit the block's convs"
             );
         }
-        let out = self.run(x, (n, h, w));
-        let shape = Shape::from((n, self.last().out_channels, oh, ow));
-        Ok((CpuStorage::F32(out), shape))
+        Ok((self.last().out_channels, oh, ow))
+    }
+}
+
+/// A ResNet stage (`layer1`..`layer4`) on the CPU: its blocks in turn on host buffers, one
+/// tensor out. As one op per block, a stage made a tensor per block, about five allocations
+/// each.
+#[derive(Debug, Clone)]
+struct StageOp(Vec<BlockOp>);
+
+impl CustomOp1 for StageOp {
+    fn name(&self) -> &'static str {
+        "resnet-stage"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let (n, c, h, w) = l.shape().dims4()?;
+        let (mut y, mut shape) = (None::<Vec<f32>>, (c, h, w));
+        for block in &self.0 {
+            let next = block.output_shape(shape)?;
+            y = Some(block.run(y.as_deref().unwrap_or(x), (n, shape.1, shape.2)));
+            shape = next;
+        }
+        let out = y.unwrap_or_else(|| x.to_vec());
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((n, shape.0, shape.1, shape.2)),
+        ))
     }
 }
 
@@ -254,6 +276,8 @@ impl CustomOp1 for StemPool {
 pub struct ResNet {
     stem: Conv2d,
     stages: [Vec<Block>; 4],
+    /// The stages as one op each, on the CPU.
+    cpu_stages: Option<Vec<StageOp>>,
     kind: BlockKind,
 }
 
@@ -290,7 +314,22 @@ impl ResNet {
                 w.shape(&format!("{PREFIX}.layer{}.0.conv1.weight", s + 1))?;
             }
         }
-        Ok(Self { stem, stages, kind })
+        let cpu_stages = stages
+            .iter()
+            .map(|stage| {
+                stage
+                    .iter()
+                    .map(Block::cpu_op)
+                    .collect::<Option<_>>()
+                    .map(StageOp)
+            })
+            .collect();
+        Ok(Self {
+            stem,
+            stages,
+            cpu_stages,
+            kind,
+        })
     }
 
     pub fn block_kind(&self) -> BlockKind {
@@ -355,9 +394,14 @@ impl ResNet {
         let x = self.stem.forward_relu(x)?;
         let mut x = max_pool(&x)?;
         let mut out = Vec::with_capacity(4);
-        for stage in &self.stages {
-            for block in stage {
-                x = block.forward(&x)?;
+        for (s, stage) in self.stages.iter().enumerate() {
+            match &self.cpu_stages {
+                Some(ops) => x = x.contiguous()?.apply_op1_no_bwd(&ops[s])?,
+                None => {
+                    for block in stage {
+                        x = block.forward(&x)?;
+                    }
+                }
             }
             out.push(x.clone());
         }
@@ -368,6 +412,38 @@ impl ResNet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CPU's stage ops against the blocks as tensor ops (what GPUs run), on the CPU, for a
+    /// Bottleneck and a BasicBlock body: the same convs in the same order, so the same bits.
+    #[test]
+    fn the_cpu_stages_match_the_blocks_as_tensor_ops() {
+        for fixture in ["tiny_r50", "tiny_r18"] {
+            let weights = format!(
+                "{}/tests/fixtures/{fixture}/model.safetensors",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let model = crate::MaskRcnn::load(&weights, |_| {}, &Device::Cpu).unwrap();
+            let body = &model.backbone;
+            assert!(body.cpu_stages.is_some());
+            let tensor_ops = ResNet {
+                cpu_stages: None,
+                ..body.clone()
+            };
+            // Odd sides, so the strided blocks round down.
+            let mut rng = crate::test_rng::TestRng::new(9);
+            let (h, w) = (75, 61);
+            let values: Vec<f32> = (0..3 * h * w).map(|_| rng.unit() * 2.0 - 1.0).collect();
+            let x = Tensor::from_vec(values, (1, 3, h, w), &Device::Cpu).unwrap();
+            let got = body.forward(&x).unwrap();
+            let want = tensor_ops.forward(&x).unwrap();
+            for (level, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.dims(), e.dims(), "{fixture} C{}", level + 2);
+                let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+                let e: Vec<f32> = e.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(g, e, "{fixture} C{}", level + 2);
+            }
+        }
+    }
 
     #[test]
     fn the_cpu_stem_pool_matches_padding_and_candles_pool() {
