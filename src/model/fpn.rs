@@ -2,12 +2,10 @@
 //! lateral 1×1 convs, nearest-neighbour top-down path, 3×3 output convs (each followed by a
 //! BatchNorm in the v2 layout, folded at load), and P6 as a stride-2 subsample of P5.
 
-use std::mem::MaybeUninit;
-
-use candle_core::{CpuStorage, CustomOp2, Device, Layout, Shape, Tensor};
+use candle_core::{Device, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::conv::contiguous_f32;
+use super::conv::{contiguous_f32, FusedConv};
 use super::layers::{Conv2d, ConvSpec};
 use crate::error::Result;
 use crate::weights::Weights;
@@ -16,6 +14,8 @@ use crate::weights::Weights;
 pub struct Fpn {
     inner_blocks: Vec<Conv2d>,
     layer_blocks: Vec<Conv2d>,
+    /// The same convs as host ops, on the CPU: `(inner, layer)`.
+    cpu: Option<(Vec<FusedConv>, Vec<FusedConv>)>,
     channels: usize,
 }
 
@@ -53,9 +53,14 @@ impl Fpn {
                 odd.out_channels()
             )));
         }
+        let host = |convs: &[Conv2d]| -> Option<Vec<FusedConv>> {
+            convs.iter().map(|c| c.cpu_op(false)).collect()
+        };
+        let cpu = host(&inner_blocks).zip(host(&layer_blocks));
         Ok(Self {
             inner_blocks,
             layer_blocks,
+            cpu,
             channels,
         })
     }
@@ -66,11 +71,15 @@ impl Fpn {
 
     /// C2..C5 → P2..P6 (torchvision's keys '0'..'3', 'pool').
     pub fn forward(&self, c: &[Tensor; 4]) -> Result<Vec<Tensor>> {
+        if let Some((inner, layer)) = &self.cpu {
+            return forward_on_host(inner, layer, c);
+        }
         let mut last_inner = self.inner_blocks[3].forward(&c[3])?;
         let mut results = vec![self.layer_blocks[3].forward(&last_inner)?];
         for i in (0..3).rev() {
             let lateral = self.inner_blocks[i].forward(&c[i])?;
-            last_inner = top_down(&lateral, &last_inner)?;
+            let (_, _, h, w) = lateral.dims4()?;
+            last_inner = (&lateral + last_inner.upsample_nearest2d(h, w)?)?;
             results.insert(0, self.layer_blocks[i].forward(&last_inner)?);
         }
         // F.max_pool2d(P5, kernel 1, stride 2): a plain stride-2 subsample.
@@ -80,71 +89,100 @@ impl Fpn {
     }
 }
 
-/// `lateral + F.interpolate(coarser, size=lateral's, mode="nearest")`. On the CPU one pass
-/// ([`TopDown`]); elsewhere candle's upsample and an add.
-fn top_down(lateral: &Tensor, coarser: &Tensor) -> Result<Tensor> {
-    if lateral.device().is_cpu() {
-        return Ok(lateral
-            .contiguous()?
-            .apply_op2_no_bwd(&coarser.contiguous()?, &TopDown)?);
+/// [`Fpn::forward`] on the CPU: the convs run on host buffers, the top-down sum is added into
+/// the lateral map in place ([`add_nearest`]), and only P2..P6 become tensors. As an op per
+/// conv and per sum, the FPN made twelve tensors a frame, about five allocations each.
+fn forward_on_host(
+    inner: &[FusedConv],
+    layer: &[FusedConv],
+    c: &[Tensor; 4],
+) -> Result<Vec<Tensor>> {
+    let device = c[0].device();
+    let c: Vec<Tensor> = c
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<_>>()?;
+    let guards: Vec<_> = c.iter().map(|t| t.storage_and_layout()).collect();
+    let maps = guards
+        .iter()
+        .map(|(storage, layout)| {
+            let Storage::Cpu(values) = &**storage else {
+                let msg = "fpn: every level must be on the CPU".to_string();
+                return Err(candle_core::Error::Msg(msg).into());
+            };
+            let (n, ch, h, w) = layout.shape().dims4()?;
+            Ok((contiguous_f32(values, layout, "fpn")?, (n, ch, h, w)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let lateral = |i: usize| -> Result<HostMap> {
+        let (x, (n, ch, h, w)) = maps[i];
+        if ch != inner[i].in_channels {
+            let msg = format!(
+                "fpn: C{} has {ch} channels, the FPN takes {}",
+                i + 2,
+                inner[i].in_channels
+            );
+            return Err(candle_core::Error::Msg(msg).into());
+        }
+        let (y, (oh, ow)) = inner[i].run_values(x, (n, h, w), None);
+        Ok((y, (n, inner[i].out_channels, oh, ow)))
+    };
+    let output = |i: usize, x: &[f32], (n, _, h, w): (usize, usize, usize, usize)| {
+        let (y, (oh, ow)) = layer[i].run_values(x, (n, h, w), None);
+        Tensor::from_vec(y, (n, layer[i].out_channels, oh, ow), device)
+    };
+    let (mut last_inner, mut last_dims) = lateral(3)?;
+    let mut results = Vec::with_capacity(5);
+    results.push(output(3, &last_inner, last_dims)?);
+    for i in (0..3).rev() {
+        let (mut sum, dims) = lateral(i)?;
+        add_nearest(&mut sum, dims, &last_inner, last_dims)?;
+        results.insert(0, output(i, &sum, dims)?);
+        (last_inner, last_dims) = (sum, dims);
     }
-    let (_, _, h, w) = lateral.dims4()?;
-    Ok((lateral + coarser.upsample_nearest2d(h, w)?)?)
+    // F.max_pool2d(P5, kernel 1, stride 2): a plain stride-2 subsample.
+    let p6 = results[3].max_pool2d_with_stride(1, 2)?;
+    results.push(p6);
+    Ok(results)
 }
 
-/// The top-down sum in one pass over the output: as tensor ops the upsampled map was a tensor
-/// of its own, a full-size copy written and then read again by the add.
-struct TopDown;
+/// A map on the host and its `[N, C, H, W]` shape.
+type HostMap = (Vec<f32>, (usize, usize, usize, usize));
 
 /// candle's `upsample_nearest2d` source index for output index `dst` (and torch's nearest
-/// mode for these sizes), so the op adds exactly what the tensor ops did.
+/// mode for these sizes), so the sum is exactly what the tensor ops give.
 fn nearest(dst: usize, from: usize, to: usize) -> usize {
     ((dst as f64 * (from as f64 / to as f64)) as usize).min(from - 1)
 }
 
-impl CustomOp2 for TopDown {
-    fn name(&self) -> &'static str {
-        "fpn-top-down"
+/// `lateral += F.interpolate(coarser, size=lateral's, mode="nearest")`, in place: as tensor ops
+/// the upsampled map was a tensor of its own, a full-size copy written and read again by the
+/// add.
+fn add_nearest(
+    lateral: &mut [f32],
+    (n, c, h, w): (usize, usize, usize, usize),
+    coarser: &[f32],
+    (cn, cc, ch, cw): (usize, usize, usize, usize),
+) -> Result<()> {
+    if (cn, cc) != (n, c) || ch == 0 || cw == 0 || lateral.len() != n * c * h * w {
+        let msg = format!(
+            "fpn top-down: lateral [{n}, {c}, {h}, {w}] and coarser [{cn}, {cc}, {ch}, {cw}] \
+             do not pair"
+        );
+        return Err(candle_core::Error::Msg(msg).into());
     }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let lateral = contiguous_f32(s1, l1, self.name())?;
-        let coarser = contiguous_f32(s2, l2, self.name())?;
-        let (n, c, h, w) = l1.shape().dims4()?;
-        let (cn, cc, ch, cw) = l2.shape().dims4()?;
-        if (cn, cc) != (n, c) || ch == 0 || cw == 0 {
-            candle_core::bail!(
-                "fpn-top-down: lateral [{n}, {c}, {h}, {w}] and coarser [{cn}, {cc}, {ch}, {cw}] \
-                 do not pair"
-            );
-        }
-        let columns: Vec<usize> = (0..w).map(|x| nearest(x, cw, w)).collect();
-        let len = lateral.len();
-        // Uninitialised: every row below writes all its values.
-        let mut out = Vec::<f32>::with_capacity(len);
-        out.spare_capacity_mut()[..len]
-            .par_chunks_mut(w.max(1))
-            .zip(lateral.par_chunks(w.max(1)))
-            .enumerate()
-            .for_each(
-                |(row, (dst, lateral)): (usize, (&mut [MaybeUninit<f32>], &[f32]))| {
-                    let (plane, y) = (row / h, row % h);
-                    let src = &coarser[(plane * ch + nearest(y, ch, h)) * cw..][..cw];
-                    for ((d, &l), &x) in dst.iter_mut().zip(lateral).zip(&columns) {
-                        d.write(l + src[x]);
-                    }
-                },
-            );
-        // SAFETY: the rows above cover all `n * c * h` rows of `w` values, each written.
-        unsafe { out.set_len(len) };
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
+    let columns: Vec<usize> = (0..w).map(|x| nearest(x, cw, w)).collect();
+    lateral
+        .par_chunks_mut(w.max(1))
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (plane, y) = (row / h, row % h);
+            let src = &coarser[(plane * ch + nearest(y, ch, h)) * cw..][..cw];
+            for (d, &x) in dst.iter_mut().zip(&columns) {
+                *d += src[x];
+            }
+        });
+    Ok(())
 }
 
 #[cfg(test)]
@@ -152,7 +190,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cpu_top_down_matches_upsample_and_add() {
+    fn the_in_place_top_down_matches_upsample_and_add() {
         // Even and odd sides (a coarser map of ceil(side / 2)), and a 1×1 coarser map.
         for (i, &((h, w), (ch, cw))) in [((8, 6), (4, 3)), ((13, 11), (7, 6)), ((5, 7), (1, 1))]
             .iter()
@@ -165,14 +203,47 @@ mod tests {
                 Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
             };
             let (lateral, coarser) = (map((2, 3, h, w)), map((2, 3, ch, cw)));
-            let got = top_down(&lateral, &coarser).unwrap();
+            let mut got: Vec<f32> = lateral.flatten_all().unwrap().to_vec1().unwrap();
+            let c: Vec<f32> = coarser.flatten_all().unwrap().to_vec1().unwrap();
+            add_nearest(&mut got, (2, 3, h, w), &c, (2, 3, ch, cw)).unwrap();
             let want = (&lateral + coarser.upsample_nearest2d(h, w).unwrap()).unwrap();
-            assert_eq!(got.dims(), want.dims());
-            let bits = |t: &Tensor| -> Vec<u32> {
-                let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-                v.iter().map(|x| x.to_bits()).collect()
-            };
+            let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+            let bits = |v: &[f32]| -> Vec<u32> { v.iter().map(|x| x.to_bits()).collect() };
             assert_eq!(bits(&got), bits(&want), "{h}×{w} from {ch}×{cw}");
+        }
+        // Maps that do not pair are refused, not read out of bounds.
+        let mut lateral = vec![0f32; 2 * 3 * 4 * 4];
+        let err = add_nearest(&mut lateral, (2, 3, 4, 4), &[0.0; 4], (1, 3, 2, 2)).unwrap_err();
+        assert!(err.to_string().contains("do not pair"), "{err}");
+    }
+
+    /// The CPU's host FPN against the tensor ops GPUs run, both on the CPU: the same convs and
+    /// sums in the same order, so the same bits.
+    #[test]
+    fn the_host_fpn_matches_the_tensor_ops() {
+        let weights = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tiny_r50/model.safetensors"
+        );
+        let model = crate::MaskRcnn::load(weights, |_| {}, &Device::Cpu).unwrap();
+        assert!(model.fpn.cpu.is_some());
+        let tensor_ops = Fpn {
+            cpu: None,
+            ..model.fpn.clone()
+        };
+        let mut rng = crate::test_rng::TestRng::new(5);
+        let (h, w) = (75, 61);
+        let values: Vec<f32> = (0..3 * h * w).map(|_| rng.unit() * 2.0 - 1.0).collect();
+        let x = Tensor::from_vec(values, (1, 3, h, w), &Device::Cpu).unwrap();
+        let c = model.backbone.forward(&x).unwrap();
+        let got = model.fpn.forward(&c).unwrap();
+        let want = tensor_ops.forward(&c).unwrap();
+        assert_eq!(got.len(), 5);
+        for (level, (g, e)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.dims(), e.dims(), "P{}", level + 2);
+            let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+            let e: Vec<f32> = e.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(g, e, "P{}", level + 2);
         }
     }
 }
