@@ -162,9 +162,7 @@ impl BlockOp {
     fn last(&self) -> &FusedConv {
         self.conv3.as_ref().unwrap_or(&self.conv2)
     }
-}
 
-impl BlockOp {
     /// `(channels, height, width)` out of the block for `(c, h, w)` in, or why the block's
     /// convs and the residual add cannot take that input.
     fn output_shape(

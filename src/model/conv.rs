@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage};
 use rayon::prelude::*;
 
 use super::winograd::{Epilogue, Tiles, Winograd};
@@ -384,6 +384,19 @@ pub(super) fn contiguous_f32<'a>(
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         (CpuStorage::F32(_), None) => candle_core::bail!("{op}: input must be contiguous"),
         _ => candle_core::bail!("{op}: the CPU computes in f32"),
+    }
+}
+
+/// A tensor's values borrowed in place, from its `storage_and_layout()`: the tensor must be a
+/// contiguous f32 one on the CPU. `what` names the caller in the error.
+pub(super) fn host_f32<'a>(
+    storage: &'a Storage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(values) => contiguous_f32(values, layout, what),
+        _ => candle_core::bail!("{what}: every input must be on the CPU"),
     }
 }
 

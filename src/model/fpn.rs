@@ -2,10 +2,10 @@
 //! lateral 1×1 convs, nearest-neighbour top-down path, 3×3 output convs (each followed by a
 //! BatchNorm in the v2 layout, folded at load), and P6 as a stride-2 subsample of P5.
 
-use candle_core::{Device, Storage, Tensor};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::conv::{contiguous_f32, FusedConv};
+use super::conv::{host_f32, FusedConv};
 use super::layers::{Conv2d, ConvSpec};
 use crate::error::Result;
 use crate::weights::Weights;
@@ -105,15 +105,8 @@ fn forward_on_host(
     let guards: Vec<_> = c.iter().map(|t| t.storage_and_layout()).collect();
     let maps = guards
         .iter()
-        .map(|(storage, layout)| {
-            let Storage::Cpu(values) = &**storage else {
-                let msg = "fpn: every level must be on the CPU".to_string();
-                return Err(candle_core::Error::Msg(msg).into());
-            };
-            let (n, ch, h, w) = layout.shape().dims4()?;
-            Ok((contiguous_f32(values, layout, "fpn")?, (n, ch, h, w)))
-        })
-        .collect::<Result<Vec<_>>>()?;
+        .map(|(storage, layout)| Ok((host_f32(storage, layout, "fpn")?, layout.shape().dims4()?)))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let lateral = |i: usize| -> Result<HostMap> {
         let (x, (n, ch, h, w)) = maps[i];
         if ch != inner[i].in_channels {

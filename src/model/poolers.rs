@@ -1,11 +1,11 @@
 //! torchvision's `MultiScaleRoIAlign` (`ops/poolers.py`): each box is pooled from one FPN level
 //! chosen by the FPN paper's eq. 1 (`LevelMapper`), with scales inferred from feature sizes.
 
-use candle_core::{Device, Storage, Tensor};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::box_ops::{self, Box};
-use super::conv::contiguous_f32;
+use super::conv::host_f32;
 use super::roi_align::{ChannelsLast, RoiAlign};
 use crate::error::Result;
 
@@ -128,11 +128,7 @@ impl MultiScaleRoIAlign {
             let map = {
                 let feature = feature.contiguous()?;
                 let (storage, layout) = feature.storage_and_layout();
-                let Storage::Cpu(values) = &*storage else {
-                    let msg = "roi pooling: every level must be on the CPU".to_string();
-                    return Err(candle_core::Error::Msg(msg).into());
-                };
-                let values = contiguous_f32(values, layout, "roi pooling")?;
+                let values = host_f32(&storage, layout, "roi pooling")?;
                 ChannelsLast::new(values, (n, c), (h, w))
             };
             out.spare_capacity_mut()[..len]

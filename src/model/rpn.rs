@@ -5,12 +5,12 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::anchors::LevelAnchors;
 use super::box_ops::{self, Box, BoxCoder, Candidates};
-use super::conv::{contiguous_f32, scratch, FusedConv, Method};
+use super::conv::{host_f32, scratch, FusedConv, Method};
 use super::layers::{Conv2d, ConvSpec};
 use super::sgemm::{self, PackedA};
 use super::sigmoid;
@@ -193,11 +193,7 @@ impl Rpn {
             .map(|feature| {
                 let feature = feature.contiguous()?;
                 let (storage, layout) = feature.storage_and_layout();
-                let Storage::Cpu(values) = &*storage else {
-                    let msg = "rpn head: every level must be on the CPU".to_string();
-                    return Err(candle_core::Error::Msg(msg).into());
-                };
-                let x = contiguous_f32(values, layout, "rpn head")?;
+                let x = host_f32(&storage, layout, "rpn head")?;
                 op.run(x, layout.shape().dims4()?)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -300,6 +296,26 @@ impl HeadOp {
         })
     }
 
+    /// The head over one `[1, C, H, W]` map `x`, `dims` its shape.
+    fn run(&self, x: &[f32], dims: (usize, usize, usize, usize)) -> Result<Vec<f32>> {
+        let (n, c, h, w) = dims;
+        let channels = self.convs.first().map_or(c, |conv| conv.in_channels);
+        if n != 1 || c != channels || x.len() != c * h * w {
+            let msg =
+                format!("rpn head: input [{n}, {c}, {h}, {w}] is not one {channels}-channel map");
+            return Err(candle_core::Error::Msg(msg).into());
+        }
+        // The convs are 3×3 with padding 1: every map keeps the level's size.
+        let mut t: Option<Vec<f32>> = None;
+        for conv in &self.convs {
+            t = Some(
+                conv.run_values(t.as_deref().unwrap_or(x), (1, h, w), None)
+                    .0,
+            );
+        }
+        Ok(self.predict(t.as_deref().unwrap_or(x), h * w))
+    }
+
     /// Both predictors over the `[C, plane]` features `x`: `[plane·A]` logits then
     /// `[plane·A, 4]` deltas.
     fn predict(&self, x: &[f32], plane: usize) -> Vec<f32> {
@@ -348,28 +364,6 @@ impl HeadOp {
                 });
             });
         out
-    }
-}
-
-impl HeadOp {
-    /// The head over one `[1, C, H, W]` map `x`, `dims` its shape.
-    fn run(&self, x: &[f32], dims: (usize, usize, usize, usize)) -> Result<Vec<f32>> {
-        let (n, c, h, w) = dims;
-        let channels = self.convs.first().map_or(c, |conv| conv.in_channels);
-        if n != 1 || c != channels || x.len() != c * h * w {
-            let msg =
-                format!("rpn head: input [{n}, {c}, {h}, {w}] is not one {channels}-channel map");
-            return Err(candle_core::Error::Msg(msg).into());
-        }
-        // The convs are 3×3 with padding 1: every map keeps the level's size.
-        let mut t: Option<Vec<f32>> = None;
-        for conv in &self.convs {
-            t = Some(
-                conv.run_values(t.as_deref().unwrap_or(x), (1, h, w), None)
-                    .0,
-            );
-        }
-        Ok(self.predict(t.as_deref().unwrap_or(x), h * w))
     }
 }
 

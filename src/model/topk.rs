@@ -13,9 +13,9 @@
 //! Ties at the threshold are broken by the lowest index, which is also what the sort gives
 //! among equal values, so the result is deterministic on every device.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
-use super::conv::contiguous_f32;
+use super::conv::{contiguous_f32, host_f32};
 use crate::error::Result;
 
 /// The key's digits, most significant first: (shift, bits). The bins of the widest digit are
@@ -87,10 +87,7 @@ pub fn top_n_levels(levels: &[Tensor], n: usize) -> Result<Vec<TopN>> {
             let guards: Vec<_> = levels.iter().map(|t| t.storage_and_layout()).collect();
             let values = guards
                 .iter()
-                .map(|(s, l)| match &**s {
-                    Storage::Cpu(s) => contiguous_f32(s, l, "top_n"),
-                    _ => candle_core::bail!("top_n: every level must be on one device"),
-                })
+                .map(|(s, l)| host_f32(s, l, "top_n"))
                 .collect::<candle_core::Result<Vec<_>>>()?;
             top_n_slices(&values, n)
         }
