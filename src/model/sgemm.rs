@@ -6,8 +6,11 @@
 //! when a width is not a whole number of vectors), and Winograd makes 36 calls per job,
 //! thousands a frame: the full R50 at 512 made about 6,500 allocations a frame, 4,600 of them
 //! there. Here a call allocates nothing: `V` is read in place and the only scratch is on the
-//! stack. The im2col convs keep `gemm`, whose packing of their wide, far-apart rows measured
-//! about 10% faster than this kernel on the backbone.
+//! stack. The im2col convs (1×1, strided, the stem) keep `gemm`: on their shapes, one thread,
+//! this kernel ran 3–59% slower than `gemm`'s (94–152 against 130–180 GFLOP/s here), and the
+//! backbone 10–15% slower with it, even with their far-apart rows packed into a per-thread
+//! `KC × 512` block first; a 6 × 64 block like `gemm`'s and adding `C` after the `K` loop
+//! instead of before did not close that.
 //!
 //! One generic microkernel keeps an `MR × NR` block of `C` in vector registers and walks `K`;
 //! it is instantiated per instruction set (AVX-512, AVX2 + FMA, NEON, plain scalars) with a
