@@ -271,10 +271,26 @@ fn f16_range_is_what_rounds_to_a_finite_half() {
         (vec![65520.0], false),
         (vec![-1e6], false),
         (vec![f32::INFINITY], false),
+        (vec![f32::NAN], false),
         (vec![], true),
     ];
     for (values, want) in cases {
         assert_eq!(fits_f16(&values), want, "{values:?}");
+    }
+    // Around the edge, and a bad value deep in a long slice: the cast's own verdict.
+    let edge = 65520f32;
+    for v in [
+        f32::from_bits(edge.to_bits() - 1),
+        edge,
+        f32::from_bits(edge.to_bits() + 1),
+        -f32::from_bits(edge.to_bits() - 1),
+        -edge,
+    ] {
+        let want = half::f16::from_f32(v).is_finite();
+        assert_eq!(fits_f16(&[v]), want, "{v}");
+        let mut long = vec![1.0f32; 1000];
+        long[777] = v;
+        assert_eq!(fits_f16(&long), want, "{v} at 777 of 1000");
     }
 }
 

@@ -16,10 +16,19 @@ use crate::weights::Weights;
 /// f16's largest finite value; a folded weight beyond it would become infinite in f16.
 pub const F16_MAX: f32 = 65504.0;
 
+/// The smallest magnitude the cast to f16 turns into infinity: halfway from 65504 to 65536,
+/// and the cast rounds to nearest, ties to even (65536 is infinity).
+const F16_OVERFLOW: f32 = 65520.0;
+
 /// Whether every value survives the cast to f16 as a finite number (values up to 65519.99
-/// round to 65504; the cast is round-to-nearest).
+/// round to 65504). A comparison the compiler vectorises, in blocks so a bad value stops the
+/// scan early: casting each value took about a tenth of the model's load time.
 pub fn fits_f16(values: &[f32]) -> bool {
-    values.iter().all(|&v| half::f16::from_f32(v).is_finite())
+    values.chunks(256).all(|block| {
+        block
+            .iter()
+            .fold(true, |ok, v| ok & (v.abs() < F16_OVERFLOW))
+    })
 }
 
 /// The dtype `layer`'s tensors are kept in on `device`: its compute dtype (f16 on GPUs), except
