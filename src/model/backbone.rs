@@ -416,11 +416,7 @@ mod tests {
     #[test]
     fn the_cpu_stages_match_the_blocks_as_tensor_ops() {
         for fixture in ["tiny_r50", "tiny_r18"] {
-            let weights = format!(
-                "{}/tests/fixtures/{fixture}/model.safetensors",
-                env!("CARGO_MANIFEST_DIR")
-            );
-            let model = crate::MaskRcnn::load(&weights, |_| {}, &Device::Cpu).unwrap();
+            let model = crate::model::fixture_model(fixture);
             let body = &model.backbone;
             assert!(body.cpu_stages.is_some());
             let tensor_ops = ResNet {

@@ -214,11 +214,7 @@ mod tests {
     /// sums in the same order, so the same bits.
     #[test]
     fn the_host_fpn_matches_the_tensor_ops() {
-        let weights = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/tiny_r50/model.safetensors"
-        );
-        let model = crate::MaskRcnn::load(weights, |_| {}, &Device::Cpu).unwrap();
+        let model = crate::model::fixture_model("tiny_r50");
         assert!(model.fpn.cpu.is_some());
         let tensor_ops = Fpn {
             cpu: None,

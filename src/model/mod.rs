@@ -178,6 +178,17 @@ fn parse_floats<const N: usize>(raw: &str) -> Option<[f32; N]> {
     serde_json::from_str::<Vec<f32>>(raw).ok()?.try_into().ok()
 }
 
+/// The committed tiny model `tests/fixtures/{name}/model.safetensors`, on the CPU: what the
+/// stages' unit tests compare their CPU and GPU compositions on.
+#[cfg(test)]
+pub(crate) fn fixture_model(name: &str) -> MaskRcnn {
+    let path = format!(
+        "{}/tests/fixtures/{name}/model.safetensors",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    MaskRcnn::load(&path, |_| {}, &Device::Cpu).unwrap()
+}
+
 impl MaskRcnn {
     /// Loads a torchvision-layout Mask R-CNN from a safetensors file. Settings the file's
     /// metadata gives (`min_size`, `max_size`, `image_mean`, `image_std`) replace the defaults

@@ -248,7 +248,8 @@ impl Rpn {
     }
 }
 
-/// [`Rpn::winners_on_device`]'s result: every level's top-n, `(H, W)` and the winners' deltas.
+/// What [`Rpn::winners_on_device`] and [`Rpn::winners_on_host`] give: every level's top-n, its
+/// `(H, W)`, and the winners' deltas.
 type Winners = (Vec<TopN>, Vec<(usize, usize)>, Vec<f32>);
 
 /// One level's head on the CPU, [`Rpn::tensor_head`] on host buffers: the 3×3 conv(s), then
@@ -375,11 +376,7 @@ mod tests {
     /// the GPUs' composition (tensor head, top-n op, gather), both run on the CPU.
     #[test]
     fn the_host_winners_match_the_device_composition() {
-        let weights = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/tiny_r50/model.safetensors"
-        );
-        let model = crate::MaskRcnn::load(weights, |_| {}, &Device::Cpu).unwrap();
+        let model = crate::model::fixture_model("tiny_r50");
         let mut rpn = model.rpn.clone();
         rpn.pre_nms_top_n = 40;
         let op = rpn.cpu_head.clone().expect("a CPU head on the CPU");
@@ -418,11 +415,7 @@ mod tests {
 
     #[test]
     fn the_cpu_head_matches_the_tensor_ops() {
-        let weights = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/tiny_r50/model.safetensors"
-        );
-        let model = crate::MaskRcnn::load(weights, |_| {}, &Device::Cpu).unwrap();
+        let model = crate::model::fixture_model("tiny_r50");
         let rpn = &model.rpn;
         let mut op = rpn.cpu_head.clone().expect("a CPU head on the CPU");
         // The fixture's predictor biases are zero, as torchvision initialises them: give the op
