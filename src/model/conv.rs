@@ -501,8 +501,6 @@ mod tests {
         }
     }
 
-    /// Winograd against im2col (the direct sum) on shapes that exercise partial tiles on both
-    /// edges, jobs spanning several images, and a 256-channel reduction like the model's.
     #[test]
     fn only_3x3_stride_1_convs_up_to_the_channel_limit_run_as_winograd() {
         let method = |cin: usize, (k, s, p)| {
@@ -517,6 +515,8 @@ mod tests {
         assert!(!method(64, (1, 1, 0)));
     }
 
+    /// Winograd against im2col (the direct sum) on shapes that exercise partial tiles on both
+    /// edges, jobs spanning several images, and a 256-channel reduction like the model's.
     #[test]
     fn winograd_matches_im2col_on_odd_sizes_with_residual() {
         // (images, in, out, h, w)

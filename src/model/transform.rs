@@ -86,9 +86,9 @@ impl Transform {
         let (rh, rw) = Self::resized_size((height, width), sizes);
         let (ph, pw) = Self::padded_size((rh, rw));
         scratch.plane.resize(height * width, 0.0);
-        // Only grows: the resize writes every value but the padding, which is zeroed below.
+        // Not cleared first: the resize writes every value but the padding, zeroed below.
         out.resize(3 * ph * pw, 0.0);
-        for (c, dst) in out[..3 * ph * pw].chunks_exact_mut(ph * pw).enumerate() {
+        for (c, dst) in out.chunks_exact_mut(ph * pw).enumerate() {
             for (p, px) in scratch.plane.iter_mut().zip(rgb.chunks_exact(3)) {
                 *p = (px[c] as f32 / 255.0 - self.mean[c]) / self.std[c];
             }
