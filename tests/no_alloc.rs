@@ -9,6 +9,8 @@
 //! other allocation on any thread (hand-off, preprocessing, postprocessing, tracking,
 //! serialising, the sinks, the preview's drawing) must be zero.
 //!
+//! A second test checks that the GEMMs the model calls allocate nothing once warm.
+//!
 //! Its own test binary, without libtest's harness (`harness = false`): libtest's main thread
 //! prints a notice once a test has run for 60 s, and under emulation on a loaded machine that
 //! moment fell inside the counted frames, booking the notice's allocations to drape. Here the
@@ -96,17 +98,91 @@ impl Sink for Window {
     }
 }
 
-const NAME: &str = "the_real_loop_allocates_nothing_outside_the_model";
+type Test = (&'static str, fn());
 
-/// Runs the one test; a failed assertion panics, and the process exits non-zero.
+const TESTS: [Test; 2] = [
+    (
+        "gemm_allocates_nothing_once_warm",
+        gemm_allocates_nothing_once_warm,
+    ),
+    (
+        "the_real_loop_allocates_nothing_outside_the_model",
+        the_real_loop_allocates_nothing_outside_the_model,
+    ),
+];
+
+/// Runs the tests in order, alone in the process; a failed assertion panics, and the process
+/// exits non-zero.
 fn main() {
     if std::env::args().any(|a| a == "--list") {
-        println!("{NAME}: test");
+        TESTS.iter().for_each(|(name, _)| println!("{name}: test"));
         return;
     }
-    println!("running {NAME}");
-    the_real_loop_allocates_nothing_outside_the_model();
-    println!("test {NAME} ... ok");
+    for (name, test) in TESTS {
+        println!("running {name}");
+        test();
+        println!("test {name} ... ok");
+    }
+}
+
+/// The GEMMs the convs and fully connected layers call, in both of the ways the model calls
+/// them (one thread per tile; a fully connected layer split across the pool's threads),
+/// allocate nothing once each thread has run one: the build's gemm-common reuses its
+/// `did_pack_lhs` flags instead of allocating them per call and per task (Cargo.toml's
+/// `[patch]`). Run first, while the process has no other threads.
+fn gemm_allocates_nothing_once_warm() {
+    // A conv tile's shape ([out, in] x [in, pixels]) and a fully connected layer's
+    // ([rois, in] x [in, out]), big enough that gemm splits the second across threads.
+    let (m, n, k) = (256, 512, 576);
+    let a = vec![0.5f32; m * k];
+    let b = vec![0.25f32; k * n];
+    let mut c = vec![0.0f32; m * n];
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let run = |c: &mut [f32], parallelism| {
+        // SAFETY: a is m x k, b is k x n and c is m x n, all column-major and contiguous, as
+        // the strides say; nothing else touches them during the call.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                m as isize,
+                1,
+                false,
+                a.as_ptr(),
+                m as isize,
+                1,
+                b.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        }
+    };
+    let allocations = pool.install(|| {
+        let modes = [gemm::Parallelism::None, gemm::Parallelism::Rayon(2)];
+        // Warm-up: each thread's spare flags, rayon's queues.
+        for _ in 0..4 {
+            modes.iter().for_each(|&mode| run(&mut c, mode));
+        }
+        let (before, _) = counts();
+        for _ in 0..20 {
+            modes.iter().for_each(|&mode| run(&mut c, mode));
+        }
+        counts().0 - before
+    });
+    assert_eq!(allocations, 0, "allocations in 40 warm gemm calls");
+    // The calls did the work: every value is k · 0.5 · 0.25.
+    assert!(c.iter().all(|&v| v == k as f32 * 0.125), "{}", c[0]);
 }
 
 fn the_real_loop_allocates_nothing_outside_the_model() {

@@ -62,6 +62,66 @@ thread_local! {
     ));
 }
 
+#[cfg(feature = "std")]
+thread_local! {
+    /// `did_pack_lhs` flags (one per `MR` rows of an `mc` block), reused across calls: each
+    /// thread keeps a stack of spare buffers, a call pops one and pushes it back when done, so a
+    /// steady stream of calls allocates nothing. A stack rather than one slot, because a thread
+    /// can hold two at once: a call's own flags, and a task of that call's (or of a call it stole
+    /// while waiting) that runs on the same thread. This replaces a `vec![false; mc / MR]` per
+    /// call and per task.
+    static SPARE_FLAGS: core::cell::RefCell<alloc::vec::Vec<alloc::vec::Vec<bool>>> =
+        const { core::cell::RefCell::new(alloc::vec::Vec::new()) };
+}
+
+struct PackFlags(alloc::vec::Vec<bool>);
+
+impl PackFlags {
+    fn new(len: usize) -> Self {
+        if len == 0 {
+            return PackFlags(alloc::vec::Vec::new());
+        }
+        #[cfg(feature = "std")]
+        let mut flags = SPARE_FLAGS
+            .try_with(|spare| spare.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        #[cfg(not(feature = "std"))]
+        let mut flags = alloc::vec::Vec::new();
+        flags.clear();
+        flags.resize(len, false);
+        PackFlags(flags)
+    }
+}
+
+impl Drop for PackFlags {
+    fn drop(&mut self) {
+        #[cfg(feature = "std")]
+        {
+            let flags = core::mem::take(&mut self.0);
+            // Only buffers that hold memory are kept, so the stack grows only while every spare
+            // is in use. During thread teardown the stack may be gone: the buffer is then freed.
+            if flags.capacity() > 0 {
+                let _ = SPARE_FLAGS.try_with(|spare| spare.borrow_mut().push(flags));
+            }
+        }
+    }
+}
+
+impl core::ops::Deref for PackFlags {
+    type Target = [bool];
+    fn deref(&self) -> &[bool] {
+        &self.0
+    }
+}
+
+impl core::ops::DerefMut for PackFlags {
+    fn deref_mut(&mut self) -> &mut [bool] {
+        &mut self.0
+    }
+}
+
 pub trait Conj: Copy {
     fn conj(self) -> Self;
 }
@@ -487,7 +547,7 @@ pub unsafe fn gemm_basic_generic<
     let packed_rhs_rs = if do_pack_rhs { NR as isize } else { rhs_rs };
     let packed_rhs_cs = if do_pack_rhs { 1 } else { rhs_cs };
 
-    let mut did_pack_lhs = alloc::vec![false; mc / MR];
+    let mut did_pack_lhs = PackFlags::new(mc / MR);
     let did_pack_lhs = Ptr((&mut *did_pack_lhs) as *mut _);
 
     let mut col_outer = 0;
@@ -650,8 +710,7 @@ pub unsafe fn gemm_basic_generic<
             }
 
             let func = move |tid, packed_lhs: Ptr<T>| {
-                let mut did_pack_lhs_storage =
-                    alloc::vec![false; if tid > 0 { mc / MR } else { 0 }];
+                let mut did_pack_lhs_storage = PackFlags::new(if tid > 0 { mc / MR } else { 0 });
                 let did_pack_lhs = if tid > 0 {
                     &mut *did_pack_lhs_storage
                 } else {
