@@ -130,9 +130,8 @@ impl Block {
 }
 
 /// A block on the CPU: its convs in turn on host buffers, the identity (or downsample) added
-/// before the last ReLU. The maps between the convs are plain buffers of the call (kept per
-/// thread instead, they raised peak RSS by 50–70 MB and slowed the backbone by about 5%, for 36
-/// fewer allocations a frame).
+/// before the last ReLU. The maps between the convs are the stage's [`Maps`] (kept per thread
+/// across frames instead, they raised peak RSS by 50–70 MB and slowed the backbone by about 5%).
 #[derive(Debug, Clone)]
 struct BlockOp {
     /// Each with the ReLU it is followed by.
@@ -142,20 +141,38 @@ struct BlockOp {
     downsample: Option<FusedConv>,
 }
 
+/// The maps inside a block, reused by every block of a stage. One stage call's, freed when it
+/// returns: the first block's are the stage's largest, so later blocks never reallocate.
+#[derive(Default)]
+struct Maps {
+    y1: Vec<f32>,
+    y2: Vec<f32>,
+}
+
 impl BlockOp {
-    fn run(&self, x: &[f32], (n, h, w): (usize, usize, usize)) -> Vec<f32> {
+    /// The block's output into `out` (its memory reused when large enough).
+    fn run(
+        &self,
+        x: &[f32],
+        (n, h, w): (usize, usize, usize),
+        Maps { y1, y2 }: &mut Maps,
+        out: &mut Vec<f32>,
+    ) {
+        // Only a stage's first block downsamples, so its buffer is not worth keeping.
         let downsampled = self
             .downsample
             .as_ref()
             .map(|ds| ds.run_values(x, (n, h, w), None).0);
         let identity = downsampled.as_deref().unwrap_or(x);
-        let (y1, (h1, w1)) = self.conv1.run_values(x, (n, h, w), None);
+        let (h1, w1) = self.conv1.run_into(x, (n, h, w), None, y1);
         match &self.conv3 {
             Some(conv3) => {
-                let (y2, (h2, w2)) = self.conv2.run_values(&y1, (n, h1, w1), None);
-                conv3.run_values(&y2, (n, h2, w2), Some(identity)).0
+                let (h2, w2) = self.conv2.run_into(y1, (n, h1, w1), None, y2);
+                conv3.run_into(y2, (n, h2, w2), Some(identity), out);
             }
-            None => self.conv2.run_values(&y1, (n, h1, w1), Some(identity)).0,
+            None => {
+                self.conv2.run_into(y1, (n, h1, w1), Some(identity), out);
+            }
         }
     }
 
@@ -193,7 +210,8 @@ impl BlockOp {
 
 /// A ResNet stage (`layer1`..`layer4`) on the CPU: its blocks in turn on host buffers, one
 /// tensor out. As one op per block, a stage made a tensor per block, about five allocations
-/// each.
+/// each; with a fresh buffer per map, three or four a block. Now blocks hand their outputs
+/// back and forth between two buffers and share one [`Maps`]: five a stage.
 #[derive(Debug, Clone)]
 struct StageOp(Vec<BlockOp>);
 
@@ -205,11 +223,19 @@ impl CustomOp1 for StageOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let (n, c, h, w) = l.shape().dims4()?;
-        let (mut y, mut shape) = (None::<Vec<f32>>, (c, h, w));
+        let (mut maps, mut y, mut next) = (Maps::default(), None::<Vec<f32>>, Vec::new());
+        let mut shape = (c, h, w);
         for block in &self.0 {
-            let next = block.output_shape(shape)?;
-            y = Some(block.run(y.as_deref().unwrap_or(x), (n, shape.1, shape.2)));
-            shape = next;
+            let out_shape = block.output_shape(shape)?;
+            block.run(
+                y.as_deref().unwrap_or(x),
+                (n, shape.1, shape.2),
+                &mut maps,
+                &mut next,
+            );
+            // The output becomes the next block's input; the input's buffer its output's.
+            next = y.replace(next).unwrap_or_default();
+            shape = out_shape;
         }
         let out = y.unwrap_or_else(|| x.to_vec());
         Ok((
@@ -411,11 +437,12 @@ impl ResNet {
 mod tests {
     use super::*;
 
-    /// The CPU's stage ops against the blocks as tensor ops (what GPUs run), on the CPU, for a
-    /// Bottleneck and a BasicBlock body: the same convs in the same order, so the same bits.
+    /// The CPU's stage ops against the blocks as tensor ops (what GPUs run), on the CPU, for
+    /// Bottleneck and BasicBlock bodies: the same convs in the same order, so the same bits.
+    /// The R101's and R18's stages have several blocks, which pass their buffers along.
     #[test]
     fn the_cpu_stages_match_the_blocks_as_tensor_ops() {
-        for fixture in ["tiny_r50", "tiny_r18"] {
+        for fixture in ["tiny_r50", "tiny_r101", "tiny_r18"] {
             let model = crate::model::fixture_model(fixture);
             let body = &model.backbone;
             assert!(body.cpu_stages.is_some());

@@ -146,15 +146,33 @@ impl FusedConv {
     pub(super) fn run_values(
         &self,
         input: &[f32],
-        (n, h, w): (usize, usize, usize),
+        dims: (usize, usize, usize),
         residual: Option<&[f32]>,
     ) -> (Vec<f32>, (usize, usize)) {
+        let mut out = Vec::new();
+        let size = self.run_into(input, dims, residual, &mut out);
+        (out, size)
+    }
+
+    /// [`Self::run_values`] into `out`, replacing what it held; its memory is reused when it is
+    /// large enough. Returns the output's (height, width).
+    pub(super) fn run_into(
+        &self,
+        input: &[f32],
+        (n, h, w): (usize, usize, usize),
+        residual: Option<&[f32]>,
+        out: &mut Vec<f32>,
+    ) -> (usize, usize) {
         let (oh, ow) = self.output_size(h, w);
         let plane = oh * ow;
         let len = n * self.out_channels * plane;
         // Uninitialised: both methods write every value of every output plane, and zeroing the
-        // buffer first took about 2% of a frame (mimalloc zeroes reused pages itself).
-        let mut out = Vec::<f32>::with_capacity(len);
+        // buffer first took about 2% of a frame (mimalloc zeroes reused pages itself). A buffer
+        // too small is replaced, not grown: growing would copy the values it is about to lose.
+        out.clear();
+        if out.capacity() < len {
+            *out = Vec::with_capacity(len);
+        }
         let ptr = OutPtr(out.as_mut_ptr());
         match &self.method {
             Method::Winograd(wino) => {
@@ -206,7 +224,7 @@ impl FusedConv {
         // SAFETY: the jobs above wrote all `len` values: Winograd's cover every tile row of
         // every image, the im2col tiles every output row, each for every channel.
         unsafe { out.set_len(len) };
-        (out, (oh, ow))
+        (oh, ow)
     }
 
     /// One tile: output rows `y0..y1` of image `img`, with `weight` in PyTorch's layout.
