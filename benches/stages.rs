@@ -10,6 +10,7 @@ use std::time::Duration;
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion};
 use drape::model::box_ops::Candidates;
+use drape::model::rpn::RpnScratch;
 use drape::postprocess::{Detections, Detector};
 use drape::synthetic::{write_random_weights, SyntheticSpec};
 use drape::MaskRcnn;
@@ -55,12 +56,20 @@ fn stages(c: &mut Criterion) {
         let batch = model.preprocess(&rgb, (512, 512)).expect("preprocess");
         let c5 = model.backbone.forward(&batch.tensor).expect("backbone");
         let features = model.fpn.forward(&c5).expect("fpn");
+        let mut scratch = RpnScratch::default();
         let mut cand = Candidates::default();
         let mut proposals = Vec::new();
         let (size, padded) = (batch.image_size, batch.padded);
         model
             .rpn
-            .forward(&features, size, padded, &mut cand, &mut proposals)
+            .forward(
+                &features,
+                size,
+                padded,
+                &mut scratch,
+                &mut cand,
+                &mut proposals,
+            )
             .expect("rpn");
         let heads = &model.roi_heads;
         let pyramid = &features[..4];
@@ -77,7 +86,7 @@ fn stages(c: &mut Criterion) {
             b.iter(|| {
                 model
                     .rpn
-                    .forward(&features, size, padded, &mut cand, &mut out)
+                    .forward(&features, size, padded, &mut scratch, &mut cand, &mut out)
                     .unwrap()
             })
         });

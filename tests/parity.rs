@@ -9,6 +9,7 @@ mod common;
 use candle_core::Device;
 use common::*;
 use drape::model::box_ops::Candidates;
+use drape::model::rpn::RpnScratch;
 use drape::model::transform::Transform;
 use drape::MaskRcnn;
 
@@ -142,6 +143,7 @@ fn rpn_proposals_match_torchvision() {
                 &features,
                 image_size(&r),
                 padded,
+                &mut RpnScratch::default(),
                 &mut Candidates::default(),
                 &mut ours,
             )

@@ -44,7 +44,7 @@ use box_ops::{Box, Candidates};
 use fpn::Fpn;
 use roi_heads::Detection;
 use roi_heads::RoiHeads;
-use rpn::Rpn;
+use rpn::{Rpn, RpnScratch};
 use transform::{ImageBatch, ResizeScratch, Transform};
 
 /// BatchNorm epsilon when the file does not say: `nn.BatchNorm2d`'s and `FrozenBatchNorm2d`'s
@@ -139,6 +139,7 @@ pub struct FrameSettings {
 pub struct Workspace {
     resize: ResizeScratch,
     input: Vec<f32>,
+    rpn: RpnScratch,
     candidates: Candidates,
     proposals: Vec<Box>,
     /// Boxes and labels of the detections that get a mask this frame.
@@ -386,9 +387,16 @@ impl MaskRcnn {
         t.fpn = clock.lap()?;
         {
             let _span = tracing::debug_span!("rpn").entered();
-            let (cand, proposals) = (&mut ws.candidates, &mut ws.proposals);
-            self.rpn
-                .forward(&features, batch.image_size, batch.padded, cand, proposals)?;
+            let (scratch, cand) = (&mut ws.rpn, &mut ws.candidates);
+            let (image_size, padded) = (batch.image_size, batch.padded);
+            self.rpn.forward(
+                &features,
+                image_size,
+                padded,
+                scratch,
+                cand,
+                &mut ws.proposals,
+            )?;
         }
         let proposals = &ws.proposals;
         t.rpn = clock.lap()?;

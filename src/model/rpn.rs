@@ -14,7 +14,7 @@ use super::conv::{host_f32, scratch, FusedConv, Method};
 use super::layers::{Conv2d, ConvSpec};
 use super::sgemm::{self, PackedA};
 use super::sigmoid;
-use super::topk::{top_n_levels, top_n_slices, TopN};
+use super::topk::{top_n_levels, top_n_slices, TopNScratch};
 use crate::config::{Config, RPN_MIN_SIZE};
 use crate::error::Result;
 use crate::weights::Weights;
@@ -26,6 +26,21 @@ thread_local! {
     /// [`HeadOp`]'s per-thread product of a run of columns (`[5A, columns]`), sized by the
     /// first level a thread sees and reused.
     static PRODUCT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Buffers the RPN reuses from frame to frame (the model's `Workspace` holds one): the
+/// top-n's, each level's head output and the maps inside the head on the CPU, the levels'
+/// grids, and the winners' deltas. On the CPU a frame allocates none of them once they have
+/// grown.
+#[derive(Debug, Default)]
+pub struct RpnScratch {
+    top_n: TopNScratch,
+    heads: Vec<Vec<f32>>,
+    maps: [Vec<f32>; 2],
+    /// Each level's `(H, W)`.
+    grids: Vec<(usize, usize)>,
+    /// The winners' box deltas, level after level, four values each.
+    deltas: Vec<f32>,
 }
 
 #[derive(Debug, Clone)]
@@ -98,22 +113,24 @@ impl Rpn {
     /// Proposals in resized-image coordinates, best first. `image_size` is the resized image
     /// (height, width) that boxes are clipped to; `padded` the batch tensor's size, which sets
     /// the anchor strides.
-    /// `cand` is reused scratch; the proposals replace `out`'s contents.
+    /// `scratch` and `cand` are reused buffers; the proposals replace `out`'s contents.
     pub fn forward(
         &self,
         features: &[Tensor],
         image_size: (usize, usize),
         padded: (usize, usize),
+        scratch: &mut RpnScratch,
         cand: &mut Candidates,
         out: &mut Vec<Box>,
     ) -> Result<()> {
         cand.clear();
-        let (tops, grids, winner_deltas) = match &self.cpu_head {
-            Some(op) => self.winners_on_host(op, features)?,
-            None => self.winners_on_device(features)?,
-        };
-        let mut level_deltas = winner_deltas.chunks_exact(4);
-        for (level, (top, &grid)) in tops.iter().zip(&grids).enumerate() {
+        match &self.cpu_head {
+            Some(op) => self.winners_on_host(op, features, scratch)?,
+            None => self.winners_on_device(features, scratch)?,
+        }
+        let mut level_deltas = scratch.deltas.chunks_exact(4);
+        let levels = scratch.top_n.tops().iter().zip(&scratch.grids);
+        for (level, (top, &grid)) in levels.enumerate() {
             let anchors = LevelAnchors::new(level, grid, padded);
             for ((&i, &logit), deltas) in top
                 .indices
@@ -141,24 +158,25 @@ impl Rpn {
     }
 
     /// Every level's pre-NMS winners (top-n objectness logits), each level's `(H, W)`, and the
-    /// winners' box deltas, level after level, four values each, as GPUs compute them: every
-    /// level's head is enqueued before anything is read back, so the device runs them back to
-    /// back instead of idling while the host waits for each level's top-n.
-    fn winners_on_device(&self, features: &[Tensor]) -> Result<Winners> {
+    /// winners' box deltas, into `scratch`, as GPUs compute them: every level's head is
+    /// enqueued before anything is read back, so the device runs them back to back instead of
+    /// idling while the host waits for each level's top-n.
+    fn winners_on_device(&self, features: &[Tensor], scratch: &mut RpnScratch) -> Result<()> {
         let mut logits = Vec::with_capacity(features.len());
         let mut deltas = Vec::with_capacity(features.len());
-        let mut grids = Vec::with_capacity(features.len());
+        scratch.grids.clear();
         for feature in features {
             let (_, _, h, w) = feature.dims4()?;
             let (l, d) = self.tensor_head(feature)?;
             logits.push(l);
             deltas.push(d);
-            grids.push((h, w));
+            scratch.grids.push((h, w));
         }
         // The top-n runs on the device for all levels at once (see `topk`); only the
         // winners' logits and box deltas come to the host, where decoding and NMS run in f32
         // (the deltas are f16 on GPUs until here).
-        let tops = top_n_levels(&logits, self.pre_nms_top_n)?;
+        top_n_levels(&logits, self.pre_nms_top_n, &mut scratch.top_n)?;
+        let tops = scratch.top_n.tops();
         // One gather and one read of every level's winners' deltas: indices into the levels'
         // deltas stacked as [sum of H*W*A, 4].
         let mut winners = Vec::with_capacity(tops.iter().map(|t| t.indices.len()).sum());
@@ -167,7 +185,7 @@ impl Rpn {
             winners.extend(top.indices.iter().map(|&i| offset + i));
             offset += d.dim(0)? as u32;
         }
-        let winner_deltas: Vec<f32> = if winners.is_empty() {
+        scratch.deltas = if winners.is_empty() {
             Vec::new()
         } else {
             let device = features[0].device();
@@ -180,47 +198,55 @@ impl Rpn {
                     .to_dtype(DType::F32)?,
             )?
         };
-        Ok((tops, grids, winner_deltas))
+        Ok(())
     }
 
     /// [`Self::winners_on_device`] on the CPU: each level's head written into one host buffer
     /// ([`HeadOp`]), the top-n run on its logits in place, and the winners' deltas copied
-    /// straight out of it. As tensors (the head's output, its logits and deltas as views, the
-    /// gather) a frame made about a hundred allocations more.
-    fn winners_on_host(&self, op: &HeadOp, features: &[Tensor]) -> Result<Winners> {
-        let heads = features
-            .iter()
-            .map(|feature| {
-                let feature = feature.contiguous()?;
-                let (storage, layout) = feature.storage_and_layout();
-                let x = host_f32(&storage, layout, "rpn head")?;
-                op.run(x, layout.shape().dims4()?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let grids: Vec<(usize, usize)> = features
-            .iter()
-            .map(|f| f.dims4().map(|(_, _, h, w)| (h, w)))
-            .collect::<candle_core::Result<_>>()?;
+    /// straight out of it, all into `scratch`. As tensors (the head's output, its logits and
+    /// deltas as views, the gather) a frame made about a hundred allocations more.
+    fn winners_on_host(
+        &self,
+        op: &HeadOp,
+        features: &[Tensor],
+        scratch: &mut RpnScratch,
+    ) -> Result<()> {
+        let RpnScratch {
+            top_n,
+            heads,
+            maps,
+            grids,
+            deltas,
+        } = scratch;
+        heads.resize_with(features.len(), Vec::new);
+        grids.clear();
+        for (feature, head) in features.iter().zip(heads.iter_mut()) {
+            let feature = feature.contiguous()?;
+            let (storage, layout) = feature.storage_and_layout();
+            let x = host_f32(&storage, layout, "rpn head")?;
+            let dims = layout.shape().dims4()?;
+            op.run(x, dims, maps, head)?;
+            grids.push((dims.2, dims.3));
+        }
         let anchors = |&(h, w): &(usize, usize)| h * w * self.num_anchors;
         let logits: Vec<&[f32]> = heads
             .iter()
-            .zip(&grids)
+            .zip(grids.iter())
             .map(|(head, grid)| &head[..anchors(grid)])
             .collect();
-        let tops = top_n_slices(&logits, self.pre_nms_top_n)?;
-        let total: usize = tops.iter().map(|t| t.indices.len()).sum();
-        let mut winner_deltas = Vec::with_capacity(4 * total);
-        for ((top, head), grid) in tops.iter().zip(&heads).zip(&grids) {
-            let deltas = &head[anchors(grid)..];
+        top_n_slices(&logits, self.pre_nms_top_n, top_n)?;
+        deltas.clear();
+        for ((top, head), grid) in top_n.tops().iter().zip(heads.iter()).zip(grids.iter()) {
+            let level = &head[anchors(grid)..];
             for &i in &top.indices {
-                winner_deltas.extend_from_slice(&deltas[4 * i as usize..][..4]);
+                deltas.extend_from_slice(&level[4 * i as usize..][..4]);
             }
         }
         // Counted as the GPU's one read of the winners' deltas, so the CPU pins its count.
-        if total > 0 {
+        if !deltas.is_empty() {
             crate::device::count_read();
         }
-        Ok((tops, grids, winner_deltas))
+        Ok(())
     }
 
     /// One level's `[H·W·A]` logits and `[H·W·A, 4]` box deltas, in the anchors' order, as
@@ -247,10 +273,6 @@ impl Rpn {
         Ok((logits, deltas))
     }
 }
-
-/// What [`Rpn::winners_on_device`] and [`Rpn::winners_on_host`] give: every level's top-n, its
-/// `(H, W)`, and the winners' deltas.
-type Winners = (Vec<TopN>, Vec<(usize, usize)>, Vec<f32>);
 
 /// One level's head on the CPU, [`Rpn::tensor_head`] on host buffers: the 3×3 conv(s), then
 /// `cls_logits` and `bbox_pred` as one product of their stacked weights, written straight into
@@ -297,8 +319,15 @@ impl HeadOp {
         })
     }
 
-    /// The head over one `[1, C, H, W]` map `x`, `dims` its shape.
-    fn run(&self, x: &[f32], dims: (usize, usize, usize, usize)) -> Result<Vec<f32>> {
+    /// The head over one `[1, C, H, W]` map `x`, `dims` its shape, into `out`; `maps` hold
+    /// the convs' outputs. Each buffer's memory is reused when large enough.
+    fn run(
+        &self,
+        x: &[f32],
+        dims: (usize, usize, usize, usize),
+        [even, odd]: &mut [Vec<f32>; 2],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         let (n, c, h, w) = dims;
         let channels = self.convs.first().map_or(c, |conv| conv.in_channels);
         if n != 1 || c != channels || x.len() != c * h * w {
@@ -306,25 +335,34 @@ impl HeadOp {
                 format!("rpn head: input [{n}, {c}, {h}, {w}] is not one {channels}-channel map");
             return Err(candle_core::Error::Msg(msg).into());
         }
-        // The convs are 3×3 with padding 1: every map keeps the level's size.
-        let mut t: Option<Vec<f32>> = None;
-        for conv in &self.convs {
-            t = Some(
-                conv.run_values(t.as_deref().unwrap_or(x), (1, h, w), None)
-                    .0,
-            );
+        // The convs are 3×3 with padding 1: every map keeps the level's size. Conv i writes
+        // the even or odd map and reads the other (or `x`).
+        for (i, conv) in self.convs.iter().enumerate() {
+            let (src, dst) = if i % 2 == 0 {
+                (&*odd, &mut *even)
+            } else {
+                (&*even, &mut *odd)
+            };
+            conv.run_into(if i == 0 { x } else { src }, (1, h, w), None, dst);
         }
-        Ok(self.predict(t.as_deref().unwrap_or(x), h * w))
+        let last = match self.convs.len() {
+            0 => x,
+            n if n % 2 == 1 => even,
+            _ => odd,
+        };
+        self.predict(last, h * w, out);
+        Ok(())
     }
 
     /// Both predictors over the `[C, plane]` features `x`: `[plane·A]` logits then
     /// `[plane·A, 4]` deltas.
-    fn predict(&self, x: &[f32], plane: usize) -> Vec<f32> {
+    fn predict(&self, x: &[f32], plane: usize, out: &mut Vec<f32>) {
         let a = self.num_anchors;
         let rows = 5 * a;
-        let mut out = vec![0f32; rows * plane];
+        out.clear();
+        out.resize(rows * plane, 0.0);
         if plane == 0 {
-            return out;
+            return;
         }
         let (logits, deltas) = out.split_at_mut(a * plane);
         // Runs of whole kernel panels, one per thread.
@@ -364,7 +402,6 @@ impl HeadOp {
                     }
                 });
             });
-        out
     }
 }
 
@@ -373,7 +410,8 @@ mod tests {
     use super::*;
 
     /// The CPU's winners (head into host buffers, top-n in place, deltas copied out) against
-    /// the GPUs' composition (tensor head, top-n op, gather), both run on the CPU.
+    /// the GPUs' composition (tensor head, top-n op, gather), both run on the CPU. The CPU's
+    /// scratch first held a larger frame with six levels, as a stream's would.
     #[test]
     fn the_host_winners_match_the_device_composition() {
         let model = crate::model::fixture_model("tiny_r50");
@@ -381,24 +419,34 @@ mod tests {
         rpn.pre_nms_top_n = 40;
         let op = rpn.cpu_head.clone().expect("a CPU head on the CPU");
         let channels = model.fpn.channels();
-        let features: Vec<Tensor> = [(16, 20), (8, 10), (4, 5), (2, 3), (1, 1)]
-            .iter()
-            .enumerate()
-            .map(|(i, &(h, w))| {
-                let mut rng = crate::test_rng::TestRng::new(50 + i as u32);
-                let values: Vec<f32> = (0..channels * h * w)
-                    .map(|_| rng.unit() * 2.0 - 1.0)
-                    .collect();
-                Tensor::from_vec(values, (1, channels, h, w), &Device::Cpu).unwrap()
-            })
-            .collect();
-        let (tops, grids, deltas) = rpn.winners_on_host(&op, &features).unwrap();
-        let (want_tops, want_grids, want_deltas) = rpn.winners_on_device(&features).unwrap();
-        assert_eq!(grids, want_grids);
+        let levels = |grids: &[(usize, usize)], seed: u32| -> Vec<Tensor> {
+            grids
+                .iter()
+                .enumerate()
+                .map(|(i, &(h, w))| {
+                    let mut rng = crate::test_rng::TestRng::new(seed + i as u32);
+                    let values: Vec<f32> = (0..channels * h * w)
+                        .map(|_| rng.unit() * 2.0 - 1.0)
+                        .collect();
+                    Tensor::from_vec(values, (1, channels, h, w), &Device::Cpu).unwrap()
+                })
+                .collect()
+        };
+        let mut host = RpnScratch::default();
+        let larger = levels(&[(32, 24), (16, 12), (8, 6), (4, 3), (2, 2), (1, 1)], 7);
+        rpn.winners_on_host(&op, &larger, &mut host).unwrap();
+        let features = levels(&[(16, 20), (8, 10), (4, 5), (2, 3), (1, 1)], 50);
+        rpn.winners_on_host(&op, &features, &mut host).unwrap();
+        let mut device = RpnScratch::default();
+        rpn.winners_on_device(&features, &mut device).unwrap();
+        let (tops, want_tops) = (host.top_n.tops(), device.top_n.tops());
+        let (deltas, want_deltas) = (&host.deltas, &device.deltas);
+        assert_eq!(host.grids, device.grids);
+        assert_eq!(tops.len(), want_tops.len());
         // Level 4 has 3 anchors, fewer than the top-n: all of them, best first.
         let counts: Vec<usize> = tops.iter().map(|t| t.indices.len()).collect();
         assert_eq!(counts, [40, 40, 40, 18, 3]);
-        for (level, (got, want)) in tops.iter().zip(&want_tops).enumerate() {
+        for (level, (got, want)) in tops.iter().zip(want_tops).enumerate() {
             assert_eq!(got.indices, want.indices, "level {level}");
             for (g, e) in got.values.iter().zip(&want.values) {
                 assert!(
@@ -408,49 +456,57 @@ mod tests {
             }
         }
         assert_eq!(deltas.len(), want_deltas.len());
-        for (g, e) in deltas.iter().zip(&want_deltas) {
+        for (g, e) in deltas.iter().zip(want_deltas) {
             assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "{g} vs {e}");
         }
     }
 
+    /// The CPU head against the tensor ops, for a v1 head (one conv) and a v2 one (two).
     #[test]
     fn the_cpu_head_matches_the_tensor_ops() {
-        let model = crate::model::fixture_model("tiny_r50");
-        let rpn = &model.rpn;
-        let mut op = rpn.cpu_head.clone().expect("a CPU head on the CPU");
-        // The fixture's predictor biases are zero, as torchvision initialises them: give the op
-        // others and add them to the tensor ops' output below, so each must land on its row.
-        let a = rpn.num_anchors;
-        let bias: Vec<f32> = (0..5 * a).map(|r| 0.25 * r as f32 - 1.0).collect();
-        op.bias = Arc::new(bias.clone());
-        let channels = model.fpn.channels();
-        // Ragged sizes: columns that end mid-panel, a single pixel, more columns than one
-        // thread's run.
-        for (i, &(h, w)) in [(13, 11), (1, 1), (7, 40), (64, 70)].iter().enumerate() {
-            let mut rng = crate::test_rng::TestRng::new(i as u32);
-            let values: Vec<f32> = (0..channels * h * w)
-                .map(|_| rng.unit() * 2.0 - 1.0)
-                .collect();
-            let got = op.run(&values, (1, channels, h, w)).unwrap();
-            let x = Tensor::from_vec(values, (1, channels, h, w), &Device::Cpu).unwrap();
-            let (logits, deltas) = rpn.tensor_head(&x).unwrap();
-            let mut want: Vec<f32> = logits.to_vec1().unwrap();
-            want.iter_mut()
+        for fixture in ["tiny_r50", "tiny_v2"] {
+            let model = crate::model::fixture_model(fixture);
+            let rpn = &model.rpn;
+            let mut op = rpn.cpu_head.clone().expect("a CPU head on the CPU");
+            // The fixture's predictor biases are zero, as torchvision initialises them: give the op
+            // others and add them to the tensor ops' output below, so each must land on its row.
+            let a = rpn.num_anchors;
+            let bias: Vec<f32> = (0..5 * a).map(|r| 0.25 * r as f32 - 1.0).collect();
+            op.bias = Arc::new(bias.clone());
+            let channels = model.fpn.channels();
+            // Ragged sizes: columns that end mid-panel, a single pixel, more columns than one
+            // thread's run. The buffers carry over from size to size, as from frame to frame.
+            let (mut maps, mut got) = Default::default();
+            for (i, &(h, w)) in [(13, 11), (1, 1), (7, 40), (64, 70), (5, 3)]
+                .iter()
                 .enumerate()
-                .for_each(|(i, v)| *v += bias[i % a]);
-            let deltas: Vec<f32> = deltas.flatten_all().unwrap().to_vec1().unwrap();
-            want.extend(
-                deltas
-                    .iter()
+            {
+                let mut rng = crate::test_rng::TestRng::new(i as u32);
+                let values: Vec<f32> = (0..channels * h * w)
+                    .map(|_| rng.unit() * 2.0 - 1.0)
+                    .collect();
+                op.run(&values, (1, channels, h, w), &mut maps, &mut got)
+                    .unwrap();
+                let x = Tensor::from_vec(values, (1, channels, h, w), &Device::Cpu).unwrap();
+                let (logits, deltas) = rpn.tensor_head(&x).unwrap();
+                let mut want: Vec<f32> = logits.to_vec1().unwrap();
+                want.iter_mut()
                     .enumerate()
-                    .map(|(i, v)| v + bias[a + i % (4 * a)]),
-            );
-            assert_eq!(got.len(), want.len(), "{h}×{w}");
-            for (j, (g, e)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
-                    "{h}×{w} value {j}: {g} vs {e}"
+                    .for_each(|(i, v)| *v += bias[i % a]);
+                let deltas: Vec<f32> = deltas.flatten_all().unwrap().to_vec1().unwrap();
+                want.extend(
+                    deltas
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| v + bias[a + i % (4 * a)]),
                 );
+                assert_eq!(got.len(), want.len(), "{h}×{w}");
+                for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                        "{fixture} {h}×{w} value {j}: {g} vs {e}"
+                    );
+                }
             }
         }
     }

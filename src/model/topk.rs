@@ -59,22 +59,46 @@ pub struct TopN {
     pub values: Vec<f32>,
 }
 
-/// The `n` largest entries of the 1-D `values` (f32, or f16 on CUDA), as f32.
-pub fn top_n(values: &Tensor, n: usize) -> Result<TopN> {
-    let mut tops = top_n_levels(std::slice::from_ref(values), n)?;
-    Ok(tops.pop().unwrap_or_default())
+/// Buffers a selection reuses from one call to the next, and its result: each level's
+/// search, each pass's ops and outputs, the winners being sorted, and every level's
+/// [`TopN`]. Over host levels ([`top_n_slices`]) nothing is allocated once they have grown.
+#[derive(Debug, Default)]
+pub struct TopNScratch {
+    searches: Vec<Search>,
+    histograms: Vec<Option<Histogram>>,
+    collects: Vec<Option<Collect>>,
+    /// Each level's output of the last pass.
+    outputs: Vec<Vec<u32>>,
+    pairs: Vec<(u32, u32)>,
+    equal: Vec<u32>,
+    tops: Vec<TopN>,
 }
 
-/// [`top_n`] of every level at once: each pass is launched for all levels and their results
-/// come back in one read, so the whole selection costs four reads whatever the level count
-/// (three histograms and the collect), not four per level.
-pub fn top_n_levels(levels: &[Tensor], n: usize) -> Result<Vec<TopN>> {
+impl TopNScratch {
+    /// The last selection's winners, one [`TopN`] per level.
+    pub fn tops(&self) -> &[TopN] {
+        &self.tops
+    }
+}
+
+/// The `n` largest entries of the 1-D `values` (f32, or f16 on CUDA), as f32.
+pub fn top_n(values: &Tensor, n: usize) -> Result<TopN> {
+    let mut scratch = TopNScratch::default();
+    top_n_levels(std::slice::from_ref(values), n, &mut scratch)?;
+    Ok(scratch.tops.pop().unwrap_or_default())
+}
+
+/// [`top_n`] of every level at once, into `scratch`'s [`TopNScratch::tops`]: each pass is launched
+/// for all levels and their results come back in one read, so the whole selection costs four
+/// reads whatever the level count (three histograms and the collect), not four per level.
+pub fn top_n_levels(levels: &[Tensor], n: usize, scratch: &mut TopNScratch) -> Result<()> {
     let lens = levels
         .iter()
         .map(|t| t.dim(0))
         .collect::<candle_core::Result<Vec<_>>>()?;
     let Some(first) = levels.first() else {
-        return Ok(Vec::new());
+        scratch.tops.clear();
+        return Ok(());
     };
     let levels = levels
         .iter()
@@ -89,7 +113,7 @@ pub fn top_n_levels(levels: &[Tensor], n: usize) -> Result<Vec<TopN>> {
                 .iter()
                 .map(|(s, l)| host_f32(s, l, "top_n"))
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            top_n_slices(&values, n)
+            top_n_slices(&values, n, scratch)
         }
         // Metal has no kernels for the passes: every level comes over in one read and the
         // passes run on the host copy.
@@ -108,78 +132,91 @@ pub fn top_n_levels(levels: &[Tensor], n: usize) -> Result<Vec<TopN>> {
                     head
                 })
                 .collect();
-            top_n_host(&values, n, || {})
+            top_n_host(&values, n, scratch, || {})
         }
         _ => select_levels(
-            &lens,
+            lens,
             n,
-            |ops| run_pass(&levels, ops),
-            |ops| run_pass(&levels, ops),
+            scratch,
+            |ops, outs| run_pass(&levels, ops, outs),
+            |ops, outs| run_pass(&levels, ops, outs),
         ),
     }
 }
 
 /// [`top_n_levels`] of levels held on the host, in place. Each pass counts as the read a GPU
 /// makes for it (see `crate::device::count_read`).
-pub fn top_n_slices(levels: &[&[f32]], n: usize) -> Result<Vec<TopN>> {
-    top_n_host(levels, n, crate::device::count_read)
+pub fn top_n_slices(levels: &[&[f32]], n: usize, scratch: &mut TopNScratch) -> Result<()> {
+    top_n_host(levels, n, scratch, crate::device::count_read)
 }
 
 /// The selection over levels already on the host, each pass run in place over every level;
 /// `on_pass` is called once per pass.
-fn top_n_host(values: &[&[f32]], n: usize, on_pass: impl Fn()) -> Result<Vec<TopN>> {
-    let lens: Vec<usize> = values.iter().map(|v| v.len()).collect();
+fn top_n_host(
+    values: &[&[f32]],
+    n: usize,
+    scratch: &mut TopNScratch,
+    on_pass: impl Fn(),
+) -> Result<()> {
     select_levels(
-        &lens,
+        values.iter().map(|v| v.len()),
         n,
-        |ops| {
+        scratch,
+        |ops, outs| {
             on_pass();
-            Ok(values
-                .iter()
-                .zip(ops)
-                .map(|(v, op)| op.as_ref().map_or_else(Vec::new, |op| op.count(v)))
-                .collect())
+            for ((v, op), out) in values.iter().zip(ops).zip(outs) {
+                match op {
+                    Some(op) => op.count_into(v, out),
+                    None => out.clear(),
+                }
+            }
+            Ok(())
         },
-        |ops| {
+        |ops, outs| {
             on_pass();
-            Ok(values
-                .iter()
-                .zip(ops)
-                .map(|(v, op)| op.as_ref().map_or_else(Vec::new, |op| op.gather(v)))
-                .collect())
+            for ((v, op), out) in values.iter().zip(ops).zip(outs) {
+                match op {
+                    Some(op) => op.gather_into(v, out),
+                    None => out.clear(),
+                }
+            }
+            Ok(())
         },
     )
 }
 
 /// One pass over every level with an op: the outputs concatenated, read once, split back by
-/// level.
-fn run_pass<C: CustomOp1>(levels: &[Tensor], ops: &[Option<C>]) -> Result<Vec<Vec<u32>>> {
-    let mut outs = Vec::new();
+/// level into `outs`.
+fn run_pass<C: CustomOp1>(
+    levels: &[Tensor],
+    ops: &[Option<C>],
+    outs: &mut [Vec<u32>],
+) -> Result<()> {
+    let mut parts = Vec::new();
     let mut sizes = Vec::with_capacity(ops.len());
     for (values, op) in levels.iter().zip(ops) {
         match op {
             Some(op) => {
                 let out = values.apply_op1_no_bwd(op)?;
                 sizes.push(out.dim(0)?);
-                outs.push(out);
+                parts.push(out);
             }
             None => sizes.push(0),
         }
     }
-    if outs.is_empty() {
-        return Ok(vec![Vec::new(); ops.len()]);
-    }
-    let all = Tensor::cat(&outs, 0)?;
-    let all: Vec<u32> = crate::device::read_vec1(&all)?;
+    let all: Vec<u32> = if parts.is_empty() {
+        Vec::new()
+    } else {
+        crate::device::read_vec1(&Tensor::cat(&parts, 0)?)?
+    };
     let mut rest = &all[..];
-    Ok(sizes
-        .iter()
-        .map(|&size| {
-            let (head, tail) = rest.split_at(size);
-            rest = tail;
-            head.to_vec()
-        })
-        .collect())
+    for (&size, out) in sizes.iter().zip(outs) {
+        let (head, tail) = rest.split_at(size);
+        rest = tail;
+        out.clear();
+        out.extend_from_slice(head);
+    }
+    Ok(())
 }
 
 /// The host side of the radix select over one level of `len` values, whatever runs the two
@@ -191,17 +228,33 @@ fn select(
     mut histogram: impl FnMut(&Histogram) -> Result<Vec<u32>>,
     collect: impl FnOnce(&Collect) -> Result<Vec<u32>>,
 ) -> Result<TopN> {
-    let one = |v: Option<Vec<u32>>| vec![v.unwrap_or_default()];
-    let mut tops = select_levels(
-        &[len],
+    let mut scratch = TopNScratch::default();
+    select_levels(
+        [len],
         n,
-        |ops| Ok(one(ops[0].as_ref().map(&mut histogram).transpose()?)),
-        |ops| Ok(one(ops[0].as_ref().map(collect).transpose()?)),
+        &mut scratch,
+        |ops, outs| {
+            outs[0] = ops[0]
+                .as_ref()
+                .map(&mut histogram)
+                .transpose()?
+                .unwrap_or_default();
+            Ok(())
+        },
+        |ops, outs| {
+            outs[0] = ops[0]
+                .as_ref()
+                .map(collect)
+                .transpose()?
+                .unwrap_or_default();
+            Ok(())
+        },
     )?;
-    Ok(tops.pop().unwrap_or_default())
+    Ok(scratch.tops.pop().unwrap_or_default())
 }
 
 /// Where one level's search stands between passes.
+#[derive(Debug)]
 struct Search {
     len: usize,
     n: usize,
@@ -213,37 +266,45 @@ struct Search {
 
 /// The host side of the radix select over levels of `lens` values in lock step: each pass
 /// asks `histogram` (then `collect`) for every level with something to select (`None` for the
-/// others) and gets one result per level back.
+/// others) and gets one result per level back in the outputs it is handed. The winners land in
+/// `scratch`'s [`TopNScratch::tops`].
 fn select_levels(
-    lens: &[usize],
+    lens: impl IntoIterator<Item = usize>,
     n: usize,
-    mut histogram: impl FnMut(&[Option<Histogram>]) -> Result<Vec<Vec<u32>>>,
-    collect: impl FnOnce(&[Option<Collect>]) -> Result<Vec<Vec<u32>>>,
-) -> Result<Vec<TopN>> {
-    let mut searches: Vec<Search> = lens
-        .iter()
-        .map(|&len| Search {
-            len,
-            n: n.min(len),
-            need: n.min(len) as u32,
-            prefix: 0,
-            at_threshold: 0,
-        })
-        .collect();
+    scratch: &mut TopNScratch,
+    mut histogram: impl FnMut(&[Option<Histogram>], &mut [Vec<u32>]) -> Result<()>,
+    collect: impl FnOnce(&[Option<Collect>], &mut [Vec<u32>]) -> Result<()>,
+) -> Result<()> {
+    let TopNScratch {
+        searches,
+        histograms,
+        collects,
+        outputs,
+        pairs,
+        equal,
+        tops,
+    } = scratch;
+    searches.clear();
+    searches.extend(lens.into_iter().map(|len| Search {
+        len,
+        n: n.min(len),
+        need: n.min(len) as u32,
+        prefix: 0,
+        at_threshold: 0,
+    }));
+    outputs.resize_with(searches.len(), Vec::new);
     for (shift, bits) in DIGITS {
-        let ops: Vec<Option<Histogram>> = searches
-            .iter()
-            .map(|s| {
-                (s.n > 0).then_some(Histogram {
-                    prefix: s.prefix,
-                    prefix_shift: shift + bits,
-                    shift,
-                    bits,
-                })
+        histograms.clear();
+        histograms.extend(searches.iter().map(|s| {
+            (s.n > 0).then_some(Histogram {
+                prefix: s.prefix,
+                prefix_shift: shift + bits,
+                shift,
+                bits,
             })
-            .collect();
-        let hists = histogram(&ops)?;
-        for (s, hist) in searches.iter_mut().zip(&hists).filter(|(s, _)| s.n > 0) {
+        }));
+        histogram(histograms, outputs)?;
+        for (s, hist) in searches.iter_mut().zip(&*outputs).filter(|(s, _)| s.n > 0) {
             let mut digit = None;
             for (d, &count) in hist.iter().enumerate().rev() {
                 if count >= s.need {
@@ -264,30 +325,35 @@ fn select_levels(
             s.prefix = (s.prefix << bits) | digit;
         }
     }
-    let ops: Vec<Option<Collect>> = searches
-        .iter()
-        .map(|s| {
-            (s.n > 0).then_some(Collect {
-                threshold: s.prefix,
-                above: s.n as u32 - s.need,
-                equal: s.at_threshold,
-            })
+    collects.clear();
+    collects.extend(searches.iter().map(|s| {
+        (s.n > 0).then_some(Collect {
+            threshold: s.prefix,
+            above: s.n as u32 - s.need,
+            equal: s.at_threshold,
         })
-        .collect();
-    let collected = collect(&ops)?;
-    searches
-        .iter()
-        .zip(&ops)
-        .zip(&collected)
-        .map(|((s, op), collected)| match op {
-            None => Ok(TopN::default()),
-            Some(op) => winners(s, op, collected),
-        })
-        .collect()
+    }));
+    collect(collects, outputs)?;
+    tops.resize_with(searches.len(), TopN::default);
+    for (((s, op), collected), top) in searches.iter().zip(&*collects).zip(&*outputs).zip(tops) {
+        top.indices.clear();
+        top.values.clear();
+        if let Some(op) = op {
+            winners(s, op, collected, (pairs, equal), top)?;
+        }
+    }
+    Ok(())
 }
 
-/// One level's winners from its collect pass, best first.
-fn winners(s: &Search, op: &Collect, collected: &[u32]) -> Result<TopN> {
+/// One level's winners from its collect pass, best first, into `top` (empty when called);
+/// `pairs` and `equal` are sorting space.
+fn winners(
+    s: &Search,
+    op: &Collect,
+    collected: &[u32],
+    (pairs, equal): (&mut Vec<(u32, u32)>, &mut Vec<u32>),
+    top: &mut TopN,
+) -> Result<()> {
     let (above, at_threshold) = (op.above, op.equal);
     if collected.len() < 2 || collected[..2] != [above, at_threshold] {
         let msg = format!(
@@ -298,20 +364,22 @@ fn winners(s: &Search, op: &Collect, collected: &[u32]) -> Result<TopN> {
         return Err(candle_core::Error::Msg(msg).into());
     }
     let collected = &collected[2..];
-    let (pairs, equal) = collected.split_at(2 * above as usize);
-    let mut winners: Vec<(u32, u32)> = pairs.chunks_exact(2).map(|p| (p[0], p[1])).collect();
-    winners.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut equal = equal.to_vec();
+    let (above, at) = collected.split_at(2 * above as usize);
+    pairs.clear();
+    pairs.extend(above.chunks_exact(2).map(|p| (p[0], p[1])));
+    pairs.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    equal.clear();
+    equal.extend_from_slice(at);
     equal.sort_unstable();
-    winners.extend(equal.iter().take(s.need as usize).map(|&i| (s.prefix, i)));
-    Ok(TopN {
-        indices: winners.iter().map(|w| w.1).collect(),
-        values: winners.iter().map(|w| from_key(w.0)).collect(),
-    })
+    pairs.extend(equal.iter().take(s.need as usize).map(|&i| (s.prefix, i)));
+    top.indices.extend(pairs.iter().map(|w| w.1));
+    top.values.extend(pairs.iter().map(|w| from_key(w.0)));
+    Ok(())
 }
 
 /// Per digit value at `shift`, how many keys whose bits from `prefix_shift` up equal `prefix`
 /// have it: `[2^bits]` u32.
+#[derive(Debug)]
 struct Histogram {
     prefix: u32,
     prefix_shift: u32,
@@ -324,17 +392,17 @@ impl Histogram {
         self.prefix_shift >= 32 || key >> self.prefix_shift == self.prefix
     }
 
-    /// The pass over `values` on the host.
-    fn count(&self, values: &[f32]) -> Vec<u32> {
+    /// The pass over `values` on the host, into `hist` (its memory reused).
+    fn count_into(&self, values: &[f32], hist: &mut Vec<u32>) {
         let bins = 1usize << self.bits;
-        let mut hist = vec![0u32; bins];
+        hist.clear();
+        hist.resize(bins, 0);
         for &v in values {
             let key = order_key(v);
             if self.matches(key) {
                 hist[(key >> self.shift) as usize & (bins - 1)] += 1;
             }
         }
-        hist
     }
 }
 
@@ -342,6 +410,7 @@ impl Histogram {
 /// the histograms counted `above` and `equal` of them: `[2 + 2 * above + equal]` u32, the
 /// first two words being how many of each were found (the kernel's slot counters), which
 /// `top_n` checks against the histograms.
+#[derive(Debug)]
 struct Collect {
     threshold: u32,
     above: u32,
@@ -353,9 +422,10 @@ impl Collect {
         2 + 2 * self.above as usize + self.equal as usize
     }
 
-    /// The pass over `values` on the host.
-    fn gather(&self, values: &[f32]) -> Vec<u32> {
-        let mut out = vec![0u32; self.len()];
+    /// The pass over `values` on the host, into `out` (its memory reused).
+    fn gather_into(&self, values: &[f32], out: &mut Vec<u32>) {
+        out.clear();
+        out.resize(self.len(), 0);
         let (counts, rest) = out.split_at_mut(2);
         let (above, equal) = rest.split_at_mut(2 * self.above as usize);
         let (mut n_above, mut n_equal) = (0usize, 0usize);
@@ -375,7 +445,6 @@ impl Collect {
         }
         // As the CUDA kernel's counters report them, so `top_n` checks both alike.
         counts.copy_from_slice(&[n_above as u32, n_equal as u32]);
-        out
     }
 }
 
@@ -385,7 +454,8 @@ impl CustomOp1 for Histogram {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let hist = self.count(contiguous_f32(s, l, self.name())?);
+        let mut hist = Vec::new();
+        self.count_into(contiguous_f32(s, l, self.name())?, &mut hist);
         let bins = hist.len();
         Ok((CpuStorage::U32(hist), Shape::from(bins)))
     }
@@ -409,7 +479,8 @@ impl CustomOp1 for Collect {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = self.gather(contiguous_f32(s, l, self.name())?);
+        let mut out = Vec::new();
+        self.gather_into(contiguous_f32(s, l, self.name())?, &mut out);
         let len = out.len();
         Ok((CpuStorage::U32(out), Shape::from(len)))
     }
