@@ -3,9 +3,10 @@
 //! and the hub, with a Server-Sent Events and a socket subscriber and the preview renderer),
 //! counted over many frames.
 //!
-//! The counting allocator books what the model's tensor work allocates (candle per op, gemm per
-//! call) to the model, and what the `image` crate's JPEG encoder allocates to the encoder; both
-//! shares are printed (`drape bench` reports the model's as `model_allocs_per_frame`). Every
+//! The counting allocator books what the model's tensor work allocates (candle per op, the
+//! stages' output buffers) to the model, and what the `image` crate's JPEG encoder allocates to
+//! the encoder; both shares are printed (`drape bench` reports the model's as
+//! `model_allocs_per_frame`). Every
 //! other allocation on any thread (hand-off, preprocessing, postprocessing, tracking,
 //! serialising, the sinks, the preview's drawing) must be zero.
 //!
@@ -262,7 +263,7 @@ fn the_real_loop_allocates_nothing_outside_the_model() {
     let (own, model) = (after.own - before.own, after.model - before.model);
     let encoder = after.encoder - before.encoder;
     println!(
-        "allocations per frame: {:.1} drape's own, {:.1} the model's (candle, gemm), {:.1} \
+        "allocations per frame: {:.1} drape's own, {:.1} the model's, {:.1} \
          the preview's JPEG encoder's",
         per_frame(own),
         per_frame(model),

@@ -362,8 +362,8 @@ impl MaskRcnn {
             self.transform
                 .apply_into(rgb, size, sizes, &mut ws.resize, &mut ws.input)?
         };
-        // From here on candle allocates per tensor op (and gemm per call); the allocation
-        // counter books that to the model.
+        // From here on candle allocates per tensor op; the allocation counter books that to
+        // the model.
         let _model = crate::alloc::Scope::enter(crate::alloc::Account::Model);
         // Normalised on the host in f32, cast on the device (f16 on GPUs).
         let batch = ImageBatch {

@@ -2,11 +2,13 @@
 //! weights) packed once at load in the layout the microkernel reads; also the mask predictor's
 //! transposed conv (`mask_predictor.rs`), one RoI at a time.
 //!
-//! The `gemm` crate allocates on every call (its `did_pack_lhs` flags, and its packing buffers
-//! when a width is not a whole number of vectors), and Winograd makes 36 calls per job,
-//! thousands a frame: the full R50 at 512 made about 6,500 allocations a frame, 4,600 of them
-//! there. Here a call allocates nothing: `V` is read in place and the only scratch is on the
-//! stack. The im2col convs (1×1, strided, the stem) keep `gemm`: on their shapes, one thread,
+//! The `gemm` crate as published allocates on every call (its `did_pack_lhs` flags, and its
+//! packing buffers when a width is not a whole number of vectors), and Winograd makes 36 calls
+//! per job, thousands a frame: the full R50 at 512 made about 6,500 allocations a frame, 4,600
+//! of them there. Here a call allocates nothing: `V` is read in place and the only scratch is
+//! on the stack. (The build's patched `gemm-common` now reuses those flags, see
+//! `third_party/gemm-common/PATCHES.md`.) The im2col convs (1×1, strided, the stem) keep
+//! `gemm`: on their shapes, one thread,
 //! this kernel ran 3–59% slower than `gemm`'s (94–152 against 130–180 GFLOP/s here), and the
 //! backbone 10–15% slower with it, even with their far-apart rows packed into a per-thread
 //! `KC × 512` block first; a 6 × 64 block like `gemm`'s and adding `C` after the `K` loop
