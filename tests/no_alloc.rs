@@ -6,9 +6,8 @@
 //! The counting allocator books what the model's tensor work allocates (candle per op, the
 //! stages' output buffers) to the model, and what the `image` crate's JPEG encoder allocates to
 //! the encoder; both shares are printed (`drape bench` reports the model's as
-//! `model_allocs_per_frame`). Every
-//! other allocation on any thread (hand-off, preprocessing, postprocessing, tracking,
-//! serialising, the sinks, the preview's drawing) must be zero.
+//! `model_allocs_per_frame`). Every other allocation on any thread (hand-off, preprocessing,
+//! postprocessing, tracking, serialising, the sinks, the preview's drawing) must be zero.
 //!
 //! A second test checks that the GEMMs the model calls allocate nothing once warm.
 //!
