@@ -62,64 +62,94 @@ thread_local! {
     ));
 }
 
+/// Per-thread spares of the two buffers a call used to allocate every time: its `did_pack_lhs`
+/// flags (one per `MR` rows of an `mc` block; also one set per parallel task but the first) and
+/// its packing buffer (the packed `rhs` and the prepacked `lhs`), which some shapes need. See
+/// [`Reused`].
+#[cfg(feature = "std")]
+type Spares<T> = std::thread::LocalKey<core::cell::RefCell<alloc::vec::Vec<T>>>;
+#[cfg(not(feature = "std"))]
+type Spares<T> = core::marker::PhantomData<T>;
+
 #[cfg(feature = "std")]
 thread_local! {
-    /// `did_pack_lhs` flags (one per `MR` rows of an `mc` block), reused across calls: each
-    /// thread keeps a stack of spare buffers, a call pops one and pushes it back when done, so a
-    /// steady stream of calls allocates nothing. A stack rather than one slot, because a thread
-    /// can hold two at once: a call's own flags, and a task of that call's (or of a call it stole
-    /// while waiting) that runs on the same thread. This replaces a `vec![false; mc / MR]` per
-    /// call and per task.
     static SPARE_FLAGS: core::cell::RefCell<alloc::vec::Vec<alloc::vec::Vec<bool>>> =
         const { core::cell::RefCell::new(alloc::vec::Vec::new()) };
+    static SPARE_PACKING: core::cell::RefCell<alloc::vec::Vec<dyn_stack::MemBuffer>> =
+        const { core::cell::RefCell::new(alloc::vec::Vec::new()) };
+}
+#[cfg(not(feature = "std"))]
+static SPARE_FLAGS: Spares<alloc::vec::Vec<bool>> = core::marker::PhantomData;
+#[cfg(not(feature = "std"))]
+static SPARE_PACKING: Spares<dyn_stack::MemBuffer> = core::marker::PhantomData;
+
+/// A buffer popped from a thread's stack of spares (or made, when none fits) and pushed back
+/// when dropped, so a steady stream of calls allocates nothing. A stack rather than one slot,
+/// because a thread can hold several at once: a call's own, and those of a task of that call's
+/// (or of another call it stole while waiting) that runs on the same thread. Without `std`
+/// every buffer is made and freed, as before.
+struct Reused<T: 'static> {
+    value: Option<T>,
+    spares: &'static Spares<T>,
 }
 
-struct PackFlags(alloc::vec::Vec<bool>);
-
-impl PackFlags {
-    fn new(len: usize) -> Self {
-        if len == 0 {
-            return PackFlags(alloc::vec::Vec::new());
-        }
+impl<T: 'static> Reused<T> {
+    fn take(
+        spares: &'static Spares<T>,
+        fits: impl FnOnce(&mut T) -> bool,
+        make: impl FnOnce() -> T,
+    ) -> Self {
         #[cfg(feature = "std")]
-        let mut flags = SPARE_FLAGS
-            .try_with(|spare| spare.borrow_mut().pop())
+        let mut spare = spares
+            .try_with(|spares| spares.borrow_mut().pop())
             .ok()
-            .flatten()
-            .unwrap_or_default();
+            .flatten();
         #[cfg(not(feature = "std"))]
-        let mut flags = alloc::vec::Vec::new();
-        flags.clear();
-        flags.resize(len, false);
-        PackFlags(flags)
+        let mut spare = None;
+        // A spare too small for this call is freed, and a larger one made.
+        let fit = spare.as_mut().is_some_and(fits);
+        let value = match spare {
+            Some(spare) if fit => spare,
+            _ => make(),
+        };
+        Reused {
+            value: Some(value),
+            spares,
+        }
     }
 }
 
-impl Drop for PackFlags {
+impl<T: 'static> Drop for Reused<T> {
     fn drop(&mut self) {
         #[cfg(feature = "std")]
-        {
-            let flags = core::mem::take(&mut self.0);
-            // Only buffers that hold memory are kept, so the stack grows only while every spare
-            // is in use. During thread teardown the stack may be gone: the buffer is then freed.
-            if flags.capacity() > 0 {
-                let _ = SPARE_FLAGS.try_with(|spare| spare.borrow_mut().push(flags));
-            }
+        if let Some(value) = self.value.take() {
+            // During thread teardown the stack may be gone: the buffer is then freed.
+            let _ = self
+                .spares
+                .try_with(|spares| spares.borrow_mut().push(value));
         }
     }
 }
 
-impl core::ops::Deref for PackFlags {
-    type Target = [bool];
-    fn deref(&self) -> &[bool] {
-        &self.0
+impl<T: 'static> core::ops::Deref for Reused<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.value.as_ref().expect("taken only when dropped")
     }
 }
 
-impl core::ops::DerefMut for PackFlags {
-    fn deref_mut(&mut self) -> &mut [bool] {
-        &mut self.0
+impl<T: 'static> core::ops::DerefMut for Reused<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.value.as_mut().expect("taken only when dropped")
     }
+}
+
+/// `len` cleared `did_pack_lhs` flags.
+fn pack_flags(len: usize) -> Reused<alloc::vec::Vec<bool>> {
+    let mut flags = Reused::take(&SPARE_FLAGS, |_| true, alloc::vec::Vec::new);
+    flags.clear();
+    flags.resize(len, false);
+    flags
 }
 
 pub trait Conj: Copy {
@@ -494,7 +524,12 @@ pub unsafe fn gemm_basic_generic<
             },
             simd_align,
         );
-        Some(dyn_stack::MemBuffer::new(rhs_req.and(lhs_req)))
+        let req = rhs_req.and(lhs_req);
+        Some(Reused::take(
+            &SPARE_PACKING,
+            |spare| DynStack::new(spare).can_hold(req),
+            || dyn_stack::MemBuffer::new(req),
+        ))
     } else {
         None
     };
@@ -547,8 +582,8 @@ pub unsafe fn gemm_basic_generic<
     let packed_rhs_rs = if do_pack_rhs { NR as isize } else { rhs_rs };
     let packed_rhs_cs = if do_pack_rhs { 1 } else { rhs_cs };
 
-    let mut did_pack_lhs = PackFlags::new(mc / MR);
-    let did_pack_lhs = Ptr((&mut *did_pack_lhs) as *mut _);
+    let mut did_pack_lhs = pack_flags(mc / MR);
+    let did_pack_lhs = Ptr(&mut did_pack_lhs[..] as *mut [bool]);
 
     let mut col_outer = 0;
     while col_outer != n {
@@ -710,11 +745,10 @@ pub unsafe fn gemm_basic_generic<
             }
 
             let func = move |tid, packed_lhs: Ptr<T>| {
-                let mut did_pack_lhs_storage = PackFlags::new(if tid > 0 { mc / MR } else { 0 });
-                let did_pack_lhs = if tid > 0 {
-                    &mut *did_pack_lhs_storage
-                } else {
-                    &mut *({ did_pack_lhs }.0)
+                let mut did_pack_lhs_storage = (tid > 0).then(|| pack_flags(mc / MR));
+                let did_pack_lhs = match &mut did_pack_lhs_storage {
+                    Some(flags) => &mut flags[..],
+                    None => &mut *({ did_pack_lhs }.0),
                 };
 
                 let min_jobs_per_thread = n_jobs / n_threads;
