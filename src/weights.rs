@@ -10,6 +10,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
 
@@ -232,19 +233,10 @@ impl Weights {
             });
         }
         let bytes = &self.mmap[entry.start..entry.end];
-        let values: Vec<f32> = match entry.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+        let (width, convert): (usize, fn(&[u8]) -> f32) = match entry.dtype {
+            Dtype::F32 => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            Dtype::F16 => (2, |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+            Dtype::BF16 => (2, |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
             other => {
                 return Err(Error::Dtype {
                     path: self.path.clone(),
@@ -253,12 +245,13 @@ impl Weights {
                 })
             }
         };
-        if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        let (values, non_finite) = convert_values(bytes, width, convert);
+        if let Some(index) = non_finite {
             return Err(Error::NonFinite {
                 path: self.path.clone(),
                 name: entry.file_name.clone(),
                 index,
-                value,
+                value: values[index],
             });
         }
         self.used.borrow_mut().insert(name.to_string());
@@ -415,9 +408,85 @@ fn promised_end(header: &[u8]) -> Option<u64> {
     )
 }
 
+/// Values per job of [`convert_values`]: 2 MiB of f32, a huge page's worth, so two threads
+/// seldom fault (and wait on) the same one.
+const CHUNK: usize = 1 << 19;
+
+/// Values converted per chunk on every thread, so the cold pages of the model's f32 buffers (it
+/// keeps every one) are faulted in, and zeroed by the kernel, in parallel: at load that zeroing,
+/// not the arithmetic, is most of the time. Also the first non-finite value's index, checked in
+/// the same pass.
+fn convert_values(
+    bytes: &[u8],
+    width: usize,
+    convert: fn(&[u8]) -> f32,
+) -> (Vec<f32>, Option<usize>) {
+    let len = bytes.len() / width;
+    let mut values = Vec::<f32>::with_capacity(len);
+    let non_finite = values.spare_capacity_mut()[..len]
+        .par_chunks_mut(CHUNK)
+        .zip(bytes.par_chunks(CHUNK * width))
+        .enumerate()
+        .filter_map(|(job, (dst, src))| {
+            let mut first = None;
+            for (i, (d, b)) in dst.iter_mut().zip(src.chunks_exact(width)).enumerate() {
+                let v = convert(b);
+                if !v.is_finite() && first.is_none() {
+                    first = Some(job * CHUNK + i);
+                }
+                d.write(v);
+            }
+            first
+        })
+        .min();
+    // SAFETY: the jobs above wrote each of the `len` values: the chunks of `len` slots pair up
+    // with the chunks of `len * width` bytes, one value per `width` bytes.
+    unsafe { values.set_len(len) };
+    (values, non_finite)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::remap_key;
+    use super::{convert_values, remap_key, CHUNK};
+
+    /// Every value as the element-wise conversion gives it, in every chunk, for each dtype; the
+    /// first non-finite value, whichever chunk's job finishes first.
+    #[test]
+    fn converts_in_chunks_and_finds_the_first_non_finite_value() {
+        type Case = (fn(f32) -> Vec<u8>, usize, fn(&[u8]) -> f32);
+        let cases: [Case; 3] = [
+            (
+                |v| half::f16::from_f32(v).to_le_bytes().to_vec(),
+                2,
+                |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            ),
+            (
+                |v| half::bf16::from_f32(v).to_le_bytes().to_vec(),
+                2,
+                |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            ),
+            (
+                |v| v.to_le_bytes().to_vec(),
+                4,
+                |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            ),
+        ];
+        // Integers of at most 8 significant bits: exact in all three dtypes.
+        let len = 3 * CHUNK + 5;
+        let want: Vec<f32> = (0..len).map(|i| (i % 511) as f32 - 255.0).collect();
+        for (encode, width, convert) in cases {
+            let mut bytes: Vec<u8> = want.iter().flat_map(|&v| encode(v)).collect();
+            assert_eq!(convert_values(&bytes, width, convert), (want.clone(), None));
+            // A NaN in the third chunk, an infinity earlier in the second: the infinity's
+            // index comes back.
+            let first = CHUNK + 7;
+            for (at, v) in [(2 * CHUNK + 1, f32::NAN), (first, f32::NEG_INFINITY)] {
+                bytes[at * width..][..width].copy_from_slice(&encode(v));
+            }
+            assert_eq!(convert_values(&bytes, width, convert).1, Some(first));
+            assert_eq!(convert_values(&[], width, convert), (Vec::new(), None));
+        }
+    }
 
     #[test]
     fn remaps_old_torchvision_spellings() {
