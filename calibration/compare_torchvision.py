@@ -19,13 +19,20 @@ torchvision's per-stage medians over the rounds as a bar beside drape's on the s
 
 `--synthetic PATH` first writes a random full-size ResNet-50-FPN (47 classes) to PATH with
 torchvision and benchmarks that. Needs torch, torchvision, safetensors, numpy and Pillow.
+
+`--max-isa avx2` measures both engines' AVX2 code paths on an AVX-512 machine: torch is started
+with its kernels capped at AVX2 (ATen's dispatch, oneDNN and MKL), and the drape binary must
+have been built without AVX-512 kernels (`cargo build --release --no-default-features`), which
+the script checks from the kernel drape reports. The header says so.
 """
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -36,6 +43,11 @@ import torchvision
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+# What caps torch's kernels at an instruction set; read when torch loads, so the script restarts
+# itself with them set.
+ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                    "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 # drape's stage names (`Timings::stages`), each with the torchvision pieces it corresponds to.
 # drape's box_head includes the predictor and postprocess_detections, as here; its mask_head
@@ -193,7 +205,13 @@ def main():
     ap.add_argument("--drape", default="target/release/drape")
     ap.add_argument("--json", help="also write the table's numbers here")
     ap.add_argument("--plot", help="also draw drape's and torchvision's stage bars to this PNG")
+    ap.add_argument("--max-isa", choices=sorted(ISA_ENV),
+                    help="cap both engines' kernels at this instruction set (see above)")
     args = ap.parse_args()
+    if args.max_isa:
+        env = ISA_ENV[args.max_isa]
+        if any(os.environ.get(k) != v for k, v in env.items()):
+            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
 
     weights = args.weights
     if args.synthetic:
@@ -214,6 +232,9 @@ def main():
     d_rounds, t_rounds, t_all = [], [], []
     for _ in range(max(1, args.rounds)):
         drape, d_med = run_drape(args, weights)
+        if args.max_isa and drape["cpu"]["gemm_kernel"] != args.max_isa:
+            raise SystemExit(f"--max-isa {args.max_isa}: {args.drape} runs its {drape['cpu']['gemm_kernel']} "
+                             "kernels; build it with `cargo build --release --no-default-features`")
         out, t_med, t_totals = run_torchvision(model, clock, img, args.iters)
         d_rounds.append(d_med)
         t_rounds.append(t_med)
@@ -229,6 +250,10 @@ def main():
     cpu, flags = cpu_description()
     w, h = drape["input_size"]
     print(f"CPU: {cpu}; SIMD: {' '.join(flags) or 'none listed'}")
+    if args.max_isa:
+        print(f"kernels capped at {args.max_isa}: torch with "
+              f"{' '.join(f'{k}={v}' for k, v in ISA_ENV[args.max_isa].items())}; "
+              f"drape's GEMM kernel {drape['cpu']['gemm_kernel']}")
     print(f"torch {torch.__version__} (oneDNN {torch.backends.mkldnn.is_available()}), "
           f"torchvision {torchvision.__version__}, {args.threads} threads")
     print(f"input {w}x{h} (min/max {args.min_size}/{args.max_size}), {args.iters} runs x "
@@ -256,8 +281,8 @@ def main():
         print(f"plot: {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu, "simd": flags, "input_size": [w, h], "threads": args.threads,
-                       "stages": table}, f, indent=1)
+            json.dump({"cpu": cpu, "simd": flags, "max_isa": args.max_isa, "input_size": [w, h],
+                       "threads": args.threads, "stages": table}, f, indent=1)
 
 
 if __name__ == "__main__":

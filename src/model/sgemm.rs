@@ -279,7 +279,8 @@ fn supported() -> Vec<Kernel> {
     #[cfg(target_arch = "x86_64")]
     {
         let fma = std::arch::is_x86_feature_detected!("fma");
-        if fma && std::arch::is_x86_feature_detected!("avx512f") {
+        // Built without the `avx512` feature, AVX2 is the widest (see Cargo.toml).
+        if cfg!(feature = "avx512") && fma && std::arch::is_x86_feature_detected!("avx512f") {
             kernels.push(Kernel {
                 mr: 8,
                 nr: 32,
