@@ -280,12 +280,13 @@ impl Drop for ConnectionPlace {
 fn refuse(mut stream: TcpStream, limit: usize) {
     let _ = stream.set_write_timeout(Some(REFUSE_WRITE_TIMEOUT));
     let body = format!("too many connections (limit {limit})\n");
-    let _ = write!(
-        stream,
+    // One write, as in `respond_with`.
+    let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
          Content-Length: {}\r\nRetry-After: 5\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
+    let _ = stream.write_all(response.as_bytes());
 }
 
 /// The output-side numbers `/metrics` adds to the pipeline's.
@@ -434,13 +435,16 @@ fn respond_with(
         401 => "WWW-Authenticate: Bearer realm=\"drape\"\r\n",
         _ => "",
     };
-    write!(
-        stream,
+    // Formatted first and sent in one write: `write!` on the socket made a system call, and
+    // often a TCP segment, per piece of the format string, so a client could read the status
+    // line cut after "HTTP/1.1 ".
+    let head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
          Cache-Control: no-store\r\n{extra}{headers}Connection: close\r\n\r\n",
         reason(status),
         body.len()
-    )?;
+    );
+    stream.write_all(head.as_bytes())?;
     if !head_only {
         stream.write_all(body)?;
     }
