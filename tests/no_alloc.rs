@@ -127,9 +127,12 @@ fn main() {
 
 /// The GEMMs the convs and fully connected layers call, in both of the ways the model calls
 /// them (one thread per tile; a fully connected layer split across the pool's threads),
-/// allocate nothing once each thread has run one: the build's gemm-common reuses its
-/// `did_pack_lhs` flags instead of allocating them per call and per task (Cargo.toml's
-/// `[patch]`). Run first, while the process has no other threads.
+/// allocate nothing once every thread has run one: the build's gemm-common reuses the buffers
+/// it used to allocate per call and per task (Cargo.toml's `[patch]`). Run first, while the
+/// process has no other threads. Every thread of the pool warms up (rayon's broadcast), since
+/// which thread runs a parallel call's task is the scheduler's choice: warmed up by the calls
+/// below alone, a thread that happened to run no task then could run its first while counted
+/// (it did, 3 allocations in one CI run beside a CPU hog).
 fn gemm_allocates_nothing_once_warm() {
     // A conv tile's shape ([out, in] x [in, pixels]) and a fully connected layer's
     // ([rois, in] x [in, out]), big enough that gemm splits the second across threads.
@@ -168,19 +171,21 @@ fn gemm_allocates_nothing_once_warm() {
             )
         }
     };
+    let modes = [gemm::Parallelism::None, gemm::Parallelism::Rayon(2)];
+    // Warm-up: each thread's spare buffers, rayon's queues.
+    pool.broadcast(|_| {
+        let mut c = vec![0.0f32; m * n];
+        modes.iter().for_each(|&mode| run(&mut c, mode));
+    });
     let allocations = pool.install(|| {
-        let modes = [gemm::Parallelism::None, gemm::Parallelism::Rayon(2)];
-        // Warm-up: each thread's spare flags, rayon's queues.
-        for _ in 0..4 {
-            modes.iter().for_each(|&mode| run(&mut c, mode));
-        }
+        modes.iter().for_each(|&mode| run(&mut c, mode));
         let (before, _) = counts();
-        for _ in 0..20 {
+        for _ in 0..50 {
             modes.iter().for_each(|&mode| run(&mut c, mode));
         }
         counts().0 - before
     });
-    assert_eq!(allocations, 0, "allocations in 40 warm gemm calls");
+    assert_eq!(allocations, 0, "allocations in 100 warm gemm calls");
     // The calls did the work: every value is k · 0.5 · 0.25.
     assert!(c.iter().all(|&v| v == k as f32 * 0.125), "{}", c[0]);
 }

@@ -146,9 +146,26 @@ impl<T: 'static> core::ops::DerefMut for Reused<T> {
 
 /// `len` cleared `did_pack_lhs` flags.
 fn pack_flags(len: usize) -> Reused<alloc::vec::Vec<bool>> {
-    let mut flags = Reused::take(&SPARE_FLAGS, |_| true, alloc::vec::Vec::new);
+    let mut made = false;
+    let mut flags = Reused::take(
+        &SPARE_FLAGS,
+        |_| true,
+        || {
+            made = true;
+            alloc::vec::Vec::new()
+        },
+    );
     flags.clear();
     flags.resize(len, false);
+    if made {
+        // A thread that had none gets a second set at once: a thread often holds two (a call's
+        // own and a task of that call's), and which thread a task lands on is the scheduler's
+        // choice, so otherwise a thread could first need its second set long after warm-up.
+        drop(Reused {
+            value: Some(alloc::vec![false; len]),
+            spares: &SPARE_FLAGS,
+        });
+    }
     flags
 }
 
