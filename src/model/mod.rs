@@ -387,14 +387,12 @@ impl MaskRcnn {
         t.fpn = clock.lap()?;
         {
             let _span = tracing::debug_span!("rpn").entered();
-            let (scratch, cand) = (&mut ws.rpn, &mut ws.candidates);
-            let (image_size, padded) = (batch.image_size, batch.padded);
             self.rpn.forward(
                 &features,
-                image_size,
-                padded,
-                scratch,
-                cand,
+                batch.image_size,
+                batch.padded,
+                &mut ws.rpn,
+                &mut ws.candidates,
                 &mut ws.proposals,
             )?;
         }

@@ -164,25 +164,31 @@ fn top_n_host(
         scratch,
         |ops, outs| {
             on_pass();
-            for ((v, op), out) in values.iter().zip(ops).zip(outs) {
-                match op {
-                    Some(op) => op.count_into(v, out),
-                    None => out.clear(),
-                }
-            }
+            host_pass(values, ops, outs, Histogram::count_into);
             Ok(())
         },
         |ops, outs| {
             on_pass();
-            for ((v, op), out) in values.iter().zip(ops).zip(outs) {
-                match op {
-                    Some(op) => op.gather_into(v, out),
-                    None => out.clear(),
-                }
-            }
+            host_pass(values, ops, outs, Collect::gather_into);
             Ok(())
         },
     )
+}
+
+/// One pass on the host: `pass` over each level that has an op, into that level's output; the
+/// others' outputs are emptied.
+fn host_pass<Op>(
+    values: &[&[f32]],
+    ops: &[Option<Op>],
+    outs: &mut [Vec<u32>],
+    pass: impl Fn(&Op, &[f32], &mut Vec<u32>),
+) {
+    for ((v, op), out) in values.iter().zip(ops).zip(outs) {
+        match op {
+            Some(op) => pass(op, v, out),
+            None => out.clear(),
+        }
+    }
 }
 
 /// One pass over every level with an op: the outputs concatenated, read once, split back by
