@@ -9,8 +9,11 @@ mod common;
 use candle_core::Device;
 use common::*;
 use drape::model::box_ops::Candidates;
+use drape::model::roi_heads::Detection;
 use drape::model::rpn::RpnScratch;
 use drape::model::transform::Transform;
+use drape::model::ModelOutput;
+use drape::postprocess::{Detections, Detector, Postprocessor};
 use drape::MaskRcnn;
 
 const MODELS: [&str; 4] = ["tiny_r50", "tiny_r18", "tiny_r101", "tiny_v2"];
@@ -414,17 +417,94 @@ fn full_size_r50_matches_torchvision() {
         }
         eprintln!("{stem}: worst backbone/fpn scaled error {worst:e}");
         assert!(worst <= 1e-3, "{stem}: backbone/fpn error {worst:e}");
-        let result = m.detect(im.as_raw(), size).unwrap();
+        let mut detector = Detector::default();
+        let mut result = Detections::default();
+        detector
+            .run(&m, im.as_raw(), size, m.default_settings(), &mut result)
+            .unwrap();
         let reference = load_final(&dir.join(format!("r50/{stem}.json")));
         eprintln!(
             "{stem}: {:.0} ms total ({:?})",
             result.timings.total, result.timings
         );
-        assert_matches(
-            &format!("r50/{stem}"),
-            &match_instances(&reference, &candidates(&result)),
-        );
+        let mut report = match_instances(&reference, &candidates(&result));
+        let flips = paste_edge_flips(&m, &detector.model_output, &result, &reference, &report);
+        for (ri, oi) in &flips {
+            eprintln!(
+                "r50/{stem}: reference {ri} is ours {oi} pasted one pixel apart: boxes {:?} and \
+                 {:?} truncate to {:?} and {:?}",
+                reference.instances[*ri].bbox,
+                result.instances[*oi].bbox,
+                paste_cells(&reference.instances[*ri].bbox),
+                paste_cells(&result.instances[*oi].bbox),
+            );
+        }
+        report.matched += flips.len();
+        assert_matches(&format!("r50/{stem}"), &report);
     }
+}
+
+/// The mask misses of `report` that are torchvision's paste and not the model: boxes that
+/// match (IoU >= 0.98) but whose `expand_boxes` edges fall on either side of a whole pixel, so
+/// `.to(torch.int64)` pastes the mask a row or column apart and resizes it to another size.
+/// One counts only if our own 28×28 probabilities, pasted at torchvision's box, give
+/// torchvision's mask (IoU >= 0.95): then everything before the paste agrees. Returns
+/// (reference index, our index) pairs.
+fn paste_edge_flips(
+    m: &MaskRcnn,
+    output: &ModelOutput,
+    result: &Detections,
+    reference: &FinalJson,
+    report: &MatchReport,
+) -> Vec<(usize, usize)> {
+    let (rh, rw) = output.image_size;
+    let (oh, ow) = output.original;
+    // `paste_into` scales boxes by original / resized in f32, so torchvision's box goes in as
+    // resized pixels.
+    let (ratio_h, ratio_w) = (oh as f32 / rh as f32, ow as f32 / rw as f32);
+    let mut flips = Vec::new();
+    for &(ri, oi, _) in &report.mask_misses {
+        let r = &reference.instances[ri];
+        let ours = &result.instances[oi];
+        if paste_cells(&ours.bbox) == paste_cells(&r.bbox) || oi >= output.masked {
+            continue;
+        }
+        let at_theirs = Detection {
+            bbox: [
+                r.bbox[0] / ratio_w,
+                r.bbox[1] / ratio_h,
+                r.bbox[2] / ratio_w,
+                r.bbox[3] / ratio_h,
+            ],
+            ..output.detections[oi]
+        };
+        let probs = output
+            .mask_probs
+            .as_ref()
+            .unwrap()
+            .narrow(0, oi, 1)
+            .unwrap();
+        let mut pasted = Vec::new();
+        Postprocessor::new()
+            .paste_into(
+                &[at_theirs],
+                Some(&probs),
+                (output.image_size, output.original),
+                m.config().mask_thresh,
+                &mut pasted,
+            )
+            .unwrap();
+        // The round trip through resized pixels must land on torchvision's whole pixels.
+        if paste_cells(&pasted[0].bbox) != paste_cells(&r.bbox) {
+            continue;
+        }
+        let mask = decode_coco_rle(&pasted[0].mask.as_ref().unwrap().to_coco_string(), oh, ow);
+        let rmask = decode_coco_rle(&r.mask.counts, r.mask.size[0], r.mask.size[1]);
+        if mask_iou(&mask, &rmask) >= 0.95 {
+            flips.push((ri, oi));
+        }
+    }
+    flips
 }
 
 /// `GeneralizedRCNNTransform.resize` and `batch_images` sizes over frame sizes and size

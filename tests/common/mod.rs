@@ -410,6 +410,9 @@ pub struct MatchReport {
     pub worst_box_iou: f32,
     pub worst_mask_iou: f32,
     pub worst_score_diff: f32,
+    /// Reference instances whose class, score and box matched one of ours but whose mask did
+    /// not: (reference index, our index, mask IoU).
+    pub mask_misses: Vec<(usize, usize, f32)>,
 }
 
 /// Greedy in torchvision's score order: a reference instance is matched by the unused one of
@@ -423,8 +426,9 @@ pub fn match_instances(reference: &FinalJson, ours: &[Candidate]) -> MatchReport
         worst_box_iou: 1.0,
         worst_mask_iou: 1.0,
         worst_score_diff: 0.0,
+        mask_misses: Vec::new(),
     };
-    for r in &reference.instances {
+    for (ri, r) in reference.instances.iter().enumerate() {
         let rmask = decode_coco_rle(&r.mask.counts, r.mask.size[0], r.mask.size[1]);
         let best = ours
             .iter()
@@ -442,10 +446,23 @@ pub fn match_instances(reference: &FinalJson, ours: &[Candidate]) -> MatchReport
                 report.worst_mask_iou = report.worst_mask_iou.min(miou);
                 report.worst_score_diff =
                     report.worst_score_diff.max((ours[i].score - r.score).abs());
+            } else {
+                report.mask_misses.push((ri, i, miou));
             }
         }
     }
     report
+}
+
+/// `paste_masks_in_image`'s integer box for `bbox`, from torchvision's definition:
+/// `expand_boxes` by 30/28 in f32, then `.to(torch.int64)` (truncation toward zero).
+pub fn paste_cells(bbox: &[f32; 4]) -> [i64; 4] {
+    let scale = 30.0f32 / 28.0;
+    let w_half = (bbox[2] - bbox[0]) * 0.5 * scale;
+    let h_half = (bbox[3] - bbox[1]) * 0.5 * scale;
+    let x_c = (bbox[2] + bbox[0]) * 0.5;
+    let y_c = (bbox[3] + bbox[1]) * 0.5;
+    [x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half].map(|v| v as i64)
 }
 
 /// A loopback port nobody listens on right now, for a server the test starts as a process.
