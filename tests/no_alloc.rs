@@ -41,8 +41,9 @@ static GLOBAL: CountingAlloc<std::alloc::System> = CountingAlloc(std::alloc::Sys
 /// Frames before counting starts: every buffer grows to its largest and every track slot has
 /// held a mask by then.
 const WARMUP: usize = 40;
-/// Frames counted.
+/// Frames counted: four and a half rounds of the recording natively, two under an emulator.
 const COUNTED: usize = 60;
+const COUNTED_EMULATED: usize = 2 * (FIXTURE_FRAMES + EMPTY_FRAMES);
 const FPS: f64 = 2.0;
 /// What each frame costs on the run's clock, besides its masks...
 const FIXED_MS: f64 = 400.0;
@@ -52,6 +53,15 @@ const MASK_MS: f64 = 50.0;
 /// Empty frames after each pass over the fixture frames: longer on the run's clock than the
 /// tracker's default expiry (1 s), so tracks are born, confirmed and end every round.
 const EMPTY_FRAMES: usize = 3;
+const FIXTURE_FRAMES: usize = 10;
+
+/// Whether the tests run under an emulator: `.ci/aarch64` sets `DRAPE_TEST_RUNNER` to
+/// qemu-user, where every float operation is done in software, so a warm GEMM call takes
+/// about 0.75 s and a frame of the tiny model 3 s (milliseconds natively). The emulated run
+/// repeats less, to keep CI within its time; what each repetition checks is the same.
+fn emulated() -> bool {
+    std::env::var_os("DRAPE_TEST_RUNNER").is_some_and(|r| !r.is_empty())
+}
 
 /// What the counters say at a point of the run.
 #[derive(Debug, Clone, Copy)]
@@ -75,6 +85,7 @@ fn mark() -> Mark {
 /// The last sink: reads the subscribers' queues as their clients would, marks the counters
 /// after the warm-up and after the counted frames, and opens the source's gate.
 struct Window {
+    counted: usize,
     seen: Arc<AtomicUsize>,
     marks: Arc<Mutex<[Option<Mark>; 2]>>,
     subscribers: [Receiver<Line>; 2],
@@ -90,7 +101,7 @@ impl Sink for Window {
             }
         }
         let n = self.seen.load(Ordering::SeqCst) + 1;
-        if n == WARMUP || n == WARMUP + COUNTED {
+        if n == WARMUP || n == WARMUP + self.counted {
             self.marks.lock().unwrap()[(n > WARMUP) as usize] = Some(mark());
         }
         self.seen.store(n, Ordering::SeqCst);
@@ -172,6 +183,7 @@ fn gemm_allocates_nothing_once_warm() {
         }
     };
     let modes = [gemm::Parallelism::None, gemm::Parallelism::Rayon(2)];
+    let reps = if emulated() { 10 } else { 50 };
     // Warm-up: each thread's spare buffers, rayon's queues.
     pool.broadcast(|_| {
         let mut c = vec![0.0f32; m * n];
@@ -180,12 +192,17 @@ fn gemm_allocates_nothing_once_warm() {
     let allocations = pool.install(|| {
         modes.iter().for_each(|&mode| run(&mut c, mode));
         let (before, _) = counts();
-        for _ in 0..50 {
+        for _ in 0..reps {
             modes.iter().for_each(|&mode| run(&mut c, mode));
         }
         counts().0 - before
     });
-    assert_eq!(allocations, 0, "allocations in 100 warm gemm calls");
+    assert_eq!(
+        allocations,
+        0,
+        "allocations in {} warm gemm calls",
+        2 * reps
+    );
     // The calls did the work: every value is k · 0.5 · 0.25.
     assert!(c.iter().all(|&v| v == k as f32 * 0.125), "{}", c[0]);
 }
@@ -195,9 +212,14 @@ fn the_real_loop_allocates_nothing_outside_the_model() {
     let dir = tempfile::tempdir().unwrap();
     let jsonl = dir.path().join("run.jsonl");
     let marks = Arc::new(Mutex::new([None; 2]));
-    let total = WARMUP + COUNTED;
+    let counted = if emulated() {
+        COUNTED_EMULATED
+    } else {
+        COUNTED
+    };
+    let total = WARMUP + counted;
     let clock = Arc::new(ManualClock::new());
-    let mut images: Vec<image::RgbImage> = (0..10)
+    let mut images: Vec<image::RgbImage> = (0..FIXTURE_FRAMES)
         .map(|k| {
             let path = common::fixtures().join(format!("frames/frame_{k:03}.jpg"));
             drape::image_io::load_rgb(path).unwrap()
@@ -224,6 +246,7 @@ fn the_real_loop_allocates_nothing_outside_the_model() {
         Box::new(file),
         Box::new(HubSink::new(Arc::clone(&hub), model.labels().clone())),
         Box::new(Window {
+            counted,
             seen: source.seen(),
             marks: Arc::clone(&marks),
             subscribers,
@@ -263,7 +286,7 @@ fn the_real_loop_allocates_nothing_outside_the_model() {
     let [Some(before), Some(after)] = *marks.lock().unwrap() else {
         panic!("the window was never closed: {c:?}");
     };
-    let per_frame = |n: u64| n as f64 / COUNTED as f64;
+    let per_frame = |n: u64| n as f64 / counted as f64;
     let (own, model) = (after.own - before.own, after.model - before.model);
     let encoder = after.encoder - before.encoder;
     println!(
@@ -279,7 +302,7 @@ fn the_real_loop_allocates_nothing_outside_the_model() {
     assert_eq!(
         own,
         0,
-        "{own} allocations of drape's own over {COUNTED} frames ({} bytes allocated in all)",
+        "{own} allocations of drape's own over {counted} frames ({} bytes allocated in all)",
         after.bytes - before.bytes
     );
     // The work was real: the model ran, the preview was drawn, masks were pasted, every line
