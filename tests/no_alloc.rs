@@ -41,7 +41,8 @@ static GLOBAL: CountingAlloc<std::alloc::System> = CountingAlloc(std::alloc::Sys
 /// Frames before counting starts: every buffer grows to its largest and every track slot has
 /// held a mask by then.
 const WARMUP: usize = 40;
-/// Frames counted: four and a half rounds of the recording natively, two under an emulator.
+/// Frames counted: four and a half rounds of the recording natively, two under an emulator
+/// ([`common::emulated`]), where fewer keep CI within its time; each round checks the same.
 const COUNTED: usize = 60;
 const COUNTED_EMULATED: usize = 2 * (FIXTURE_FRAMES + EMPTY_FRAMES);
 const FPS: f64 = 2.0;
@@ -54,14 +55,6 @@ const MASK_MS: f64 = 50.0;
 /// tracker's default expiry (1 s), so tracks are born, confirmed and end every round.
 const EMPTY_FRAMES: usize = 3;
 const FIXTURE_FRAMES: usize = 10;
-
-/// Whether the tests run under an emulator: `.ci/aarch64` sets `DRAPE_TEST_RUNNER` to
-/// qemu-user, where every float operation is done in software, so a warm GEMM call takes
-/// about 0.75 s and a frame of the tiny model 3 s (milliseconds natively). The emulated run
-/// repeats less, to keep CI within its time; what each repetition checks is the same.
-fn emulated() -> bool {
-    std::env::var_os("DRAPE_TEST_RUNNER").is_some_and(|r| !r.is_empty())
-}
 
 /// What the counters say at a point of the run.
 #[derive(Debug, Clone, Copy)]
@@ -183,7 +176,7 @@ fn gemm_allocates_nothing_once_warm() {
         }
     };
     let modes = [gemm::Parallelism::None, gemm::Parallelism::Rayon(2)];
-    let reps = if emulated() { 10 } else { 50 };
+    let reps = if common::emulated() { 10 } else { 50 };
     // Warm-up: each thread's spare buffers, rayon's queues.
     pool.broadcast(|_| {
         let mut c = vec![0.0f32; m * n];
@@ -212,7 +205,7 @@ fn the_real_loop_allocates_nothing_outside_the_model() {
     let dir = tempfile::tempdir().unwrap();
     let jsonl = dir.path().join("run.jsonl");
     let marks = Arc::new(Mutex::new([None; 2]));
-    let counted = if emulated() {
+    let counted = if common::emulated() {
         COUNTED_EMULATED
     } else {
         COUNTED

@@ -500,7 +500,7 @@ fn paste_edge_flips(
         }
         let mask = decode_coco_rle(&pasted[0].mask.as_ref().unwrap().to_coco_string(), oh, ow);
         let rmask = decode_coco_rle(&r.mask.counts, r.mask.size[0], r.mask.size[1]);
-        if mask_iou(&mask, &rmask) >= 0.95 {
+        if mask_iou(&mask, &rmask) >= MASK_IOU_MIN {
             flips.push((ri, oi));
         }
     }
